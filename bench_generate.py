@@ -1,0 +1,113 @@
+"""Benchmark: our KV-cache sampler against transformers' `generate`, same random weights, same greedy tokens.
+
+    python bench_generate.py                 # CPU: ~3M-param Qwen3 at batch 16 and 64, the 0.6B shape at batch 8
+    python bench_generate.py --cuda          # GPU: the 0.6B shape in bf16 at batch 64 (and the small model)
+
+Both sides generate exactly --new-tokens tokens (EOS disabled) from the same left-aligned random prompts of
+--prompt-len tokens, greedy, and the benchmark checks the tokens are identical before reporting tokens/s
+(new tokens over wall time, prefill included, best of --repeats after one warm-up). transformers is a
+benchmark-only dependency.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from generate import generate
+from model import load_model
+
+SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=1024, tie_word_embeddings=True)
+QWEN3_06B = os.path.join(os.path.dirname(__file__), "configs", "qwen3-0.6b-base.json")
+
+
+class NullTokenizer:
+    """The sampler only needs EOS ids and decoding; random weights make text meaningless, so decode nothing."""
+    eos_ids, pad_id = [], 0
+
+    def decode(self, ids):
+        return ""
+
+
+def make_checkpoint(overrides: dict, path: str, seed=0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(**overrides)
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+
+
+def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats):
+    from transformers import Qwen3ForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        make_checkpoint(cfg, d)
+        ours, _ = load_model(d, device=device, dtype=dtype, with_tokenizer=False)
+        hf = Qwen3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, cfg["vocab_size"], (batch, prompt_len), generator=g)
+
+    def run_ours():
+        return [r.tokens for r in generate(ours, NullTokenizer(), prompts.tolist(), max_new_tokens=new_tokens,
+                                           batch_size=batch)]
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        return out[:, prompt_len:].tolist()
+
+    def timed(fn):
+        fn()  # warm-up (CUDA graph capture, kernel selection, allocator)
+        best = float("inf")
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return result, batch * new_tokens / best
+
+    our_tokens, our_tps = timed(run_ours)
+    hf_tokens, hf_tps = timed(run_hf)
+    same = sum(a == b for a, b in zip(our_tokens, hf_tokens))
+    params = sum(p.numel() for p in ours.parameters())
+    row = dict(model=name, params_m=round(params / 1e6, 1), device=device, dtype=str(dtype).removeprefix("torch."),
+               batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ours_tok_s=round(our_tps, 1),
+               transformers_tok_s=round(hf_tps, 1), ratio=round(our_tps / hf_tps, 2),
+               identical_rows=f"{same}/{batch}")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cuda", action="store_true", help="run the GPU cases (bf16) instead of the CPU ones")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per row")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case (best is reported)")
+    p.add_argument("--only", choices=["small", "0.6b"], help="run one model size only")
+    args = p.parse_args()
+    big = json.load(open(QWEN3_06B))
+    big = {k: big[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta")}
+    if args.cuda:
+        cases = [("small", SMALL, 64, torch.bfloat16), ("qwen3-0.6b-shape", big, 64, torch.bfloat16)]
+        device = "cuda"
+    else:
+        cases = [("small", SMALL, 16, torch.float32), ("small", SMALL, 64, torch.float32),
+                 ("qwen3-0.6b-shape", big, 8, torch.float32)]
+        device = "cpu"
+    for name, cfg, batch, dtype in cases:
+        if args.only and (args.only == "small") != (name == "small"):
+            continue
+        new = args.new_tokens if name == "small" or device == "cuda" else min(args.new_tokens, 32)
+        bench(name, cfg, batch, args.prompt_len, new, device, dtype, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""The KV-cache sampler: batched rollouts, continuation scoring, and differentiable token log-probs.
+
+    from generate import generate, score
+    rollouts = generate(model, tok, ["Question: ...\\nAnswer:"] * 8, max_new_tokens=256,
+                        temperature=1.0, stop=["Question:"], seed=0)
+    rollouts[0].text, rollouts[0].tokens, rollouts[0].logprobs
+
+Every experiment in the study is dominated by sampling rollouts (GRPO's groups, OPD's student states and
+teacher continuations, drift's state sets, GSM8K evaluation), so the structure is built for it:
+- prompts are left-padded and prefilled in one batched forward that computes logits for the last position only;
+- decoding writes into one preallocated cache (model.KVCache) and never loops over sequences in Python;
+- finished sequences are tracked by position (a boolean per row), never by comparing tokens with the pad id,
+  because Qwen base models use the same id (<|endoftext|>) for padding and EOS;
+- stop strings are checked in Python only for the rows whose new token could complete one (a precomputed
+  vocabulary mask of "trigger" tokens), so the common step costs no decoding at all;
+- on CUDA the one-token decode step is captured once as a CUDA graph and replayed (decode is launch-bound).
+
+Left out: beam search, repetition penalties, speculative decoding (the study samples plainly).
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list
+    tokens: list      # new tokens, including the EOS or the token that completed a stop string
+    text: str         # decoded new text, cut before the stop string; the EOS is not part of it
+    logprobs: list    # log-prob of each token under the sampling policy: log_softmax(logits / T), T=1 when greedy
+    finish: str       # "eos" | "stop" | "length"
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, device="cpu"):
+    """ids [B, T] and mask [B, T] (True = token) with the sequences right-aligned."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, T - len(s):] = torch.tensor(list(s))
+            mask[i, T - len(s):] = True
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(logits, temperature: float, top_p: float, top_k: int, generator):
+    """Next tokens [B] and their log-probs under the sampling policy log_softmax(logits / T).
+
+    The recorded log-prob ignores top-k/top-p truncation (it is the policy's own probability, which is what
+    GRPO's ratio and OPD's KL need); greedy decoding (T = 0) records log_softmax(logits).
+    """
+    logits = logits.float()
+    logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+    if temperature == 0:
+        token = logits.argmax(-1)
+    else:
+        filtered = logp
+        if top_k:
+            kth = filtered.topk(top_k, dim=-1).values[:, -1:]
+            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logp, order = filtered.sort(dim=-1, descending=True)
+            cum = sorted_logp.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logp.softmax(-1) >= top_p          # keep the smallest set reaching top_p
+            filtered = filtered.scatter(-1, order, sorted_logp.masked_fill(drop, float("-inf")))
+        probs = filtered.softmax(-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+_TRIGGERS = {}
+
+
+def stop_triggers(tokenizer, stop: Sequence[str], vocab_size: int, device):
+    """Bool [vocab]: tokens whose text contains the last character of some stop string. Only a row whose
+    newest token is a trigger can have just completed a stop string, so only those rows are decoded."""
+    key = (id(tokenizer), tuple(stop), vocab_size, str(device))
+    if key not in _TRIGGERS:
+        n = min(tokenizer.vocab_size, vocab_size)
+        texts = tokenizer.decode_batch([[i] for i in range(n)])
+        last = {s[-1] for s in stop if s}
+        hit = [any(c in t for c in last) or "\ufffd" in t for t in texts]  # partial UTF-8 bytes count too
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[:n] = torch.tensor(hit)
+        _TRIGGERS[key] = mask.to(device)
+    return _TRIGGERS[key]
+
+
+class DecodeGraph:
+    """One decode step (B tokens -> next-token logits) captured as a CUDA graph over a static cache.
+
+    Shapes never change: attention reads all cache slots, masked by cache.valid; the write slot and
+    positions are tensors updated in place before each replay.
+    """
+
+    def __init__(self, model, cache: KVCache):
+        B = cache.valid.shape[0]
+        dev = cache.valid.device
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
+        cache.attend_len = S = cache.valid.shape[1]
+        self.slot.fill_(S - 1)  # warm-up really runs: let it write the last slot, which decoding fills later anyway
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up kernels outside the graph
+            self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        cache.valid[:, S - 1] = False
+
+    def _step(self):
+        return self.model(self.tokens, self.ones, cache=self.cache, positions=self.positions, slots=self.slot)[:, -1]
+
+    def __call__(self, tokens, positions, slot: int):
+        self.tokens.copy_(tokens[:, None])
+        self.positions.copy_(positions[:, None])
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, stop: Sequence[str] = (), seed: int | None = 0, batch_size: int = 64,
+             progress: bool = False, cuda_graph: bool = True) -> list[Rollout]:
+    """Sample a rollout per prompt (str or token ids). temperature=0 is greedy. Same seed, same rollouts (on CPU)."""
+    if not prompts:
+        return []
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    # Longest prompts first: batches of similar lengths waste less padding.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts), desc="rollouts", unit="seq")
+    for chunk in chunks:
+        rollouts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, temperature,
+                                   top_p, top_k, stop, generator, cuda_graph and device.type == "cuda")
+        for i, r in zip(chunk, rollouts):
+            out[i] = r
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
+    return out
+
+
+def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, stop, generator,
+                    use_graph):
+    device = next(model.parameters()).device
+    dtype = model.embed_tokens.weight.dtype
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids, mask = left_pad(prompts, device=device)
+    cache = KVCache.empty(model.config, B, P + max_new_tokens, device, dtype)
+    logits = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]
+    positions = mask.sum(-1)                        # next position of every row
+    eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
+    triggers = stop_triggers(tokenizer, stop, logits.shape[-1], device) if stop else None
+    tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
+    finish = ["length"] * B
+    step_fn = DecodeGraph(model, cache) if use_graph and max_new_tokens > 1 else None
+    for t in range(max_new_tokens):
+        token, logp = sample_next(logits, temperature, top_p, top_k, generator)
+        tokens[:, t], logps[:, t] = token, logp
+        hit_eos = ~done & torch.isin(token, eos)
+        length = torch.where(hit_eos, t + 1, length)
+        newly_done = hit_eos
+        if triggers is not None:
+            maybe = (~done & ~hit_eos & triggers[token]).nonzero().flatten().tolist()
+            if maybe:  # rare: decode only these rows and look for a stop string
+                texts = tokenizer.decode_batch(tokens[maybe, :t + 1].tolist())
+                stopped = [b for b, text in zip(maybe, texts) if any(s in text for s in stop)]
+                if stopped:
+                    idx = torch.tensor(stopped, device=device)
+                    length[idx] = t + 1
+                    newly_done = newly_done.clone()
+                    newly_done[idx] = True
+                    for b in stopped:
+                        finish[b] = "stop"
+        for b in hit_eos.nonzero().flatten().tolist():
+            finish[b] = "eos"
+        done = done | newly_done
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        if step_fn is not None:
+            logits = step_fn(token, positions, cache.length)
+            cache.length += 1
+        else:
+            logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
+        positions = positions + 1
+    n_new = length.tolist()
+    rows, lps = tokens.tolist(), logps.tolist()
+    result = []
+    for b in range(B):
+        kept = rows[b][:n_new[b]]
+        body = kept[:-1] if finish[b] == "eos" else kept
+        text = tokenizer.decode(body)
+        if finish[b] == "stop":
+            text = text[:min(text.find(s) for s in stop if s in text)]
+        result.append(Rollout(list(prompts[b]), kept, text, lps[b][:n_new[b]], finish[b]))
+    return result
+
+
+@torch.inference_mode()
+def score(model, contexts, continuations, batch_size: int = 64) -> list[list[torch.Tensor]]:
+    """log p(continuation tokens | context) for several continuations of each context.
+
+    contexts: list of token lists; continuations: per context, a list of token lists. Each context is
+    prefilled once (left-padded batch) and its cache rows are copied for its continuations, which then run
+    as one right-padded batch; the first continuation token is scored from the context's last logit.
+    Returns, per context and continuation, a 1-D tensor of per-token log-probs (float32, CPU).
+    """
+    device = next(model.parameters()).device
+    dtype = model.embed_tokens.weight.dtype
+    out = [[None] * len(c) for c in continuations]
+    for start in range(0, len(contexts), batch_size):
+        ctx_idx = list(range(start, min(start + batch_size, len(contexts))))
+        ids, mask = left_pad([contexts[i] for i in ctx_idx], device=device)
+        pairs = [(row, j) for row, i in enumerate(ctx_idx) for j in range(len(continuations[i]))]
+        L = max(len(continuations[ctx_idx[r]][j]) for r, j in pairs)
+        cache = KVCache.empty(model.config, len(ctx_idx), ids.shape[1], device, dtype)
+        last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
+        for p0 in range(0, len(pairs), batch_size):
+            part = pairs[p0:p0 + batch_size]
+            rows = torch.tensor([r for r, _ in part], device=device)
+            conts = [continuations[ctx_idx[r]][j] for r, j in part]
+            cont_ids = torch.zeros(len(part), L, dtype=torch.long)
+            cont_mask = torch.zeros(len(part), L, dtype=torch.bool)
+            for k, c in enumerate(conts):
+                cont_ids[k, :len(c)] = torch.tensor(c)
+                cont_mask[k, :len(c)] = True
+            cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+            sub = cache.select(rows, slots=ids.shape[1] + L)
+            logp = model(cont_ids, cont_mask, cache=sub).float().log_softmax(-1)
+            # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
+            first = last[rows].gather(-1, cont_ids[:, :1])
+            rest = logp[:, :-1].gather(-1, cont_ids[:, 1:, None]).squeeze(-1)
+            per_token = torch.cat([first, rest], dim=1).cpu()
+            for k, (r, j) in enumerate(part):
+                out[ctx_idx[r]][j] = per_token[k, :len(conts[k])]
+    return out
+
+
+def sequence_logprobs(model, input_ids, attention_mask=None, temperature: float = 1.0):
+    """Differentiable log p(input_ids[:, t+1] | input_ids[:, :t+1]) -> [B, T-1] (float32), for training.
+
+    temperature divides the logits, so a trainer can score tokens under the same policy that sampled them.
+    """
+    logits = model(input_ids, attention_mask)[:, :-1].float()
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
+def main():
+    import argparse
+    import time
+    from model import LoadError, load_model
+    p = argparse.ArgumentParser(description="Sample continuations of a prompt with the KV-cache sampler.")
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id")
+    p.add_argument("--checkpoint", help="a LoRA checkpoint (.pt) to apply, merged")
+    p.add_argument("--prompt", default="Question: Natalia sold clips to 48 of her friends in April, and then she sold "
+                   "half as many clips in May. How many clips did Natalia sell altogether in April and May?\nAnswer:",
+                   help="prompt text (plain base-model format)")
+    p.add_argument("--n", type=int, default=4, help="samples of the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per sample at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); default 'Question:'")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", help="float32|bfloat16|float16")
+    args = p.parse_args()
+    model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.checkpoint:
+        from lora import load_adapter
+        load_adapter(model, args.checkpoint)
+    from lora import merged
+    t0 = time.time()
+    with merged(model):
+        rollouts = generate(model, tok, [args.prompt] * args.n, args.max_new_tokens, args.temperature, args.top_p,
+                            args.top_k, args.stop if args.stop is not None else ["Question:"], args.seed)
+    dt = time.time() - t0
+    for i, r in enumerate(rollouts):
+        print(f"--- sample {i} ({len(r.tokens)} tokens, {r.finish}) ---\n{r.text.strip()}")
+    print(f"{sum(len(r.tokens) for r in rollouts)} tokens in {dt:.2f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:
+        from model import LoadError
+        if isinstance(e, LoadError):
+            raise SystemExit(f"error: {e}")
+        raise
