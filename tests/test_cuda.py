@@ -37,9 +37,10 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_dir):
 
 
 def test_cuda_graph_greedy_equals_transformers(hf_models):
-    path, hf = hf_models["one_kv_wide_heads"]
+    from transformers import Qwen3ForCausalLM
+    path, _ = hf_models["one_kv_wide_heads"]
     model, tok = load_model(path, device="cuda")
-    hf = hf.cuda()
+    hf = Qwen3ForCausalLM.from_pretrained(path).cuda().eval()  # a copy: the session fixture stays on the CPU
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
     ours = generate(model, tok, prompts, max_new_tokens=20)
     for p, r in zip(prompts, ours):
