@@ -72,6 +72,7 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
+FINISH = ("length", "eos", "stop")
 _TRIGGERS = {}
 
 
@@ -174,29 +175,23 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     logps = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
-    finish = ["length"] * B
+    reason = torch.zeros(B, dtype=torch.long, device=device)                     # index into FINISH
     step_fn = DecodeGraph(model, cache) if use_graph and max_new_tokens > 1 else None
     for t in range(max_new_tokens):
         token, logp = sample_next(logits, temperature, top_p, top_k, generator)
         tokens[:, t], logps[:, t] = token, logp
-        hit_eos = ~done & torch.isin(token, eos)
-        length = torch.where(hit_eos, t + 1, length)
-        newly_done = hit_eos
+        ended = ~done & torch.isin(token, eos)
+        reason = torch.where(ended, 1, reason)
         if triggers is not None:
-            maybe = (~done & ~hit_eos & triggers[token]).nonzero().flatten().tolist()
+            maybe = (~done & ~ended & triggers[token]).nonzero().flatten().tolist()
             if maybe:  # rare: decode only these rows and look for a stop string
                 texts = tokenizer.decode_batch(tokens[maybe, :t + 1].tolist())
                 stopped = [b for b, text in zip(maybe, texts) if any(s in text for s in stop)]
                 if stopped:
-                    idx = torch.tensor(stopped, device=device)
-                    length[idx] = t + 1
-                    newly_done = newly_done.clone()
-                    newly_done[idx] = True
-                    for b in stopped:
-                        finish[b] = "stop"
-        for b in hit_eos.nonzero().flatten().tolist():
-            finish[b] = "eos"
-        done = done | newly_done
+                    ended[stopped] = True
+                    reason[stopped] = 2
+        length = torch.where(ended, t + 1, length)
+        done = done | ended
         if t == max_new_tokens - 1 or bool(done.all()):
             break
         if step_fn is not None:
@@ -205,6 +200,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
         else:
             logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
         positions = positions + 1
+    finish = [FINISH[i] for i in reason.tolist()]
     n_new = length.tolist()
     rows, lps = tokens.tolist(), logps.tolist()
     result = []
