@@ -1,0 +1,470 @@
+"""Evaluation: GSM8K accuracy (the target task), TruthfulQA-MC and MMLU (retention), forgetting and retention.
+
+    python evaluate.py --model Qwen/Qwen3-0.6B-Base --data-dir ../shared/data --out results/base.json
+    python evaluate.py --model Qwen/Qwen3-0.6B-Base --checkpoint ckpt/grpo.pt --data-dir ../shared/data \\
+        --baseline results/base.json --out results/grpo.json
+
+Every number of the study comes from here, so each task follows EleutherAI lm-evaluation-harness (the
+reference readers compare against; task names cited where each protocol is implemented):
+1. GSM8K (`gsm8k`): "Question: {q}\\nAnswer:", 0-shot by default, greedy, 256 new tokens, stop at EOS or
+   "Question:". The answer is lm-eval's strict-match ("#### N") if present, else its flexible-extract (the
+   last number), compared numerically with the gold "#### N". GRPO imports the same `is_correct` as its reward.
+2. TruthfulQA MC1/MC2 (`truthfulqa_mc1`, `truthfulqa_mc2`): the fixed six-shot QA preamble, each choice scored
+   by log p(" " + choice | "...Q: {q}\\nA:"). MC1 (the task's score) = the true choice is the most likely;
+   MC2 = the normalized probability mass on the true choices.
+3. MMLU (`mmlu`, acc): subject header, question, "A. ..".."D. ..", "Answer:"; the prediction is the most
+   likely of " A".." D". 0-shot by default, `--fewshot k` takes the first k dev rows of the subject.
+Multiple-choice scoring encodes each context once and lets all its choices share its KV cache.
+
+Fixed subsets keep runs comparable: the first 500 GSM8K test and first 200 TruthfulQA questions (what lm-eval's
+--limit takes), and 500 MMLU test rows stratified over the subjects (each subject in proportion to its size,
+fixed seed). `--limit 0` evaluates the full splits. Output: a JSON (score, n, protocol per task, model and
+checkpoint identity, and with --baseline the forgetting/retention of Eq. 12) and a JSONL of every prediction.
+
+Left out: lm-eval's other metrics (acc_norm, MMLU's per-subject macro averages) and chat templates; the paper
+evaluates base-model prompts only.
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+import lora
+from generate import generate, score
+from model import LoadError, load_model
+
+TASKS = ("gsm8k", "truthfulqa", "mmlu")
+RETENTION_TASKS = ("truthfulqa", "mmlu")
+DEFAULT_LIMITS = {"gsm8k": 500, "truthfulqa": 200, "mmlu": 500}  # the paper's scores are multiples of 1/500, 1/200
+
+# ----------------------------------------------------------------------------------------------
+# Data: the hub's datasets, or the same files in a local directory (--data-dir)
+
+
+def _hub(path: str, name: str, split: str):
+    try:
+        import datasets
+        import huggingface_hub
+        datasets.logging.set_verbosity_error()
+        huggingface_hub.utils.logging.set_verbosity_error()   # no retry chatter: the error below says it all
+        return datasets.load_dataset(path, name, split=split)
+    except Exception as e:  # offline, no `datasets`, unknown id, ...
+        raise LoadError(f"could not load {path} ({name}, {split}) from the Hugging Face hub ({type(e).__name__}); "
+                        "pass --data-dir DIR holding gsm8k/, truthfulqa/ and mmlu/ instead")
+
+
+def _need(row: dict, fields, where: str):
+    for f in fields:
+        if f not in row:
+            raise LoadError(f"{where} has no field {f!r}")
+    return row
+
+
+def load_gsm8k(split: str = "test", data_dir: str | None = None) -> list[dict]:
+    """GSM8K `split` as [{question, answer}], the answer ending in "#### N" (openai/gsm8k, config main)."""
+    if data_dir is None:
+        return [{"question": r["question"], "answer": r["answer"]} for r in _hub("openai/gsm8k", "main", split)]
+    path = os.path.join(data_dir, "gsm8k", f"{split}.jsonl")
+    if not os.path.exists(path):
+        raise LoadError(f"{path} does not exist")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                r = _need(json.loads(line), ("question", "answer"), f"{path} line {i}")
+                if "#### " not in r["answer"]:
+                    raise LoadError(f"{path} line {i}: the answer has no '#### N' line")
+                rows.append({"question": r["question"], "answer": r["answer"]})
+    return rows
+
+
+def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
+    """TruthfulQA multiple choice as [{question, mc1: {choices, labels}, mc2: {choices, labels}}].
+
+    Locally: the original v0 mc_task.json ({answer text: 0/1} per target set), which is the hub's
+    truthfulqa/truthful_qa multiple_choice validation split in the same order."""
+    if data_dir is None:
+        return [{"question": r["question"], "mc1": dict(r["mc1_targets"]), "mc2": dict(r["mc2_targets"])}
+                for r in _hub("truthfulqa/truthful_qa", "multiple_choice", "validation")]
+    path = os.path.join(data_dir, "truthfulqa", "mc_task.json")
+    if not os.path.exists(path):
+        raise LoadError(f"{path} does not exist")
+    with open(path) as f:
+        rows = json.load(f)
+    out = []
+    for i, r in enumerate(rows):
+        _need(r, ("question", "mc1_targets", "mc2_targets"), f"{path} entry {i}")
+        out.append({"question": r["question"], **{
+            k: {"choices": list(r[f"{k}_targets"]), "labels": list(r[f"{k}_targets"].values())} for k in ("mc1", "mc2")}})
+    return out
+
+
+def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
+    """MMLU `split` (test or dev) as [{id, subject, question, choices (4), answer (0-3)}], sorted by subject."""
+    if data_dir is None:
+        rows = _hub("cais/mmlu", "all", split)
+        count = defaultdict(int)
+        out = []
+        for r in rows:
+            out.append({"id": f"{r['subject']}/{count[r['subject']]}", "subject": r["subject"],
+                        "question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])})
+            count[r["subject"]] += 1
+        return sorted(out, key=lambda r: r["subject"])
+    # hendrycks layout: mmlu/<split>/<subject>_<split>.csv, no header, columns question, A, B, C, D, answer letter
+    files = sorted(glob.glob(os.path.join(data_dir, "mmlu", split, f"*_{split}.csv")))
+    if not files:
+        raise LoadError(f"{os.path.join(data_dir, 'mmlu', split)} holds no *_{split}.csv files")
+    out = []
+    for path in files:
+        subject = os.path.basename(path)[:-len(f"_{split}.csv")]
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.reader(f)):
+                if len(row) != 6 or row[5] not in ("A", "B", "C", "D"):
+                    raise LoadError(f"{path} row {i + 1}: expected question, 4 choices and an answer letter")
+                out.append({"id": f"{subject}/{i}", "subject": subject, "question": row[0], "choices": row[1:5],
+                            "answer": "ABCD".index(row[5])})
+    return out
+
+
+def stratified_subset(examples: list[dict], limit: int, seed: int) -> list[dict]:
+    """`limit` examples, each subject's share proportional to its size (largest remainder), drawn with `seed`.
+
+    Proportional allocation keeps the subset's accuracy an unbiased estimate of the full split's
+    (lm-eval's MMLU score weights subjects by size)."""
+    if not limit or limit >= len(examples):
+        return examples
+    by_subject = defaultdict(list)
+    for ex in examples:
+        by_subject[ex["subject"]].append(ex)
+    quota = {s: limit * len(v) / len(examples) for s, v in by_subject.items()}
+    take = {s: int(q) for s, q in quota.items()}
+    for s in sorted(quota, key=lambda s: (take[s] - quota[s], s))[:limit - sum(take.values())]:
+        take[s] += 1
+    rng = random.Random(seed)
+    return [by_subject[s][i] for s in sorted(by_subject) for i in sorted(rng.sample(range(len(by_subject[s])), take[s]))]
+
+
+# ----------------------------------------------------------------------------------------------
+# GSM8K: prompt and answer extraction (lm-eval task `gsm8k`, lm_eval/tasks/gsm8k/gsm8k.yaml)
+
+GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")   # lm-eval's `until`; EOS stops generation anyway
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")        # filter "strict-match", first match
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # filter "flexible-extract", last match
+IGNORE = (re.compile(r","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))  # regexes_to_ignore
+
+
+def gsm8k_prompt(question: str, fewshot=()) -> str:
+    """The base-model prompt; `fewshot` is a list of {question, answer} exemplars (lm-eval: train split, first_n)."""
+    shots = [f"Question: {ex['question']}\nAnswer: {ex['answer']}" for ex in fewshot]
+    return "\n\n".join(shots + [f"Question: {question}\nAnswer:"])
+
+
+def _normalize(s: str) -> str:
+    for pattern in IGNORE:
+        s = pattern.sub("", s)
+    return s.strip()
+
+
+def extract_answer(text: str) -> str | None:
+    """The model's final answer as a plain number string ("1,000." -> "1000"), or None if it gives none."""
+    found = STRICT.findall(text)
+    if found:
+        answer = found[0]
+    else:
+        found = FLEXIBLE.findall(text)
+        if not found:
+            return None
+        answer = next(g for g in found[-1] if g)   # the alternative that matched
+    return _normalize(answer)
+
+
+def is_correct(completion: str, gold_answer_text: str) -> bool:
+    """lm-eval's exact match on the extracted answer, made numeric ("18.00" == "18"); the GRPO reward."""
+    pred, gold = extract_answer(completion), _normalize(gold_answer_text)
+    if pred is None:
+        return False
+    try:
+        return float(pred) == float(gold)
+    except ValueError:  # a flexible-extract match with no digits, such as "..."
+        return pred == gold
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-likelihood of continuations (lm-eval's `loglikelihood` requests)
+
+
+def loglikelihoods(model, tok, requests, batch_size: int = 64, desc: str | None = None) -> list[list[float]]:
+    """requests: [(context, [continuation, ...])] -> per request and continuation, sum log p(continuation | context).
+
+    Token boundary as lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation, and the
+    continuation's tokens are those of tok(context + continuation) past len(tok(context)), so the context is
+    always tok(context) and all continuations of one context share its tokens (and, in `score`, its KV cache)."""
+    contexts, conts = [], []
+    for context, choices in requests:
+        n_space = len(context) - len(context.rstrip(" "))
+        if n_space:
+            context, choices = context[:-n_space], [context[-n_space:] + c for c in choices]
+        ctx = tok.encode(context)
+        wholes = tok.encode_batch([context + c for c in choices])
+        contexts.append(ctx)
+        conts.append([w[len(ctx):] for w in wholes])
+        if not all(conts[-1]):
+            raise ValueError(f"a continuation of {context[-40:]!r} has no tokens of its own")
+    # Longest first, so each batch pads little; results go back to request order.
+    order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]) - max(map(len, conts[i])))
+    out = [None] * len(requests)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, unit="batch"):
+        idx = order[start:start + batch_size]
+        for i, lps in zip(idx, score(model, [contexts[i] for i in idx], [conts[i] for i in idx], batch_size)):
+            out[i] = [lp.double().sum().item() for lp in lps]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The three tasks: each returns (task result, per-example records)
+
+
+def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True):
+    prompts = [gsm8k_prompt(ex["question"], fewshot) for ex in examples]
+    rollouts = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=GSM8K_STOP,
+                        batch_size=batch_size, progress=progress)
+    records = [{"task": "gsm8k", "id": i, "prediction": extract_answer(r.text), "gold": _normalize(ex["answer"]),
+                "correct": is_correct(r.text, ex["answer"]), "finish": r.finish, "completion": r.text}
+               for i, (ex, r) in enumerate(zip(examples, rollouts))]
+    return {"score": sum(r["correct"] for r in records) / max(len(records), 1), "n": len(records)}, records
+
+
+# lm-eval `truthfulqa_mc1` / `truthfulqa_mc2` (lm_eval/tasks/truthfulqa/truthfulqa_mc1.yaml): a fixed QA primer
+TRUTHFULQA_PREAMBLE = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.")
+
+
+def truthfulqa_prompt(question: str) -> str:
+    return f"{TRUTHFULQA_PREAMBLE}\n\nQ: {question}\nA:"
+
+
+def mc2_score(lls: list[float], labels: list[int]) -> float:
+    """Probability mass on the true answers, normalized over all answers (a max shift keeps exp finite).
+
+    lm-eval (utils.process_results_mc2) takes the answers before the first 0 label as the true ones; that is the
+    labels themselves wherever true answers come first (815 of the 817 questions), so we use the labels."""
+    m = max(lls)
+    p = [math.exp(ll - m) for ll in lls]
+    return sum(pi for pi, y in zip(p, labels) if y) / sum(p)
+
+
+def eval_truthfulqa(model, tok, examples, batch_size=64, progress=True):
+    # MC1 and MC2 share the context and most answers: score each distinct answer once.
+    answers = [list(dict.fromkeys(ex["mc1"]["choices"] + ex["mc2"]["choices"])) for ex in examples]
+    lls = loglikelihoods(model, tok, [(truthfulqa_prompt(ex["question"]), [" " + a for a in ans])
+                                      for ex, ans in zip(examples, answers)],
+                         batch_size, desc="truthfulqa" if progress else None)
+    records = []
+    for i, (ex, ans, ll) in enumerate(zip(examples, answers, lls)):
+        ll_of = dict(zip(ans, ll))
+        mc1 = [ll_of[c] for c in ex["mc1"]["choices"]]
+        best = max(range(len(mc1)), key=mc1.__getitem__)
+        gold = ex["mc1"]["labels"].index(1)
+        records.append({"task": "truthfulqa", "id": i, "prediction": ex["mc1"]["choices"][best],
+                        "gold": ex["mc1"]["choices"][gold], "correct": best == gold,
+                        "mc2": mc2_score([ll_of[c] for c in ex["mc2"]["choices"]], ex["mc2"]["labels"]),
+                        "mc1_loglikelihoods": [round(x, 4) for x in mc1]})
+    n = max(len(records), 1)
+    return {"score": sum(r["correct"] for r in records) / n, "mc1": sum(r["correct"] for r in records) / n,
+            "mc2": sum(r["mc2"] for r in records) / n, "n": len(records)}, records
+
+
+def mmlu_prompt(ex: dict, fewshot=()) -> str:
+    """lm-eval `mmlu_<subject>` (lm_eval/tasks/mmlu/default/_default_template_yaml) with the subject's description."""
+    def body(e):
+        return e["question"].strip() + "".join(f"\n{L}. {c}" for L, c in zip("ABCD", e["choices"])) + "\nAnswer:"
+    header = f"The following are multiple choice questions (with answers) about {ex['subject'].replace('_', ' ')}.\n\n"
+    return header + "".join(f"{body(s)} {'ABCD'[s['answer']]}\n\n" for s in fewshot) + body(ex)
+
+
+def eval_mmlu(model, tok, examples, dev_by_subject=None, fewshot=0, batch_size=64, progress=True):
+    shots = {s: rows[:fewshot] for s, rows in (dev_by_subject or {}).items()}
+    lls = loglikelihoods(model, tok, [(mmlu_prompt(ex, shots.get(ex["subject"], ())), [" A", " B", " C", " D"])
+                                      for ex in examples], batch_size, desc="mmlu" if progress else None)
+    records = []
+    for ex, ll in zip(examples, lls):
+        best = max(range(4), key=ll.__getitem__)
+        records.append({"task": "mmlu", "id": ex["id"], "prediction": "ABCD"[best], "gold": "ABCD"[ex["answer"]],
+                        "correct": best == ex["answer"], "loglikelihoods": [round(x, 4) for x in ll]})
+    return {"score": sum(r["correct"] for r in records) / max(len(records), 1), "n": len(records)}, records
+
+
+# ----------------------------------------------------------------------------------------------
+# Forgetting and retention (Eq. 12)
+
+
+def forgetting(base: dict, post: dict, tasks=RETENTION_TASKS) -> dict:
+    """Per retention task F = base - post and R = post / base, and both averaged over the tasks (Eq. 12).
+
+    base, post: {task: score}. Tasks missing from either side are left out."""
+    out = {}
+    for t in tasks:
+        if t in base and t in post:
+            out[t] = {"base": base[t], "post": post[t], "forgetting": base[t] - post[t],
+                      "retention": post[t] / base[t] if base[t] else None}
+    if not out:
+        raise LoadError(f"the baseline and this run share none of the retention tasks {', '.join(tasks)}")
+    ratios = [v["retention"] for v in out.values()]
+    out["mean"] = {"forgetting": sum(v["forgetting"] for v in out.values()) / len(out),
+                   "retention": None if None in ratios else sum(ratios) / len(ratios)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _first(rows: list, n: int) -> list:
+    return rows[:n] if n else rows
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Evaluate a base model or LoRA checkpoint on GSM8K, TruthfulQA-MC, MMLU.")
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id (the base model)")
+    p.add_argument("--checkpoint", help="LoRA checkpoint (.pt) to evaluate, merged into the base")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of gsm8k,truthfulqa,mmlu")
+    p.add_argument("--data-dir", help="local data (gsm8k/, truthfulqa/mc_task.json, mmlu/); default: the HF hub")
+    p.add_argument("--out", help="output JSON; predictions go to the same name with .jsonl "
+                   "(default: results/<checkpoint or model name>.json)")
+    p.add_argument("--baseline", help="the base model's output JSON: adds forgetting and retention (Eq. 12)")
+    p.add_argument("--limit", type=int, help="examples per task, 0 = full split (default: gsm8k 500, "
+                   "truthfulqa 200, mmlu 500)")
+    for t in TASKS:
+        p.add_argument(f"--limit-{t}", type=int, help=f"examples of {t} (overrides --limit)")
+    p.add_argument("--fewshot", type=int, default=0, help="exemplars for GSM8K (first k of train) and MMLU "
+                   "(first k of the subject's dev split); TruthfulQA always uses its fixed 6-shot preamble")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation length limit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified MMLU subset")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation / contexts per scoring batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   help="float32 | bfloat16 | float16")
+    args = p.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if set(tasks) - set(TASKS):
+        p.error(f"unknown task(s) {', '.join(sorted(set(tasks) - set(TASKS)))}; choose from {', '.join(TASKS)}")
+    limits = {t: next(v for v in (getattr(args, f"limit_{t}"), args.limit, DEFAULT_LIMITS[t]) if v is not None)
+              for t in TASKS}
+    name = os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint else \
+        os.path.basename(os.path.normpath(args.model))
+    out_path = args.out or os.path.join("results", f"{name}.json")
+    pred_path = os.path.splitext(out_path)[0] + ".jsonl"
+    baseline = None
+    if args.baseline:
+        if not os.path.exists(args.baseline):
+            raise LoadError(f"baseline {args.baseline} does not exist")
+        with open(args.baseline) as f:
+            baseline = json.load(f)
+
+    # Data before the model: a missing file fails at once, not after minutes of loading weights.
+    data = {}
+    if "gsm8k" in tasks:
+        shots = load_gsm8k("train", args.data_dir)[:args.fewshot] if args.fewshot else []
+        data["gsm8k"] = (_first(load_gsm8k("test", args.data_dir), limits["gsm8k"]), shots)
+    if "truthfulqa" in tasks:
+        data["truthfulqa"] = (_first(load_truthfulqa(args.data_dir), limits["truthfulqa"]), None)
+    if "mmlu" in tasks:
+        dev = defaultdict(list)
+        for row in (load_mmlu("dev", args.data_dir) if args.fewshot else []):
+            dev[row["subject"]].append(row)
+        data["mmlu"] = (stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed), dev)
+
+    model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    checkpoint = None
+    if args.checkpoint:
+        ckpt = lora.load_adapter(model, args.checkpoint)
+        meta = {k: v for k, v in ckpt["meta"].items() if k != "base_config"}
+        checkpoint = {"path": args.checkpoint, "sha256": _sha256(args.checkpoint), "lora": ckpt["lora"], "meta": meta}
+    result = {"model": args.model, "checkpoint": checkpoint, "device": args.device, "dtype": args.dtype,
+              "data": args.data_dir or "huggingface hub", "tasks": {}, "predictions": pred_path}
+    records = []
+
+    with lora.merged(model) if args.checkpoint else nullcontext():
+        for task in tasks:
+            t0 = time.time()
+            n = limits[task]
+            examples, extra = data[task]
+            if task == "gsm8k":
+                res, recs = eval_gsm8k(model, tok, examples, extra, args.max_new_tokens, args.batch_size)
+                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
+                            "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
+                            "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
+                            "extraction": "strict-match, else flexible-extract (last number); numeric comparison"}
+            elif task == "truthfulqa":
+                res, recs = eval_truthfulqa(model, tok, examples, args.batch_size)
+                protocol = {"lm_eval_task": "truthfulqa_mc1, truthfulqa_mc2", "prompt": "6-shot QA preamble + "
+                            "\n\nQ: {question}\nA:", "continuation": "' ' + choice", "fewshot": 0,
+                            "subset": f"validation, first {n}" if n else "validation, all", "score": "mc1"}
+            else:
+                res, recs = eval_mmlu(model, tok, examples, extra, args.fewshot, args.batch_size)
+                protocol = {"lm_eval_task": "mmlu", "prompt": "subject header + question + A-D lines + Answer:",
+                            "continuation": "' A' .. ' D'", "fewshot": args.fewshot, "fewshot_from": "dev, first k",
+                            "subset": (f"test, {n} stratified by subject (proportional), seed {args.seed}"
+                                       if n else "test, all"), "subjects": len({ex["subject"] for ex in examples})}
+            res["protocol"] = {"limit": n, **protocol}
+            res["seconds"] = round(time.time() - t0, 2)
+            result["tasks"][task] = res
+            records += recs
+
+    if baseline is not None:
+        base = {t: v["score"] for t, v in baseline.get("tasks", {}).items()}
+        post = {t: v["score"] for t, v in result["tasks"].items()}
+        result["forgetting"] = {"baseline": args.baseline, **forgetting(base, post)}
+        differ = [t for t in RETENTION_TASKS if t in base and t in post and
+                  baseline["tasks"][t].get("protocol") != result["tasks"][t]["protocol"]]
+        if differ:
+            result["forgetting"]["warning"] = f"protocol differs from the baseline's for {', '.join(differ)}"
+            print(f"warning: {result['forgetting']['warning']}: the comparison is not like for like")
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(pred_path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") + f" n={v['n']}"
+             for t, v in result["tasks"].items()]
+    if "forgetting" in result:
+        m = result["forgetting"]["mean"]
+        parts.append(f"mean forgetting {m['forgetting']:+.3f}" +
+                     (f", retention {m['retention']:.3f}" if m["retention"] is not None else ""))
+    print(f"{name}: " + " | ".join(parts) + f" -> {out_path}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except LoadError as e:
+        raise SystemExit(f"error: {e}")
