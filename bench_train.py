@@ -1,0 +1,237 @@
+"""Benchmark: a LoRA SFT step against transformers + peft on the same weights and batch; GRPO's time split.
+
+    python bench_train.py            # CPU: a ~3M-parameter Qwen3 (vocab 1024), float32
+    python bench_train.py --cuda     # GPU: the Qwen3-0.6B shape (random weights), bf16 base under autocast
+
+SFT step = forward, backward and AdamW on a LoRA adapter (r 16, alpha 32, dropout 0.05, all seven projections)
+over --batch rows of --seq-len tokens, the first --prompt-len of each masked out of the loss, as train_sft.py
+does. Both sides keep the adapter in float32 over a bf16 (GPU) or float32 (CPU) base and run under the same
+autocast; transformers computes the lm_head over every position (its standard `labels=` path), we only over the
+answer positions. Each side runs in its own process (clean peak memory), reports the median of --steps timed
+steps after --warmup, tokens/s = batch x seq-len / step time, and peak memory above the loaded model (GPU:
+torch's allocator peak; CPU: the process's peak resident size). "ours + locality" adds the state-locality
+forward (frozen base, no grad) that the trainers log every step by default.
+
+GRPO split: train_grpo.py itself for a few steps (a random 0/1 reward so every group carries signal), the
+seconds per step spent sampling rollouts (merged adapter, KV cache) and learning (the clipped PG step, in
+train_grpo.py's default 4 micro-batches).
+transformers and peft are benchmark-only dependencies.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=1024, tie_word_embeddings=True)
+QWEN3_06B = os.path.join(HERE, "configs", "qwen3-0.6b-base.json")
+QWEN_TOKENIZER = os.path.join(HERE, "tests", "data", "qwen3_tokenizer")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def question(rng: random.Random) -> str:
+    a, b, c = rng.randint(2, 90), rng.randint(2, 90), rng.randint(2, 9)
+    return (f"A farmer has {a} sheep and buys {b} more at the market on Monday. On Tuesday he sells a third of "
+            f"them and gives {c} to his neighbour, who already had twice as many. How many sheep does the farmer "
+            f"have left at the end of the week, if none were born and none were lost?")
+
+
+def make_world(cfg: dict, path: str, qwen_tokenizer: bool):
+    """A model directory with random weights (transformers' save_pretrained) and a tokenizer, plus a
+    GSM8K-layout data dir of synthetic questions; returns the data dir."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(**cfg, eos_token_id=1 if not qwen_tokenizer else 151643)).save_pretrained(path)
+    rng = random.Random(0)
+    questions = [question(rng) for _ in range(256)]
+    if qwen_tokenizer:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(QWEN_TOKENIZER, f), path)
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tok.train_from_iterator(questions, trainers.BpeTrainer(vocab_size=cfg["vocab_size"], special_tokens=[
+            "<pad>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.save(os.path.join(path, "tokenizer.json"))
+    data = os.path.join(path, "data")
+    os.makedirs(os.path.join(data, "gsm8k"))
+    with open(os.path.join(data, "gsm8k", "train.jsonl"), "w") as f:
+        for q in questions:
+            f.write(json.dumps({"question": q, "answer": "He has 7 sheep.\n#### 7"}) + "\n")
+    return data
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sft_batch(cfg, batch, seq_len, prompt_len, device):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, cfg["vocab_size"], (batch, seq_len), generator=g).to(device)
+    target = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    target[:, prompt_len:] = True
+    return ids, target
+
+
+def timed_steps(step, device, warmup, steps):
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def sft_ours(model_dir, cfg, a, locality: bool):
+    import train_sft
+    import training
+    device = "cuda" if a.cuda else "cpu"
+    args = train_sft.parse_args(["--model", model_dir, "--device", device, "--dtype", "bfloat16" if a.cuda else "float32",
+                                 "--lora-r", "16", "--lora-alpha", "32", "--out", os.path.join(model_dir, "x.pt")]
+                                + (["--grad-checkpointing"] if a.grad_checkpointing else []))
+    run = training.setup(args, "sft")
+    run.total_steps = 10_000
+    loaded = torch.cuda.memory_allocated() if a.cuda else peak_rss_mb() * 2**20
+    ids, target = sft_batch(cfg, a.batch, a.seq_len, a.prompt_len, device)
+    attn = torch.ones_like(target)
+    state = target.clone()
+    state[:, -1] = False
+    n = int(target.sum())
+
+    def step():
+        training.train_step(run, [(ids, attn, target, state)], lambda b: train_sft.sft_loss(run.model, b, n, locality))
+    dt = timed_steps(step, device, a.warmup, a.steps)
+    peak = torch.cuda.max_memory_allocated() if a.cuda else peak_rss_mb() * 2**20
+    return dt, (peak - loaded) / 2**20
+
+
+def sft_peft(model_dir, cfg, a, locality: bool):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3ForCausalLM
+    device = "cuda" if a.cuda else "cpu"
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if a.cuda else torch.float32).to(device)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
+    if a.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)  # peft keeps adapters in float32 over a bf16 base too
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if a.cuda else {}))
+    model.train()
+    loaded = torch.cuda.memory_allocated() if a.cuda else peak_rss_mb() * 2**20
+    ids, target = sft_batch(cfg, a.batch, a.seq_len, a.prompt_len, device)
+    labels = ids.masked_fill(~target, -100)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=a.cuda):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    dt = timed_steps(step, device, a.warmup, a.steps)
+    peak = torch.cuda.max_memory_allocated() if a.cuda else peak_rss_mb() * 2**20
+    return dt, (peak - loaded) / 2**20
+
+
+def grpo_split(model_dir, cfg, a, locality: bool):
+    import train_grpo
+    data = os.path.join(model_dir, "data")
+    rng = random.Random(0)
+    argv = ["--model", model_dir, "--data-dir", data, "--out", os.path.join(model_dir, "grpo.pt"),
+            "--batch-size", str(a.grpo_prompts // 4), "--grad-accum", "4", "--group-size", str(a.group_size),
+            "--max-new-tokens", str(a.new_tokens), "--max-steps", str(a.grpo_steps), "--save-every", "0",
+            "--device", "cuda" if a.cuda else "cpu", "--dtype", "bfloat16" if a.cuda else "float32"]
+    run = train_grpo.main(argv, reward_fn=lambda r, ex: float(rng.random() < 0.5))
+    with open(run.args.log) as f:
+        rows = [json.loads(line) for line in f][1:]  # the first step warms up kernels and CUDA graphs
+    return (statistics.median(r["sample_s"] for r in rows), statistics.median(r["learn_s"] for r in rows),
+            statistics.median(r["completion_len"] for r in rows))
+
+
+def child(fn_name, model_dir, cfg, a, locality, queue):
+    queue.put(globals()[fn_name](model_dir, cfg, a, locality))
+
+
+def in_child(fn_name, model_dir, cfg, a, locality=False):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(fn_name, model_dir, cfg, a, locality, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cuda", action="store_true", help="the Qwen3-0.6B shape in bf16 on the GPU (else a small model on CPU)")
+    p.add_argument("--batch", type=int, help="SFT rows per step (default 8 on GPU, 8 on CPU)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default 512 on GPU, 256 on CPU)")
+    p.add_argument("--prompt-len", type=int, help="masked prompt tokens per row (default a quarter of --seq-len)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="both sides recompute activations")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--group-size", type=int, default=8, help="GRPO: samples per prompt")
+    p.add_argument("--grpo-prompts", type=int, help="GRPO: prompts per step, learned in 4 micro-batches (default 16 on GPU, 4 on CPU)")
+    p.add_argument("--new-tokens", type=int, help="GRPO: completion tokens (default 256 on GPU, 64 on CPU)")
+    p.add_argument("--grpo-steps", type=int, default=4, help="GRPO: steps run (the first is not counted)")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: peft, locality, grpo")
+    a = p.parse_args()
+    a.batch = a.batch or 8
+    a.seq_len = a.seq_len or (512 if a.cuda else 256)
+    a.prompt_len = a.prompt_len if a.prompt_len is not None else a.seq_len // 4
+    a.grpo_prompts = a.grpo_prompts or (16 if a.cuda else 4)
+    a.new_tokens = a.new_tokens or (256 if a.cuda else 64)
+    if a.cuda:
+        full = json.load(open(QWEN3_06B))
+        cfg = {k: full[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta")}
+        name = "qwen3-0.6b-shape"
+    else:
+        cfg, name = SMALL, "small"
+    skip = set(a.skip.split(","))
+    device = torch.cuda.get_device_name() if a.cuda else f"cpu ({os.cpu_count()} cores)"
+    print(f"# {name} on {device}, torch {torch.__version__}; SFT batch {a.batch} x {a.seq_len} "
+          f"(prompt {a.prompt_len} masked), LoRA r16 on all projections", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        make_world(cfg, d, qwen_tokenizer=a.cuda)
+        rows = [("ours", *in_child("sft_ours", d, cfg, a))]
+        if "locality" not in skip:
+            rows.append(("ours + locality", *in_child("sft_ours", d, cfg, a, True)))
+        if "peft" not in skip:
+            rows.append(("transformers + peft", *in_child("sft_peft", d, cfg, a)))
+        tokens = a.batch * a.seq_len
+        base = rows[-1][1] if rows[-1][0].startswith("transformers") else None
+        for label, dt, mem in rows:
+            ratio = f"  {base / dt:.2f}x peft" if base else ""
+            print(json.dumps({"sft": label, "step_s": round(dt, 4), "tokens_per_s": round(tokens / dt),
+                              "peak_mem_mb": round(mem)}) + ratio, flush=True)
+        if "grpo" not in skip:
+            sample_s, learn_s, length = in_child("grpo_split", d, cfg, a)
+            total = sample_s + learn_s
+            print(json.dumps({"grpo": f"{a.grpo_prompts} prompts x {a.group_size} samples, {a.new_tokens} max new tokens",
+                              "sample_s": round(sample_s, 3), "learn_s": round(learn_s, 3),
+                              "sample_frac": round(sample_s / total, 3), "completion_len": round(length, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""On-policy distillation (train_opd.py): the command line, the KL, the state sources, and that it distills.
+
+The world: the `tiny_dir` model with its embeddings scaled up tenfold (the fixture's embeddings have std 0.02,
+which caps every logit near 1 and keeps every policy LoRA can reach close to uniform: teacher and student
+could hardly disagree), a GSM8K-layout data directory, and a teacher = that base + a random LoRA adapter,
+saved as training.py saves checkpoints (base_model and data_dir in its metadata).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import generate as generate_module
+import lora
+import train_opd
+from model import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CPU is shared: one thread per test avoids oversubscription (tiny models gain nothing from two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd_world")
+    model_dir = str(root / "model")
+    shutil.copytree(tiny_dir, model_dir)
+    weights = os.path.join(model_dir, "model.safetensors")
+    state = load_file(weights)
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * 10
+    save_file(state, weights, metadata={"format": "pt"})
+    data_dir = str(root / "data")
+    os.makedirs(os.path.join(data_dir, "gsm8k"))
+    with open(os.path.join(data_dir, "gsm8k", "train.jsonl"), "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"question": f"Tom has {i} apples and buys {i + 3} more. How many apples?",
+                                "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"}) + "\n")
+    model, tok = load_model(model_dir)
+    torch.manual_seed(0)
+    lora.add_lora(model, lora.LoraConfig(r=4, alpha=8, dropout=0.05))   # dropout: the teacher must switch it off
+    with torch.no_grad():                          # A keeps its random init; B = 0 would make the teacher the base
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B["default"].normal_(0, 0.2)
+    teacher = str(root / "teacher.pt")
+    lora.save_checkpoint(teacher, model, {"method": "sft", "data_dir": data_dir, "args": {}, "step": 1})
+    return SimpleNamespace(model_dir=model_dir, data_dir=data_dir, teacher=teacher, root=root)
+
+
+def teacher_and_student(world, student=None):
+    """One base with the teacher's adapter and the student's (a checkpoint, or fresh = the base policy)."""
+    model, tok = load_model(world.model_dir)
+    if student:
+        lora.load_adapter(model, student)
+    else:
+        lora.add_lora(model, lora.LoraConfig(r=4, alpha=8, dropout=0.0))
+    lora.load_adapter(model, world.teacher, name="teacher")
+    return model.eval(), tok      # the LoRA layers add_lora just created start in training mode (adapter dropout on)
+
+
+def fake_run(model, tok, **args):
+    defaults = dict(signal="kl", kl="forward", states="student", logit_chunk=1024, device="cpu", cuts=2,
+                    continuation_tokens=4, teacher_temperature=0.0, temperature=1.0, max_new_tokens=16,
+                    sample_batch_size=64)
+    return SimpleNamespace(model=model, tok=tok, args=SimpleNamespace(**{**defaults, **args}))
+
+
+@torch.no_grad()
+def kl_on_student_states(model, tok, n=8, seed=1234):
+    """Mean exact KL(teacher || student) over every state of fresh student rollouts (not the training ones)."""
+    run = fake_run(model, tok, max_new_tokens=16)
+    prompts = [{"question": f"Sam has {i} pens and gets {i + 2} more. How many pens?"} for i in range(n)]
+    sup = train_opd.teacher_signal(run, train_opd.collect_states(run, prompts, seed), seed)
+    h_student = train_opd.supervised_hidden(model, sup)
+    with train_opd.as_teacher(model):
+        h_teacher = train_opd.supervised_hidden(model, sup)
+    return train_opd.divergences(h_student, h_teacher, sup.ids[sup.target], model.lm_head)[:, 0].mean().item()
+
+
+def direct_kl(model, trajectories, reverse=False):
+    """Reference: each trajectory alone (no padding), full logits under each adapter, float64, state by state."""
+    model.eval()
+    values = []
+    for tr in trajectories:
+        ids = torch.tensor([tr.prompt + tr.response])
+        with torch.no_grad(), lora.use_adapter(model, "teacher"):
+            logp_t = model(ids)[0].double().log_softmax(-1)
+        with torch.no_grad(), lora.use_adapter(model, "default"):
+            logp_s = model(ids)[0].double().log_softmax(-1)
+        for t in range(len(tr.response)):
+            pos = len(tr.prompt) + t - 1            # the state (x, y_<t) ends here and predicts y_t
+            p, q = (logp_s[pos], logp_t[pos]) if reverse else (logp_t[pos], logp_s[pos])
+            values.append((p.exp() * (p - q)).sum())
+    return torch.stack(values)
+
+
+def test_cli_needs_only_the_teacher(world, tmp_path):
+    out = str(tmp_path / "opd.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_opd.py"), "--teacher", world.teacher,
+                           "--max-steps", "1", "--out", out], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = lora.load_checkpoint(out)
+    assert ckpt["meta"]["method"] == "opd" and ckpt["meta"]["teacher"] == world.teacher
+    assert ckpt["meta"]["base_model"] == world.model_dir and ckpt["meta"]["data_dir"] == world.data_dir
+    model, _ = load_model(world.model_dir)
+    lora.load_adapter(model, out)                                   # loadable on the teacher's base
+    with open(str(tmp_path / "opd.jsonl")) as f:
+        record = json.loads(f.readline())
+    for key in ("loss", "kl_forward", "kl_reverse", "state_nll_base", "target_nll", "tokens_per_s"):
+        assert key in record, key
+
+
+@pytest.mark.parametrize("signal", ["kl", "continuation"])
+def test_opd_lowers_kl_on_the_students_own_states(world, tmp_path, signal):
+    model, tok = teacher_and_student(world)
+    before = kl_on_student_states(model, tok)
+    out = str(tmp_path / f"{signal}.pt")
+    # Sampled (T=1) continuations make the cross-entropy an unbiased estimate of the forward KL on those states;
+    # the greedy default distills the teacher's mode, which lowers KL only where the teacher is sharp.
+    extra = ["--teacher-temperature", "1", "--continuation-tokens", "8"] if signal == "continuation" else []
+    train_opd.main(["--teacher", world.teacher, "--signal", signal, "--out", out, "--max-steps", "25",
+                    "--batch-size", "4", "--max-new-tokens", "16", "--lr", "1e-2", "--warmup", "0",
+                    "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--save-every", "0",
+                    "--locality-every", "5"] + extra)
+    model, tok = teacher_and_student(world, out)
+    after = kl_on_student_states(model, tok)
+    assert before > 0.5 and after < 0.4 * before, (before, after)     # typically 0.15-0.25 x before
+
+
+@pytest.mark.parametrize("states", ["student", "teacher"])
+def test_state_source_decides_who_samples_the_states(world, tmp_path, monkeypatch, states):
+    calls = []
+    real_generate = generate_module.generate
+
+    def recording_generate(model, tok, prompts, **kw):
+        merged = any(layer.merged_weight is not None for layer in lora.lora_layers(model).values())
+        rollouts = real_generate(model, tok, prompts, **kw)
+        calls.append(dict(policy=lora.active_adapter(model), merged=merged, rollouts=rollouts, **kw))
+        return rollouts
+
+    monkeypatch.setattr(train_opd, "generate", recording_generate)
+    train_opd.main(["--teacher", world.teacher, "--states", states, "--out", str(tmp_path / "s.pt"),
+                    "--max-steps", "2", "--batch-size", "3", "--max-new-tokens", "12", "--continuation-tokens", "4",
+                    "--save-every", "0", "--locality-every", "0"])
+    state_calls = [c for c in calls if c["max_new_tokens"] == 12]
+    continuation_calls = [c for c in calls if c["max_new_tokens"] == 4]
+    assert len(state_calls) == 2 and len(continuation_calls) == 2
+    assert all(c["policy"] == ("default" if states == "student" else "teacher") and c["merged"] for c in state_calls)
+    assert all(c["policy"] == "teacher" and c["temperature"] == 0.0 for c in continuation_calls)
+    # The sampler's recorded log-probs are the sampling policy's: they match the teacher's own scores exactly when
+    # (and only when) the teacher sampled the states. The student is still the base policy at step 1.
+    model, tok = teacher_and_student(world)
+    first = state_calls[0]["rollouts"][0]
+    with lora.use_adapter(model, "teacher"):
+        teacher_lp = generate_module.score(model, [first.prompt_ids], [[first.tokens]])[0][0]
+    with lora.use_adapter(model, None):
+        base_lp = generate_module.score(model, [first.prompt_ids], [[first.tokens]])[0][0]
+    sampler_lp = torch.tensor(first.logprobs)
+    sampled_by, other = (teacher_lp, base_lp) if states == "teacher" else (base_lp, teacher_lp)
+    assert torch.allclose(sampler_lp, sampled_by, atol=1e-4)
+    assert not torch.allclose(sampler_lp, other, atol=1e-2)
+
+
+def test_data_states_are_the_gold_solutions(world):
+    model, tok = teacher_and_student(world)
+    examples = [{"question": "Tom has 2 apples and buys 5 more. How many apples?", "answer": "2 + 5 = 7\n#### 7"}]
+    [tr] = train_opd.collect_states(fake_run(model, tok, states="data"), examples, seed=0)
+    assert tok.decode(tr.response[:-1]) == " 2 + 5 = 7\n#### 7" and tr.response[-1] == tok.eos_ids[0]
+    assert tok.decode(tr.prompt) == "Question: Tom has 2 apples and buys 5 more. How many apples?\nAnswer:"
+
+
+def test_nothing_after_eos_is_a_state():
+    assert train_opd.through_eos([5, 6, 1, 7, 8], [1]) == [5, 6, 1]
+    assert train_opd.through_eos([5, 6, 7], [1]) == [5, 6, 7]
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_exact_kl_matches_a_direct_computation(world, direction):
+    model, tok = teacher_and_student(world)
+    torch.manual_seed(1)
+    with torch.no_grad():                           # a student that differs from the base and from the teacher
+        for p in lora.lora_parameters(model):
+            p.normal_(0, 0.1)
+    for p in lora.lora_parameters(model):          # loading the teacher froze every adapter; training.py unfreezes ours
+        p.requires_grad_(True)
+    # Two lengths in one batch: the short row is padded, and padding must not become states.
+    trajectories = [train_opd.Trajectory([3, 40, 41, 42], [50, 51, 52, 53, 54, 1]),
+                    train_opd.Trajectory([3, 60], [70, 71, 1])]
+    run = fake_run(model, tok, signal="kl", kl=direction, logit_chunk=4)   # chunks split rows across the batch
+    sup = train_opd.teacher_signal(run, trajectories, seed=0)
+    assert int(sup.target.sum()) == 9 and int(sup.state.sum()) == 9 - 2
+    model.train()
+    loss, figures = train_opd.opd_loss(run, sup, normalizer=9, locality=False)
+    reference = direct_kl(model, trajectories, reverse=direction == "reverse")
+    other = direct_kl(model, trajectories, reverse=direction == "forward")
+    assert loss.item() == pytest.approx(reference.mean().item(), rel=1e-4, abs=1e-6)
+    logged = figures["kl_forward" if direction == "forward" else "kl_reverse"]
+    assert logged == pytest.approx(reference.mean().item(), rel=1e-4)
+    assert abs(reference.mean() - other.mean()) > 1e-3          # the two directions are different objectives
+    loss.backward()
+    grads = [p.grad for p in lora.lora_parameters(model) if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in lora.lora_parameters(model, "teacher"))   # the teacher stays frozen
+
+
+def test_resume_ends_with_the_same_student(world, tmp_path):
+    """Stop after 2 of 4 steps and resume: the states (sampled from seeds of the step), the teacher's continuations,
+    adapter dropout and AdamW all continue exactly, so the adapter equals an uninterrupted run's."""
+    common = ["--teacher", world.teacher, "--max-steps", "4", "--batch-size", "2", "--max-new-tokens", "8",
+              "--continuation-tokens", "4", "--lr", "1e-2", "--lora-r", "4", "--save-every", "0"]
+    train_opd.main(common + ["--out", str(tmp_path / "whole.pt")])
+    train_opd.main(common + ["--out", str(tmp_path / "parts.pt"), "--stop-after", "2"])
+    train_opd.main(common + ["--out", str(tmp_path / "parts.pt"), "--resume"])
+    whole, parts = (lora.load_checkpoint(str(tmp_path / f"{n}.pt")) for n in ("whole", "parts"))
+    assert parts["meta"]["step"] == 4
+    for key, t in whole["adapter"].items():
+        assert torch.equal(t, parts["adapter"][key]), key

@@ -1,0 +1,179 @@
+"""training.py: resume is exact, a NaN stops cleanly, the schedule, token log-probs, batching, state locality."""
+import math
+
+import pytest
+import torch
+
+import train_grpo
+import train_sft
+import training
+from generate import sequence_logprobs
+from lora import LoraConfig, add_lora, load_checkpoint, lora_parameters, save_checkpoint
+from model import load_model
+from test_train_grpo import low_token_fraction
+from trainer_helpers import gsm8k_dir, learnable_dir, one_thread, read_log  # noqa: F401 (fixtures)
+
+
+def trainer_argv(method, model_dir, data, out, steps=6):
+    common = ["--model", model_dir, "--data-dir", data, "--out", out, "--max-steps", str(steps), "--lora-r", "4",
+              "--lr", "1e-2", "--save-every", "2", "--seed", "3"]
+    if method == "sft":
+        return common + ["--batch-size", "2", "--lora-dropout", "0.1"]  # dropout: the RNG state must resume too
+    return common + ["--batch-size", "2", "--group-size", "4", "--max-new-tokens", "6"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+training_step = [0]  # the optimizer step being taken (0-based), kept up to date by the track_step fixture
+
+
+def crash_at(module, name, step, monkeypatch, value=None):
+    """Make module.name fail (or return a loss of `value`) on the micro-batches of optimizer step `step`."""
+    real = getattr(module, name)
+
+    def wrapped(model, batch, *a, **k):
+        loss, figures = real(model, batch, *a, **k)
+        if training_step[0] + 1 == step:
+            if value is None:
+                raise Crash("interrupted")
+            return loss * value, figures
+        return loss, figures
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.fixture(autouse=True)
+def track_step(monkeypatch):
+    """Expose the step being taken to the crash injector."""
+    real = training.train_step
+
+    def wrapped(run, *a, **k):
+        training_step[0] = run.step
+        return real(run, *a, **k)
+    monkeypatch.setattr(training, "train_step", wrapped)
+
+
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(method, learnable_dir, tmp_path, monkeypatch,
+                                                                    one_thread):
+    module, loss_name = (train_sft, "sft_loss") if method == "sft" else (train_grpo, "pg_loss")
+    main = module.main if method == "sft" else (lambda argv: train_grpo.main(argv, reward_fn=low_token_fraction))
+    data = gsm8k_dir(str(tmp_path / "data"))
+    whole = str(tmp_path / "whole.pt")
+    main(trainer_argv(method, learnable_dir, data, whole))
+
+    cut = str(tmp_path / "cut.pt")
+    with monkeypatch.context() as m:
+        crash_at(module, loss_name, 5, m)  # dies in step 5: the checkpoint on disk is step 4's
+        with pytest.raises(Crash):
+            main(trainer_argv(method, learnable_dir, data, cut))
+    assert load_checkpoint(cut)["meta"]["step"] == 4
+    main(trainer_argv(method, learnable_dir, data, cut) + ["--resume"])
+
+    a, b = load_checkpoint(whole), load_checkpoint(cut)
+    assert b["meta"]["step"] == 6 and b["adapter"].keys() == a["adapter"].keys()
+    moved = sum(float(t.abs().sum()) for k, t in a["adapter"].items() if k.endswith("lora_B"))
+    assert moved > 0
+    for k in a["adapter"]:
+        assert torch.equal(a["adapter"][k], b["adapter"][k]), k
+    # the resumed log holds each step once, and the same figures as the uninterrupted run
+    assert [r["loss"] for r in read_log(str(tmp_path / "cut.jsonl"))] == [r["loss"] for r in read_log(str(tmp_path / "whole.jsonl"))]
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(learnable_dir, tmp_path, monkeypatch, one_thread):
+    data, out = gsm8k_dir(str(tmp_path / "data")), str(tmp_path / "nan.pt")
+    crash_at(train_sft, "sft_loss", 3, monkeypatch, value=float("nan"))
+    with pytest.raises(SystemExit, match=r"error: loss is nan at step 3: .*last good checkpoint .*nan.pt \(step 2\)"):
+        training.cli(lambda: train_sft.main(trainer_argv("sft", learnable_dir, data, out)))
+    ckpt = load_checkpoint(out)
+    assert ckpt["meta"]["step"] == 2 and "optimizer" in ckpt["train_state"]  # resumable from the good state
+    assert all(torch.isfinite(t).all() for t in ckpt["adapter"].values())
+    assert [r["step"] for r in read_log(str(tmp_path / "nan.jsonl"))] == [1, 2]
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
+    lrs = [training.lr_at(s, 100, 1.0, warmup=0.1) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == 1.0 and lrs[55] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert training.lr_at(0, 100, 1.0, warmup=0) == 1.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_are_the_full_sequence_logprobs_at_the_masked_tokens(tiny_dir, temperature):
+    model, _ = load_model(tiny_dir)
+    ids = torch.randint(2, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones(3, 9, dtype=torch.bool)
+    attn[2, 6:] = False  # right padding
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[0, 4:], mask[1, 1:3], mask[2, 3:6] = True, True, True
+    with torch.no_grad():
+        full = sequence_logprobs(model, ids, attn, temperature=temperature)
+        ours = training.token_logprobs(model, ids, attn, mask, temperature=temperature)
+    torch.testing.assert_close(ours, full[mask[:, 1:]], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_token_logprobs_give_the_same_values_and_gradients(tiny_dir):
+    model, _ = load_model(tiny_dir)
+    add_lora(model, LoraConfig(r=4, dropout=0.0))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1)
+    ids = torch.randint(2, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    mask = attn.clone()
+    mask[:, :3] = False
+
+    def run(chunk):
+        lp = training.token_logprobs(model, ids, attn, mask, temperature=0.8, chunk=chunk)
+        (lp * torch.arange(lp.numel())).sum().backward()  # position-dependent weights: order matters
+        grads = torch.cat([p.grad.flatten() for p in lora_parameters(model)])
+        model.zero_grad()
+        return lp.detach(), grads
+    whole, chunked = run(chunk=10_000), run(chunk=5)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-4, atol=1e-5)  # summation order only
+
+
+def test_length_grouped_batches_cover_every_example_once_with_similar_lengths():
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    batches = training.length_grouped_batches(lengths, 8, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 5  # random batches of 8 would spread ~78
+    assert batches != training.length_grouped_batches(lengths, 8, seed=1)
+
+
+def test_state_locality_scores_states_under_the_base_whatever_the_adapter(tiny_dir):
+    model, _ = load_model(tiny_dir)
+    ids = torch.randint(2, 1000, (2, 8), generator=torch.Generator().manual_seed(1))
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    state = torch.zeros_like(attn)
+    state[:, 3:7] = True
+    with torch.no_grad():
+        base = -sequence_logprobs(model, ids, attn)[state[:, 1:]].mean().item()
+    add_lora(model, LoraConfig(r=4))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.2)
+    target_lp = torch.tensor([-1.0, -3.0])
+    got = training.state_locality(model, ids, attn, state, target_logprobs=target_lp)
+    assert got["state_nll_base"] == pytest.approx(base, rel=1e-5) and got["target_nll"] == 2.0
+
+
+def test_init_from_a_checkpoint_keeps_a_float32_adapter_exactly_on_a_bf16_base(tiny_dir, tmp_path):
+    model, _ = load_model(tiny_dir)
+    add_lora(model, LoraConfig(r=4))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1)
+    save_checkpoint(str(tmp_path / "init.pt"), model, {"method": "sft"})
+    args = train_sft.parse_args(["--model", tiny_dir, "--init", str(tmp_path / "init.pt"), "--dtype", "bfloat16",
+                                 "--device", "cpu", "--out", str(tmp_path / "x.pt")])
+    run = training.setup(args, "sft")
+    assert run.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in run.params)
+    saved = load_checkpoint(str(tmp_path / "init.pt"))["adapter"]
+    for (name, t), p in zip(saved.items(), run.params):
+        assert torch.equal(t, p.detach()), name  # lora_parameters and the checkpoint list tensors in one order

@@ -1,0 +1,217 @@
+"""GRPO: learner states, exact-answer reward (the paper's Eq. 6).
+
+    python train_grpo.py --data-dir ../shared/data --out ckpt/grpo.pt
+    python train_grpo.py --data-dir ../shared/data --init ckpt/sft_mild.pt --out ckpt/grpo_after_sft.pt
+
+State source: the learner itself. Each optimizer step draws batch-size x grad-accum GSM8K train questions
+(evaluate.py's prompt), samples G completions of each from the current policy (adapter merged into the
+weights, the KV-cache sampler, temperature T, stop at EOS or "Question:" as evaluate.py does), and the signal
+on those states is a scalar reward, 1 when evaluate.is_correct accepts the completion and 0 otherwise:
+
+    A_i = (r_i - mean_group(r)) / (std_group(r) + eps)              group-relative advantage
+    ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t)                           both at logits / T; π_old = the sampler's log-probs
+    L(θ) = agg_t[ -min(ρ_t A_i, clip(ρ_t, 1 - ε, 1 + ε) A_i) + β k3_t ]   (Eq. 6)
+    k3_t = π_ref/π_θ - log(π_ref/π_θ) - 1,  π_ref = the base policy (adapter off; no second model)
+
+Honest simplifications (read them before comparing numbers with other GRPO runs):
+1. One optimizer step per batch of rollouts by default (--mu 1, fully on-policy, as TRL's default): then
+   ρ = 1 up to numerics (the sampler runs merged bf16 weights, the learner unmerged ones under autocast) and
+   the clip only guards that mismatch. --mu k takes k steps on each batch, where the clip does real work.
+2. The KL reference is the base policy, not a frozen copy of the starting policy; with --init they differ.
+   β defaults to 0 (as DAPO and Dr. GRPO): the paper's comparison is about states, and a KL term would
+   pull the learner's states back toward the base on purpose.
+3. Groups whose rewards are all equal have zero advantage: they are counted (zero_signal_groups) and, with
+   β = 0, skipped in the learner pass (their gradient is exactly zero), but they stay in the loss
+   normalizer; there is no DAPO-style resampling to refill the batch.
+4. Completions cut by --max-new-tokens keep their reward (usually 0) with no overlong shaping; no entropy
+   bonus; no top-p/top-k (the recorded log-probs would no longer be the sampling distribution's).
+"""
+import argparse
+import random
+import time
+
+import torch
+
+import training
+from evaluate import GSM8K_STOP, gsm8k_prompt, is_correct, load_gsm8k
+from generate import generate
+from lora import merged, use_adapter
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
+    p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T (also divides the learner's logits)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="completion tokens at most (evaluate.py's limit)")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="ε of the clipped ratio")
+    p.add_argument("--beta", type=float, default=0.0, help="weight of the k3 KL to the base policy (0 = none)")
+    p.add_argument("--mu", type=int, default=1, help="optimizer steps on each batch of rollouts")
+    # token-mean (DAPO) by default: every completion token weighs the same, so a long wrong answer is not
+    # penalized less per token than a short one (seq-mean's length bias, the point of Dr. GRPO), and unlike
+    # `constant` its scale does not depend on --max-new-tokens.
+    p.add_argument("--loss-agg", choices=["token-mean", "seq-mean", "constant"], default="token-mean",
+                   help="token-mean: over all completion tokens of the step (DAPO); seq-mean: per completion, then "
+                        "over completions (GRPO); constant: token sum / (completions x max-new-tokens) (Dr. GRPO)")
+    p.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group",
+                   help="divide advantages by the group's reward std, the batch's, or nothing")
+    p.add_argument("--no-std-scale", dest="scale_rewards", action="store_const", const="none",
+                   help="same as --scale-rewards none (Dr. GRPO)")
+    p.add_argument("--sample-batch", type=int, default=256, help="sequences per sampler batch")
+    training.add_common_args(p)
+    # Chosen defaults (the paper gives none): 16 prompts x 8 samples = 128 rollouts per step, 200 steps;
+    # a LoRA learning rate about ten times a full fine-tuning RL rate; no adapter dropout, so the learner
+    # scores tokens with the same function that sampled them.
+    p.set_defaults(lr=5e-5, batch_size=4, grad_accum=4, max_steps=200, lora_dropout=0.0, warmup=0.0)
+    args = p.parse_args(argv)
+    if args.mu > 1 and (args.save_every % args.mu or args.stop_after % args.mu):
+        p.error("--save-every and --stop-after must be multiples of --mu (checkpoints fall between batches)")
+    if args.out is None:
+        args.out = "ckpt/grpo.pt"
+    return args
+
+
+def exact_answer_reward(rollout, example) -> float:
+    """The paper's reward: 1 when the extracted answer equals the gold number (evaluate.py's check)."""
+    return float(is_correct(rollout.text, example["answer"]))
+
+
+def advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """r - mean(group), divided by the group's (or the batch's) std unless scale == "none"."""
+    r = rewards.view(-1, group_size)
+    a = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        a = a / (r.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        a = a / (rewards.std() + 1e-4)
+    return a.flatten()
+
+
+def completion_length(tokens, eos_ids) -> int:
+    """Tokens up to and including the first EOS: nothing after it carries loss."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return i + 1
+    return len(tokens)
+
+
+def collate(rollouts, adv, weights, eos_ids, device):
+    """Right-padded prompt + completion rows; target mask = completion tokens up to the first EOS; the sampler's
+    log-probs, the advantages and the per-token loss weights laid out on the same grid."""
+    lens = [completion_length(r.tokens, eos_ids) for r in rollouts]
+    T = max(len(r.prompt_ids) + n for r, n in zip(rollouts, lens))
+    B = len(rollouts)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    target = torch.zeros(B, T, dtype=torch.bool)
+    old = torch.zeros(B, T)
+    w = torch.zeros(B, T)
+    for i, (r, n) in enumerate(zip(rollouts, lens)):
+        P = len(r.prompt_ids)
+        ids[i, :P + n] = torch.tensor(r.prompt_ids + r.tokens[:n])
+        attn[i, :P + n] = True
+        target[i, P:P + n] = True
+        old[i, P:P + n] = torch.tensor(r.logprobs[:n])
+        w[i, P:P + n] = weights[i]
+    state = target.clone()  # states s_t = (x, y_<t): the completion tokens but the last
+    state[torch.arange(B), attn.sum(1) - 1] = False
+    adv_grid = torch.as_tensor(adv, dtype=torch.float32)[:, None].expand(B, T)
+    return [t.to(device) for t in (ids, attn, target, state, old, adv_grid, w)]
+
+
+def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int):
+    """Per-token loss weight of each completion so that the step's loss is the chosen aggregate."""
+    if agg == "token-mean":
+        total = sum(lengths)
+        return [1.0 / max(total, 1)] * len(lengths)
+    if agg == "seq-mean":
+        return [1.0 / (max(n, 1) * n_total) for n in lengths]
+    return [1.0 / (n_total * max_new_tokens)] * len(lengths)
+
+
+def pg_loss(model, batch, args, locality: bool):
+    """Clipped policy-gradient loss (+ β k3) of one micro-batch, already weighted for the step's aggregate."""
+    ids, attn, target, state, old_grid, adv_grid, w_grid = batch
+    T = args.temperature
+    new = training.token_logprobs(model, ids, attn, target, temperature=T)
+    old, adv, w = old_grid[target], adv_grid[target], w_grid[target]
+    ratio = torch.exp(new - old)
+    clipped = ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    figures = {"clip_frac": (((ratio > 1 + args.clip_eps) & (adv > 0)) | ((ratio < 1 - args.clip_eps) & (adv < 0)))
+               .float().mean().item()}
+    ref = None
+    if args.beta > 0 or locality:
+        with torch.no_grad(), use_adapter(model, None):
+            ref = training.token_logprobs(model, ids, attn, target, temperature=T)
+        d = ref - new
+        k3 = torch.exp(d) - d - 1  # unbiased, always >= 0 estimator of KL(π_θ || π_ref) on π_θ's samples
+        figures["kl"] = k3.mean().item()
+        if args.beta > 0:
+            per_token = per_token + args.beta * k3
+    loss = (per_token * w).sum()
+    if locality:
+        base = ref[state[target]] if T == 1.0 else None  # the state tokens' base log-probs, if at T = 1
+        figures.update(training.state_locality(model, ids, attn, state, target_logprobs=new, base_logprobs=base))
+    return loss, figures
+
+
+def sample(run, examples, args, seed):
+    """G rollouts per example from the current policy, adapter merged into the weights."""
+    prompts = run.tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
+    prompts = [p for p in prompts for _ in range(args.group_size)]
+    run.model.eval()
+    with merged(run.model):
+        return generate(run.model, run.tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        stop=GSM8K_STOP, seed=seed, batch_size=args.sample_batch)
+
+
+def main(argv=None, reward_fn=exact_answer_reward):
+    args = parse_args(argv)
+    run = training.setup(args, "grpo")
+    examples = load_gsm8k("train", args.data_dir)
+    G, eos = args.group_size, set(run.tok.eos_ids)
+
+    def epoch_batches(epoch):
+        order = list(range(len(examples)))
+        random.Random(args.seed * 1000 + epoch).shuffle(order)
+        return [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+
+    n_batches = -(-len(examples) // args.batch_size)
+    total = args.max_steps or training.plan_steps(args, n_batches) * args.mu
+    batch = None
+    for _ in training.steps(run, total):
+        t0 = time.perf_counter()
+        if batch is None or run.step % args.mu == 0:  # a fresh batch of rollouts from the current policy
+            group = [examples[i] for _ in range(args.grad_accum) for i in training.next_batch(run, epoch_batches)]
+            rollouts = sample(run, group, args, seed=args.seed * 1_000_003 + run.step)
+            rewards = torch.tensor([reward_fn(r, group[i // G]) for i, r in enumerate(rollouts)], dtype=torch.float32)
+            adv = advantages(rewards, G, args.scale_rewards)
+            lengths = [completion_length(r.tokens, eos) for r in rollouts]
+            weights = token_weights(lengths, args.loss_agg, args.max_new_tokens, len(rollouts))
+            grouped = rewards.view(-1, G)
+            zero_signal = (grouped == grouped[:, :1]).all(1)
+            # Zero-advantage completions contribute exactly zero gradient unless the KL term acts on them.
+            keep = [i for i in range(len(rollouts)) if args.beta > 0 or not zero_signal[i // G]]
+            keep.sort(key=lambda i: lengths[i])  # similar lengths per micro-batch: less padding
+            size = -(-len(keep) // args.grad_accum) if keep else 1
+            batch = [collate([rollouts[i] for i in part], adv[part], [weights[i] for i in part], eos, args.device)
+                     for part in (keep[j:j + size] for j in range(0, len(keep), size))]
+            rollout_stats = {
+                "reward": rewards.mean().item(),
+                "accuracy": sum(is_correct(r.text, group[i // G]["answer"]) for i, r in enumerate(rollouts)) / len(rollouts),
+                "zero_signal_groups": int(zero_signal.sum()), "groups": len(grouped),
+                "completion_len": sum(lengths) / len(lengths),
+                "truncated": sum(r.finish == "length" for r in rollouts) / len(rollouts),
+                "tokens": sum(lengths),
+            }
+        t1 = time.perf_counter()
+        locality = training.wants_locality(run)
+        stats = training.train_step(run, batch, lambda b: pg_loss(run.model, b, args, locality))
+        stats.update(rollout_stats, sample_s=t1 - t0, learn_s=time.perf_counter() - t1)
+        training.end_step(run, stats)
+    training.finish(run)
+    return run
+
+
+if __name__ == "__main__":
+    training.cli(main)

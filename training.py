@@ -1,0 +1,449 @@
+"""What every trainer shares: flags, setup, the optimizer step, state locality, logging, checkpoints, resume.
+
+train_sft.py, train_grpo.py and train_opd.py differ only in where their states come from and which signal
+they apply there; everything else lives here, as plain functions over one `Run` record:
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_common_args(p); p.set_defaults(lr=1e-4, ...)                                # method defaults
+    args = p.parse_args(argv)
+    run = setup(args, "sft")                      # seeds, model + tokenizer, LoRA (fresh | --init | --resume), AdamW
+    for _ in steps(run, total):                   # progress bar; stops at `total` or after --stop-after steps
+        batches = [next_batch(run, epoch_batches) for _ in range(args.grad_accum)]   # data position is resumable
+        stats = train_step(run, batches, loss_fn)  # autocast, backward, NaN check, clip, lr schedule, AdamW
+        stats["tokens"] = ...                      # tokens this step processed -> tokens/s in the log
+        end_step(run, stats)                       # JSONL line, live bar, checkpoint every --save-every steps
+    finish(run)                                    # final checkpoint
+    if __name__ == "__main__": cli(main)           # LoadError / NonFiniteLoss -> one-line "error: ..."
+
+Functions a trainer calls inside its loss:
+    token_logprobs(model, input_ids, attention_mask, mask, temperature=1.0) -> [N]  log p of input_ids[mask]
+    state_locality(model, input_ids, attention_mask, state_mask, target_logprobs=None, base_logprobs=None) -> dict
+    wants_locality(run) -> bool                    whether this step logs state locality (--locality-every)
+    autocast(model)                                bf16 autocast on CUDA (and for bf16 weights on CPU)
+and around the loop: plan_steps(args, batches_per_epoch) -> total steps; length_grouped_batches(lengths,
+batch_size, seed) -> shuffled batches of similar lengths; save(run) for an extra checkpoint; lr_at(...).
+
+Contracts:
+- `loss_fn(micro_batch) -> (loss, figures)`: the step's loss is the SUM of the micro-batch losses, so a
+  trainer divides by a step-wide normalizer (e.g. all target tokens of the step); then gradient
+  accumulation gives exactly the gradient of one big batch. `figures` (floats) are averaged over micro-batches.
+- Masks are bool [B, T] over positions of input_ids: mask[b, t] = token t is scored, predicted from
+  position t - 1 (so mask[:, 0] must be False). Per-token results come out in the order of input_ids[mask].
+- State locality (this study's addition; the paper names it as the missing measurement): `state_nll_base` is
+  the mean NLL, under the frozen base policy (adapter off), of the state tokens at which the step applies
+  supervision (the gold / rollout prefix; for SFT the dataset's, for GRPO and OPD the learner's);
+  `target_nll` is the learner's mean NLL of its supervision targets. High state NLL = off-policy states.
+- The adapter being trained is lora.py's "default"; its parameters are kept in float32 (AdamW on bf16
+  LoRA weights would round most updates away) while the base may be bfloat16. Other adapters (OPD's
+  teacher) may be loaded with lora.load_adapter(run.model, path, name="teacher") before or after setup.
+- Checkpoints (lora.save_checkpoint, atomic) go to --out every --save-every steps and at the end. meta holds
+  method, base model, data dir, LoRA config, every argument and the step; train_state holds AdamW's state,
+  the schedule, RNG states (torch, CUDA, python, numpy) and the data position, so `--resume` continues the
+  run and ends with the same adapter as an uninterrupted one. A finished run's checkpoint drops the
+  optimizer state (it is the deliverable, and resuming a finished run has nothing to do).
+- A non-finite loss or gradient norm raises NonFiniteLoss before the optimizer moves: the last checkpoint
+  on disk is the last good one and is left untouched.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, save_checkpoint, use_adapter
+from model import LoadError, load_model
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient went NaN/inf; the run stops and the last good checkpoint stays on disk."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and states every flag's default."""
+
+
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every trainer shares, with the same names. Methods change defaults with p.set_defaults()."""
+    cuda = torch.cuda.is_available()
+    g = p.add_argument_group("common training flags")
+    g.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="base policy: HF model directory or hub id")
+    g.add_argument("--data-dir", default=None, help="directory with gsm8k/train.jsonl (default: the hub's openai/gsm8k)")
+    g.add_argument("--init", default=None, help="start from this LoRA checkpoint (.pt) instead of a fresh adapter")
+    g.add_argument("--out", default=None, help="checkpoint path (.pt), written atomically every --save-every steps and at the end")
+    g.add_argument("--log", default=None, help="metrics JSONL (default: --out with .jsonl)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint is --out")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter's input")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the adapter")
+    g.add_argument("--warmup", type=float, default=0.03, help="linear warmup: a fraction of the steps if < 1, else a step count")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (ignored with --max-steps)")
+    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
+    g.add_argument("--batch-size", type=int, default=16, help="examples (SFT) or prompts (GRPO, OPD) per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--seed", type=int, default=0, help="seed for LoRA init, data order, dropout and sampling")
+    g.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu | cuda")
+    g.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"],
+                   help="base weights; on CUDA the forward runs under bf16 autocast either way")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
+    g.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after N steps of this invocation; --resume continues")
+    g.add_argument("--locality-every", type=int, default=1, help="log state locality every N steps (0 = never; costs one base forward)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class Run:
+    """Everything a trainer's loop touches. `data` is the resumable data position (a small dict)."""
+    args: argparse.Namespace
+    method: str
+    model: torch.nn.Module
+    tok: object
+    optimizer: torch.optim.Optimizer
+    params: list
+    step: int = 0                                # optimizer steps done
+    total_steps: int = 0
+    data: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
+    meta: dict = field(default_factory=dict)     # method-specific metadata for the checkpoint (e.g. the teacher)
+    saved_step: int | None = None                # step of the last checkpoint on disk
+    resumed: dict | None = None                  # train_state of the checkpoint we resumed from
+    bar: object = None
+    _clock: float = 0.0
+    _start_step: int = 0
+    _epoch_cache: tuple = (None, None)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    npy = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": [py[0], list(py[1]), py[2]],
+            # numpy arrays do not pass torch.load(weights_only=True): store the MT19937 key as a tensor
+            "numpy": [npy[0], torch.from_numpy(npy[1].astype(np.int64)), npy[2], npy[3], npy[4]]}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], npy[1].numpy().astype(np.uint32), npy[2], npy[3], npy[4]))
+
+
+def _adapter_to_float32(model, ckpt: dict | None = None):
+    """Keep the trained adapter in float32 whatever the base dtype; re-copy checkpoint weights exactly."""
+    params = lora_parameters(model, "default")
+    for p in params:
+        p.data = p.data.float()
+    if ckpt is not None:  # load_adapter copied them into base-dtype tensors first: undo any rounding
+        layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+        with torch.no_grad():
+            for key, t in ckpt["adapter"].items():
+                name, ab = key.rsplit(".", 1)
+                getattr(layers[name], ab)["default"].copy_(t)
+    return params
+
+
+def setup(args, method: str, meta: dict | None = None) -> Run:
+    """Seed, load the base model and tokenizer, attach the adapter (fresh, --init or --resume), build AdamW,
+    and restore optimizer, schedule, RNG and data position when resuming."""
+    seed_everything(args.seed)
+    if args.out is None:
+        args.out = f"ckpt/{method}.pt"
+    if args.log is None:
+        args.log = os.path.splitext(args.out)[0] + ".jsonl"
+    model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(args.out):
+            raise LoadError(f"--resume: {args.out} does not exist (nothing to resume; drop --resume to start)")
+        ckpt = load_checkpoint(args.out)
+        ts = ckpt.get("train_state") or {}
+        if ckpt["meta"].get("method") != method:
+            raise LoadError(f"--resume: {args.out} is a {ckpt['meta'].get('method')!r} run, not {method!r}")
+        if "optimizer" not in ts:
+            raise LoadError(f"--resume: {args.out} is a finished run (step {ts.get('step')}); nothing to resume")
+        load_adapter(model, ckpt)
+    elif args.init:
+        ckpt = load_adapter(model, args.init)
+    else:
+        add_lora(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
+    params = _adapter_to_float32(model, ckpt)
+    model.gradient_checkpointing = args.grad_checkpointing
+    cuda = args.device.startswith("cuda")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **({"fused": True} if cuda else {}))
+    run = Run(args, method, model, tok, optimizer, params, meta=dict(meta or {}))
+    if args.resume:
+        ts = ckpt["train_state"]
+        optimizer.load_state_dict(ts["optimizer"])
+        run.step = run.saved_step = run._start_step = ts["step"]
+        run.data = dict(ts["data"])
+        run.resumed = ts
+        set_rng_state(ts["rng"])   # last: adapter creation above consumed RNG that the original run did not
+        _truncate_log(args.log, run.step)
+    elif os.path.exists(args.log):
+        os.remove(args.log)        # a new run starts a new log
+    return run
+
+
+def _truncate_log(path: str, step: int):
+    """Drop log lines past the checkpoint we resume from: those steps are about to be redone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data position
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffled batches of indices whose lengths are close: shuffle, sort windows of 50 batches by length,
+    cut, shuffle the batches. Padding is nearly nil and each epoch (seed) still sees a different order."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=lambda j: lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def plan_steps(args, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: --max-steps, else --epochs passes of `batches_per_epoch` micro-batches."""
+    if args.max_steps:
+        return args.max_steps
+    return max(1, math.ceil(args.epochs * batches_per_epoch / args.grad_accum))
+
+
+def next_batch(run: Run, epoch_batches):
+    """The next micro-batch. epoch_batches(epoch) -> list of batches must be deterministic in `epoch` (seed it
+    with args.seed + epoch); the position {epoch, index} lives in run.data and is checkpointed."""
+    epoch, cached = run._epoch_cache
+    if epoch != run.data["epoch"]:
+        cached = epoch_batches(run.data["epoch"])
+        if not cached:
+            raise ValueError("epoch_batches returned no batches (empty training set?)")
+        run._epoch_cache = (run.data["epoch"], cached)
+    batch = cached[run.data["index"]]
+    run.data["index"] += 1
+    if run.data["index"] == len(cached):
+        run.data.update(epoch=run.data["epoch"] + 1, index=0)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+def autocast(model):
+    """bf16 autocast on CUDA (and with bf16 weights on CPU); plain float32 otherwise."""
+    w = model.embed_tokens.weight
+    return torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.device.type == "cuda" or w.dtype != torch.float32)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
+    """Linear warmup to `lr`, then cosine decay to 0 at `total` (step is 0-based)."""
+    w = int(warmup * total) if warmup < 1 else int(warmup)
+    if step < w:
+        return lr * (step + 1) / w
+    progress = (step - w) / max(1, total - w)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def token_logprobs(model, input_ids, attention_mask, mask, temperature: float = 1.0, chunk: int = 4096):
+    """log p(input_ids[b, t] | input_ids[b, :t]) for every (b, t) with mask[b, t], in input_ids[mask] order.
+
+    The lm_head runs only on the positions that predict a masked token, `chunk` positions at a time, each
+    chunk's logits recomputed in backward instead of kept: on Qwen's 151,936-token vocabulary, float32
+    logits for a GRPO micro-batch would otherwise take tens of GB. Differentiable; logits / temperature.
+    """
+    assert not mask[:, 0].any(), "the first token has no prefix to be predicted from"
+    hidden = model(input_ids, attention_mask, return_hidden=True)
+    h = hidden[:, :-1][mask[:, 1:]]                      # [N, H]: the position before each scored token
+    targets = input_ids[mask]
+    if h.shape[0] <= chunk or not torch.is_grad_enabled():
+        return torch.cat([_logprobs(model.lm_head, h[i:i + chunk], targets[i:i + chunk], temperature)
+                          for i in range(0, max(h.shape[0], 1), chunk)])
+    return torch.cat([torch.utils.checkpoint.checkpoint(_logprobs, model.lm_head, h[i:i + chunk], targets[i:i + chunk],
+                                                        temperature, use_reentrant=False)
+                      for i in range(0, h.shape[0], chunk)])
+
+
+def _logprobs(lm_head, h, targets, temperature: float):
+    logits = lm_head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+@torch.no_grad()
+def state_locality(model, input_ids, attention_mask, state_mask, target_logprobs=None, base_logprobs=None) -> dict:
+    """How far from the base policy the step's states are, and how well the learner fits its targets.
+
+    state_nll_base: mean NLL of input_ids[state_mask] under the frozen base (adapter off), i.e. how
+    surprising the supervised states' own tokens are to the policy training started from.
+    target_nll: mean of -target_logprobs (the learner's log-probs of its supervision targets, taken from the
+    training forward). base_logprobs: precomputed base log-probs of the state tokens (saves a forward when
+    the trainer already has them, e.g. GRPO's KL reference at temperature 1).
+    """
+    out = {}
+    if base_logprobs is None and state_mask.any():
+        with use_adapter(model, None), autocast(model):
+            base_logprobs = token_logprobs(model, input_ids, attention_mask, state_mask)
+    if base_logprobs is not None and base_logprobs.numel():
+        out["state_nll_base"] = -base_logprobs.float().mean().item()
+    if target_logprobs is not None and target_logprobs.numel():
+        out["target_nll"] = -target_logprobs.detach().float().mean().item()
+    return out
+
+
+def wants_locality(run: Run) -> bool:
+    """Whether this step logs state locality (--locality-every)."""
+    n = run.args.locality_every
+    return bool(n) and run.step % n == 0
+
+
+def train_step(run: Run, micro_batches, loss_fn) -> dict:
+    """One optimizer step: loss_fn on each micro-batch under autocast, backward, NaN/inf check, gradient
+    clipping, the scheduled lr, AdamW. Returns {loss, lr, grad_norm, **mean figures}."""
+    model, args = run.model, run.args
+    model.train()
+    for p in run.params:  # lora.add_lora (e.g. loading OPD's teacher) freezes every other adapter, ours included
+        p.requires_grad_(True)
+    loss_sum, figures = 0.0, defaultdict(list)
+    try:
+        for mb in micro_batches:
+            with autocast(model):
+                loss, figs = loss_fn(mb)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {run.step + 1}: {_kept(run)}")
+            loss.backward()
+            loss_sum += value
+            for k, v in figs.items():
+                figures[k].append(float(v))
+    finally:
+        model.eval()
+    grads = [p for p in run.params if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip if args.clip else float("inf")).item() if grads else 0.0
+    if not math.isfinite(grad_norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {run.step + 1}: {_kept(run)}")
+    lr = lr_at(run.step, run.total_steps, args.lr, args.warmup)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **{k: sum(v) / len(v) for k, v in figures.items()}}
+
+
+def _kept(run: Run) -> str:
+    if run.saved_step is None:
+        return f"stopping; no checkpoint was written yet (--save-every {run.args.save_every})"
+    return f"stopping; the last good checkpoint {run.args.out} (step {run.saved_step}) is kept"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop, logging, checkpoints
+
+
+def steps(run: Run, total: int):
+    """Yield once per optimizer step still to do (total in all), with a progress bar; --stop-after ends early."""
+    if run.resumed and run.resumed.get("total_steps") not in (None, total):
+        raise LoadError(f"--resume: the checkpoint's run planned {run.resumed['total_steps']} steps, these flags plan {total}")
+    run.total_steps = total
+    from tqdm import tqdm
+    run.bar = tqdm(total=total, initial=run.step, desc=run.method, dynamic_ncols=True, disable=None)
+    run._clock = time.perf_counter()
+    try:
+        while run.step < total:
+            if run.args.stop_after and run.step - run._start_step >= run.args.stop_after:
+                break
+            yield run.step
+    finally:
+        run.bar.close()
+
+
+def end_step(run: Run, stats: dict):
+    """Append the step's metrics to the JSONL log, update the bar, checkpoint every --save-every steps.
+    stats["tokens"] (tokens processed this step) becomes tokens_per_s."""
+    now = time.perf_counter()
+    dt, run._clock = now - run._clock, now
+    tokens = stats.pop("tokens", None)
+    record = {"step": run.step, **stats, "step_s": dt}
+    if tokens is not None:
+        record["tokens_per_s"] = tokens / max(dt, 1e-9)
+    record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(run.args.log)), exist_ok=True)
+    with open(run.args.log, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run.bar is not None:
+        shown = {k: f"{record[k]:.4g}" for k in ("loss", "reward", "state_nll_base") if k in record}
+        run.bar.set_postfix(shown, refresh=False)
+        run.bar.update(1)
+    if run.args.save_every and run.step % run.args.save_every == 0 and run.step < run.total_steps:
+        save(run)
+
+
+def save(run: Run, final: bool = False):
+    """Checkpoint to --out atomically: adapter + meta (+ everything --resume needs unless final)."""
+    args = run.args
+    meta = {"method": run.method, "data_dir": args.data_dir, "args": vars(args), "step": run.step,
+            "total_steps": run.total_steps, **run.meta}
+    state = {"step": run.step, "total_steps": run.total_steps, "finished": final}
+    if not final:
+        state.update(optimizer=run.optimizer.state_dict(), data=dict(run.data), rng=rng_state(),
+                     schedule={"lr": args.lr, "warmup": args.warmup, "shape": "linear warmup, cosine to 0"})
+    save_checkpoint(args.out, run.model, meta, train_state=state)
+    run.saved_step = run.step
+
+
+def finish(run: Run):
+    """The last checkpoint: the deliverable when the run is done, a resumable one after --stop-after."""
+    done = run.step >= run.total_steps
+    if run.saved_step != run.step or done:
+        save(run, final=done)
+    print(f"{run.method}: step {run.step}/{run.total_steps} -> {run.args.out} (log {run.args.log})", file=sys.stderr)
+
+
+def cli(main):
+    """Run main(); user-facing failures (a missing model or checkpoint, a NaN) end as one line, exit code 1."""
+    try:
+        main()
+    except (LoadError, NonFiniteLoss) as e:
+        raise SystemExit(f"error: {e}")
