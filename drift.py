@@ -1,0 +1,317 @@
+"""Rollout-state drift: how far a post-trained policy's own states move from the base model's.
+
+    python drift.py --checkpoint ckpt/sft_stress.pt --out results/drift_sft_stress.json
+    python drift.py --model Qwen/Qwen3-0.6B-Base --checkpoint ckpt/opd.pt --baseline-checkpoint ckpt/sft_stress.pt
+    python drift.py --checkpoint ckpt/grpo.pt --features hidden        # drift in the base model's own space
+
+Both policies (the checkpoint's, and the baseline checkpoint's or else the base model's) sample rollouts on
+the same fixed prompt set: the first `--prompts` GSM8K test questions in evaluate.py's 0-shot prompt,
+`--samples-per-prompt` rollouts each, temperature sampling with a fixed seed, the adapter merged for speed.
+Every `--state-stride` tokens of a rollout y gives a state s_t = (x, y_<t), t = 0, stride, 2*stride, ... < |y|.
+The two state sets are embedded and compared with four distances, each a plain function below:
+MMD² (RBF kernel, unbiased), centroid L2, sliced Wasserstein-1 and the Jaccard distance of the vocabularies.
+
+Representations (--features):
+- lexical (the paper's): hashed word uni- and bi-gram counts of the state's text (prompt + decoded y_<t),
+  L2-normalized. The paper names lexical features as a limitation, hence:
+- hidden: the base model's final-norm last-layer hidden states, mean-pooled over the state's tokens (prompt
+  and y_<t). Always the base model's, so both policies' states are embedded by the same function.
+
+Rollouts are cached as JSONL under --cache-dir, keyed by a hash of model, checkpoint contents, prompts and
+sampling settings, so each policy is sampled once per study; the output JSON records whether each was.
+The MMD's spread is a bootstrap over rollouts (a rollout's states are prefixes of one another, so resampling
+single states would understate it): the paper's P4 compares MMDs of 0.01093 and 0.01092, and only a spread
+says whether two such numbers differ at all. Kernels are summed in blocks of --block states: memory stays
+O(block²) however many states there are.
+
+Left out: learned/sentence-embedding features and kernels other than the RBF (the paper uses neither).
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import zlib
+
+import torch
+from tqdm import tqdm
+
+import generate
+import lora
+from evaluate import GSM8K_STOP, gsm8k_prompt, load_gsm8k
+from model import LoadError, load_model
+
+# ----------------------------------------------------------------------------------------------
+# State representations
+
+WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")   # lowercased alphanumeric runs, and every other symbol (+ = $ #) alone
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def lexical_features(texts: list[str], dim: int = 4096) -> torch.Tensor:
+    """[N, dim] float32: phi(s) = c / ||c||_2, c[h] = #{word uni- and bigrams g of s : crc32(g) mod dim = h}.
+
+    crc32 (not Python's salted hash) makes the features the same in every process. A bigram is its two
+    words joined by a space, which no unigram contains, so the two kinds never share a string."""
+    X = torch.zeros(len(texts), dim)
+    for i, text in enumerate(texts):
+        w = words(text)
+        grams = w + [f"{a} {b}" for a, b in zip(w, w[1:])]
+        idx = torch.tensor([zlib.crc32(g.encode()) % dim for g in grams], dtype=torch.long)
+        X[i].index_add_(0, idx, torch.ones(len(idx)))
+    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[int]], batch_size: int = 16):
+    """[N, H] float32, one row per state: phi(s) = mean of the final-norm last-layer hidden states over s's tokens.
+
+    sequences[r] holds rollout r's prompt + the tokens its last state needs; state_lengths[r] the token
+    counts of its states. The model is causal, so one forward over the whole sequence gives every prefix's
+    hidden states, and a prefix mean is a cumulative sum divided by its length."""
+    device = next(model.parameters()).device
+    rows = []
+    for i in tqdm(range(0, len(sequences), batch_size), desc="hidden states", disable=len(sequences) <= batch_size):
+        seqs = sequences[i:i + batch_size]
+        ids, mask = generate.left_pad(seqs, device=device)
+        h = model(ids, mask, return_hidden=True).float() * mask[..., None]
+        csum = h.cumsum(1)                                                       # padding adds zeros
+        for b, lengths in enumerate(state_lengths[i:i + batch_size]):
+            pad = ids.shape[1] - len(seqs[b])
+            L = torch.tensor(lengths, device=device)
+            rows.append((csum[b, pad + L - 1] / L[:, None]).cpu())
+    return torch.cat(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distances between two state sets X [m, d] and Y [n, d]
+
+
+def sq_dists(A, B):
+    """||a_i - b_j||² for every pair, in float64 (the kernel sums are small differences of large sums)."""
+    A, B = A.double(), B.double()
+    return ((A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2 * A @ B.T).clamp_min(0)
+
+
+def median_bandwidth(Z, max_points: int = 1000, seed: int = 0) -> float:
+    """Median heuristic: sigma = median ||z_i - z_j|| over pairs i < j of the pooled states Z
+    (of a seeded random subsample of max_points states when there are more; 1.0 if that median is 0)."""
+    if len(Z) > max_points:
+        Z = Z[torch.randperm(len(Z), generator=torch.Generator().manual_seed(seed))[:max_points].to(Z.device)]
+    i, j = torch.triu_indices(len(Z), len(Z), offset=1, device=Z.device)
+    sigma = sq_dists(Z, Z)[i, j].sqrt().quantile(0.5).item() if len(Z) > 1 else 0.0
+    return sigma if sigma > 0 else 1.0
+
+
+def kernel_sum(X, Y, sigma: float, wx, wy, block: int = 4096):
+    """[B]: sum_ij wx[i, b] k(x_i, y_j) wy[j, b] with k(x, y) = exp(-||x - y||² / (2 sigma²)),
+    one block x block tile of the kernel matrix at a time (never the whole |X| x |Y| matrix)."""
+    total = torch.zeros(wx.shape[1], dtype=torch.float64, device=X.device)
+    starts = range(0, len(X), block)
+    for i in tqdm(starts, desc="kernel blocks", disable=len(starts) < 4, leave=False):
+        for j in range(0, len(Y), block):
+            K = torch.exp(-sq_dists(X[i:i + block], Y[j:j + block]) / (2 * sigma ** 2))
+            total += ((K @ wy[j:j + block]) * wx[i:i + block]).sum(0)
+    return total
+
+
+def mmd2(X, Y, sigma: float, wx=None, wy=None, block: int = 4096):
+    """Unbiased MMD² with the RBF kernel of bandwidth sigma (Gretton et al. 2012, Eq. 3):
+
+        MMD²_u = sum_{i!=j} k(x_i,x_j) / (m(m-1)) + sum_{i!=j} k(y_i,y_j) / (n(n-1)) - 2 sum_{i,j} k(x_i,y_j) / (mn)
+
+    wx [m, B], wy [n, B] (optional) are multiplicities of B resamples (bootstrap counts). A within-set sum then
+    runs over pairs of distinct original states, each weighted w_i w_j: (w^T K w - sum w_i²) / ((sum w)² - sum w_i²),
+    as k(x, x) = 1. A copy of a state is never paired with itself, which would push every resample's MMD² up;
+    all-ones weights give the formula above. Returns a float, or [B] with weights."""
+    single = wx is None
+    if single:
+        wx = torch.ones(len(X), 1, dtype=torch.float64, device=X.device)
+        wy = torch.ones(len(Y), 1, dtype=torch.float64, device=X.device)
+    m, n, m2, n2 = wx.sum(0), wy.sum(0), (wx * wx).sum(0), (wy * wy).sum(0)
+    xx = (kernel_sum(X, X, sigma, wx, wx, block) - m2) / (m * m - m2)
+    yy = (kernel_sum(Y, Y, sigma, wy, wy, block) - n2) / (n * n - n2)
+    xy = kernel_sum(X, Y, sigma, wx, wy, block) / (m * n)
+    out = xx + yy - 2 * xy
+    return out.item() if single else out
+
+
+def centroid_distance(X, Y) -> float:
+    """||mean_i x_i - mean_j y_j||_2"""
+    return (X.double().mean(0) - Y.double().mean(0)).norm().item()
+
+
+def wasserstein_1d(x, y):
+    """[L]: W_1 between the empirical distributions of the rows x [L, m] and y [L, n]:
+    W_1 = integral |F_x(t) - F_y(t)| dt, exact for step CDFs over the merged sorted values."""
+    x, y = x.double().sort(-1).values.contiguous(), y.double().sort(-1).values.contiguous()
+    z = torch.cat([x, y], -1).sort(-1).values
+    Fx = torch.searchsorted(x, z[:, :-1].contiguous(), right=True).double() / x.shape[1]
+    Fy = torch.searchsorted(y, z[:, :-1].contiguous(), right=True).double() / y.shape[1]
+    return ((Fx - Fy).abs() * z.diff(dim=-1)).sum(-1)
+
+
+def sliced_wasserstein(X, Y, n_projections: int = 128, seed: int = 0) -> float:
+    """SW_1(X, Y) = (1/L) sum_l W_1(theta_l^T X, theta_l^T Y), theta_l L seeded directions uniform on the sphere."""
+    theta = torch.randn(X.shape[1], n_projections, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    theta = (theta / theta.norm(dim=0, keepdim=True)).to(X.device)
+    return wasserstein_1d((X.double() @ theta).T, (Y.double() @ theta).T).mean().item()
+
+
+def jaccard_distance(A: set, B: set) -> float:
+    """d_J = 1 - |A & B| / |A | B| (0 for two empty sets)."""
+    return 1 - len(A & B) / len(A | B) if A | B else 0.0
+
+
+def bootstrap_weights(groups: list[int], n: int, seed: int = 0):
+    """[len(groups), n] multiplicities: each column resamples the groups (rollouts) with replacement,
+    and every state counts as often as its rollout was drawn."""
+    groups = torch.tensor(groups)
+    g = torch.Generator().manual_seed(seed)
+    R = int(groups.max()) + 1
+    draws = torch.randint(0, R, (n, R), generator=g)
+    counts = torch.zeros(n, R, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, R, dtype=torch.float64))
+    return counts[:, groups].T.contiguous()
+
+
+def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int = 128, seed: int = 0,
+          block: int = 4096) -> dict:
+    """Every distance between state sets X and Y, plus the MMD²'s bootstrap spread over rollouts."""
+    sigma = median_bandwidth(torch.cat([X, Y]), seed=seed)
+    out = {"bandwidth": sigma, "mmd2": mmd2(X, Y, sigma, block=block)}
+    out["mmd"] = max(out["mmd2"], 0.0) ** 0.5
+    if n_bootstrap:
+        wx = bootstrap_weights(groups_x, n_bootstrap, seed).to(X.device)
+        wy = bootstrap_weights(groups_y, n_bootstrap, seed + 1).to(X.device)
+        boot = mmd2(X, Y, sigma, wx, wy, block).cpu()
+        lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        out["mmd2_bootstrap"] = {"resamples": n_bootstrap, "over": "rollouts", "std": boot.std().item(),
+                                 "mean": boot.mean().item(), "ci95": [lo, hi]}
+    out["centroid_l2"] = centroid_distance(X, Y)
+    out["sliced_wasserstein"] = sliced_wasserstein(X, Y, n_projections, seed)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts and their states
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args):
+    """(rollouts as dicts, cache path, sampled?) for the policy base + checkpoint (None: the base itself)."""
+    key = {"model": model_name, "checkpoint": checkpoint and file_sha256(checkpoint),
+           "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
+           "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature,
+           "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP), "seed": args.seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(args.cache_dir, f"rollouts_{digest}.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f], path, False
+    if checkpoint:
+        lora.load_adapter(model, checkpoint, name=adapter)
+    batch = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    with lora.use_adapter(model, adapter if checkpoint else None), lora.merged(model):
+        out = generate.generate(model, tok, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                stop=GSM8K_STOP, seed=args.seed, batch_size=args.batch_size, progress=True)
+    rollouts = [{"prompt_index": i // args.samples_per_prompt, "prompt_ids": r.prompt_ids, "tokens": r.tokens,
+                 "text": r.text, "finish": r.finish} for i, r in enumerate(out)]
+    os.makedirs(args.cache_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rollouts))
+    os.replace(path + ".tmp", path)   # an interrupted run never leaves a half cache behind
+    return rollouts, path, True
+
+
+def states(rollouts, stride: int):
+    """State lengths t = 0, stride, ... < |y| of every rollout, and the rollout each state belongs to."""
+    lengths = [list(range(0, len(r["tokens"]), stride)) for r in rollouts]
+    return lengths, [i for i, ls in enumerate(lengths) for _ in ls]
+
+
+def embed(rollouts, lengths, args, model, tok, prompts):
+    """State features [N, d] and the set of words the states use."""
+    texts = [prompts[r["prompt_index"]] + tok.decode(r["tokens"][:t]) for r, ls in zip(rollouts, lengths) for t in ls]
+    vocab = {w for text in texts for w in words(text)}
+    if args.features == "lexical":
+        return lexical_features(texts, args.hash_dim), vocab
+    seqs = [r["prompt_ids"] + r["tokens"][:(ls or [0])[-1]] for r, ls in zip(rollouts, lengths)]
+    with lora.use_adapter(model, None):   # always the base model's space
+        X = hidden_features(model, seqs, [[len(r["prompt_ids"]) + t for t in ls] for r, ls in zip(rollouts, lengths)],
+                            args.batch_size)
+    return X, vocab
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="base model dir or hub id (default: the checkpoint's meta base_model)")
+    p.add_argument("--checkpoint", required=True, help="LoRA checkpoint (.pt) of the post-trained policy")
+    p.add_argument("--baseline-checkpoint", help="LoRA checkpoint of the policy to compare with (default: the base)")
+    p.add_argument("--data-dir", help="directory with gsm8k/test.jsonl (default: the hub's openai/gsm8k)")
+    p.add_argument("--out", help="output JSON (default: results/drift_<checkpoint name>.json)")
+    p.add_argument("--cache-dir", default="results/rollouts", help="where sampled rollouts are cached (JSONL)")
+    p.add_argument("--prompts", type=int, default=100, help="the first N GSM8K test questions are the prompt set (0: all)")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="rollouts per prompt and policy")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="rollout length limit")
+    p.add_argument("--state-stride", type=int, default=16, help="a state every this many rollout tokens")
+    p.add_argument("--features", choices=["lexical", "hidden"], default="lexical", help="state representation")
+    p.add_argument("--hash-dim", type=int, default=4096, help="buckets of the hashed lexical features")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (over rollouts) for the MMD²")
+    p.add_argument("--projections", type=int, default=128, help="random directions of the sliced Wasserstein")
+    p.add_argument("--block", type=int, default=4096, help="states per kernel tile (memory ~ 3 x block² x 8 bytes)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per sampling / forward batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, projections, bandwidth subsample, bootstrap")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model_name = args.model or lora.load_checkpoint(args.checkpoint)["meta"].get("base_model")
+    if not model_name:
+        raise SystemExit("error: the checkpoint does not name its base model; pass --model")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, tok = load_model(model_name, device=args.device, dtype=dtype)
+    prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
+
+    sides = {}
+    for side, ckpt in (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)):
+        rollouts, path, sampled = policy_rollouts(model, tok, model_name, ckpt, side, prompts, args)
+        lengths, groups = states(rollouts, args.state_stride)
+        X, vocab = embed(rollouts, lengths, args, model, tok, prompts)
+        sides[side] = dict(X=X.to(args.device), vocab=vocab, groups=groups, info={
+            "checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path, "sampled": sampled,
+            "mean_rollout_tokens": sum(len(r["tokens"]) for r in rollouts) / len(rollouts)})
+    b, p = sides["baseline"], sides["policy"]
+    result = {"model": model_name, "features": args.features, "baseline": b["info"], "policy": p["info"],
+              **drift(p["X"], b["X"], p["groups"], b["groups"], args.bootstrap, args.projections, args.seed, args.block),
+              "jaccard": jaccard_distance(p["vocab"], b["vocab"]),
+              "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}}
+    out = args.out or os.path.join("results", f"drift_{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std "
+          f"{result.get('mmd2_bootstrap', {}).get('std', float('nan')):.5f}), centroid {result['centroid_l2']:.4f}, "
+          f"SW {result['sliced_wasserstein']:.4f}, Jaccard {result['jaccard']:.4f} -> {out}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except LoadError as e:
+        raise SystemExit(f"error: {e}")

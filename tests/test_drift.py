@@ -1,0 +1,219 @@
+"""drift.py: the distances against references and their defining properties, and one CLI study on a tiny model."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+
+import drift
+
+
+def rbf_mmd2_reference(X, Y, sigma):
+    """The unbiased MMD² written out pair by pair (O(n²) Python loops over a full kernel matrix)."""
+    k = lambda a, b: float(np.exp(-np.sum((a - b) ** 2) / (2 * sigma ** 2)))
+    X, Y = X.numpy().astype(np.float64), Y.numpy().astype(np.float64)
+    m, n = len(X), len(Y)
+    xx = sum(k(X[i], X[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(Y[i], Y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(X[i], Y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_mmd2_equals_direct_pairwise_reference():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(23, 4, generator=g), torch.randn(17, 4, generator=g) + 0.5
+    sigma = drift.median_bandwidth(torch.cat([X, Y]))
+    assert drift.mmd2(X, Y, sigma) == pytest.approx(rbf_mmd2_reference(X, Y, sigma), abs=1e-12)
+
+
+def test_median_bandwidth_is_the_median_pairwise_distance():
+    Z = torch.tensor([[0.0], [1.0], [3.0], [7.0]])   # pairwise distances 1 2 3 4 6 7 -> median 3.5
+    assert drift.median_bandwidth(Z) == pytest.approx(3.5)
+
+
+def test_blocked_kernel_sums_equal_one_unblocked_matrix():
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(50, 6, generator=g), torch.randn(37, 6, generator=g)
+    wx, wy = drift.bootstrap_weights(list(range(50)), 5), drift.bootstrap_weights(list(range(37)), 5, seed=1)
+    whole = drift.mmd2(X, Y, 2.0, wx, wy, block=10_000)
+    for block in (5, 16):
+        assert torch.allclose(drift.mmd2(X, Y, 2.0, wx, wy, block=block), whole, rtol=0, atol=1e-12)
+        assert drift.mmd2(X, Y, 2.0, block=block) == pytest.approx(drift.mmd2(X, Y, 2.0, block=10_000), abs=1e-12)
+
+
+def resampled_mmd2_reference(X, Y, ix, iy, sigma):
+    """MMD² of the resampled sets X[ix], Y[iy], written out pair by pair; within a set, only pairs of
+    different original states count (a copy of a state is not a second, independent sample)."""
+    k = lambda a, b: float(torch.exp(-((a - b) ** 2).sum() / (2 * sigma ** 2)))
+    within = lambda Z, iz: np.mean([k(Z[a], Z[b]) for a in iz for b in iz if a != b])
+    return within(X, ix) + within(Y, iy) - 2 * np.mean([k(X[a], Y[b]) for a in ix for b in iy])
+
+
+def test_bootstrap_mmd_is_the_estimator_on_resampled_rollouts():
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(12, 3, generator=g).double(), torch.randn(9, 3, generator=g).double()
+    groups_x = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4]     # states grouped into rollouts
+    wx, wy = drift.bootstrap_weights(groups_x, 4), drift.bootstrap_weights(list(range(9)), 4, seed=1)
+    boot = drift.mmd2(X, Y, 1.5, wx, wy)
+    for b in range(4):
+        counts = wx[:, b].long()
+        assert all(counts[i] == counts[j] for i in range(12) for j in range(12) if groups_x[i] == groups_x[j])
+        ix = torch.arange(12).repeat_interleave(counts).tolist()
+        iy = torch.arange(9).repeat_interleave(wy[:, b].long()).tolist()
+        assert boot[b].item() == pytest.approx(resampled_mmd2_reference(X, Y, ix, iy, 1.5), abs=1e-12)
+
+
+def test_bootstrap_is_centred_on_the_estimate():
+    # Nearly orthogonal states (like sparse lexical features): pairing a copy of a state with itself
+    # (k = 1) would shift every resample up by about 2(1 - mean k)/m, many times the spread.
+    g = torch.Generator().manual_seed(5)
+    X, Y = [(torch.rand(400, 1024, generator=g) < 0.02).double() for _ in range(2)]
+    d = drift.drift(X / X.norm(dim=1, keepdim=True), Y / Y.norm(dim=1, keepdim=True), list(range(400)),
+                    list(range(400)), n_bootstrap=100)
+    boot = d["mmd2_bootstrap"]
+    assert abs(boot["mean"] - d["mmd2"]) < boot["std"]
+    assert boot["ci95"][0] < d["mmd2"] < boot["ci95"][1]
+
+
+def test_sliced_wasserstein_in_one_dimension_is_scipys_wasserstein():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=40), rng.exponential(size=25) + 0.3
+    expected = wasserstein_distance(x, y)
+    assert drift.wasserstein_1d(torch.tensor(x)[None], torch.tensor(y)[None]).item() == pytest.approx(expected, rel=1e-12)
+    # every direction in 1-D is +-1 and W_1 is symmetric under reflection, so the average is exact too
+    got = drift.sliced_wasserstein(torch.tensor(x)[:, None], torch.tensor(y)[:, None], n_projections=16)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_jaccard_on_hand_made_sets():
+    assert drift.jaccard_distance({"a", "b", "c"}, {"b", "c", "d"}) == pytest.approx(1 - 2 / 4)
+    assert drift.jaccard_distance({"a"}, {"b"}) == 1.0
+    assert drift.jaccard_distance({"a", "b"}, {"b", "a"}) == 0.0
+    assert drift.jaccard_distance(set(), set()) == 0.0
+
+
+def test_identical_sets_have_zero_drift():
+    X = torch.randn(200, 5, generator=torch.Generator().manual_seed(3))
+    d = drift.drift(X, X.clone(), list(range(200)), list(range(200)), n_bootstrap=0)
+    # the unbiased MMD² of a set with itself is -2(1 - mean k)/(n - 1): slightly negative, never below -2/(n-1)
+    assert -2 / 199 <= d["mmd2"] <= 1e-12
+    assert d["centroid_l2"] == 0 and d["sliced_wasserstein"] == 0
+
+
+def test_every_distance_grows_with_a_shift():
+    X = torch.randn(200, 5, generator=torch.Generator().manual_seed(4))
+    direction = torch.ones(5) / 5 ** 0.5
+    runs = [drift.drift(X, X + s * direction, list(range(200)), list(range(200)), n_bootstrap=0)
+            for s in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    for key in ("mmd2", "centroid_l2", "sliced_wasserstein"):
+        values = [r[key] for r in runs]
+        assert all(a < b for a, b in zip(values, values[1:])), (key, values)
+    assert [r["centroid_l2"] for r in runs] == pytest.approx([0.0, 0.5, 1.0, 2.0, 4.0])
+
+
+def shifted_texts(fraction: float, n=60, seed=0):
+    """The same random sentences over 30 words, the first fraction * 30 of those words renamed everywhere."""
+    rng = random.Random(seed)
+    sentences = [[rng.randrange(30) for _ in range(12)] for _ in range(n)]
+    return [" ".join(f"new{i}" if i < fraction * 30 else f"old{i}" for i in s) for s in sentences]
+
+
+def test_lexical_drift_grows_with_the_fraction_of_new_words():
+    base = shifted_texts(0.0)
+    X = drift.lexical_features(base)
+    vocab = lambda texts: {w for t in texts for w in drift.words(t)}
+    runs = []
+    for f in (0.0, 0.2, 0.5, 0.8):
+        texts = shifted_texts(f)
+        d = drift.drift(X, drift.lexical_features(texts), list(range(60)), list(range(60)), n_bootstrap=0)
+        runs.append({**d, "jaccard": drift.jaccard_distance(vocab(base), vocab(texts))})
+    assert runs[0]["centroid_l2"] == runs[0]["sliced_wasserstein"] == runs[0]["jaccard"] == 0
+    for key in ("mmd2", "centroid_l2", "sliced_wasserstein", "jaccard"):
+        values = [r[key] for r in runs]
+        assert all(a < b for a, b in zip(values, values[1:])), (key, values)
+
+
+def test_lexical_features_are_deterministic_normalized_ngram_counts():
+    X = drift.lexical_features(["Tom has 3 apples.", "tom HAS 3 apples .", ""], dim=64)
+    assert torch.equal(X[0], X[1])          # case and spacing do not matter, words and symbols do
+    assert X[0].norm().item() == pytest.approx(1.0) and X[2].norm().item() == 0
+    assert drift.words("He pays $12 + 3=15.") == ["he", "pays", "$", "12", "+", "3", "=", "15", "."]
+    # 5 words + 4 bigrams = 9 grams; the squared norm of the raw counts is 9 when no two share a bucket
+    assert (X[0] > 0).sum() <= 9
+
+
+# ----------------------------------------------------------------------------------------------
+# On a tiny random Qwen3
+
+
+def test_hidden_features_are_mean_pooled_prefix_states(tiny_dir):
+    from model import load_model
+    model, _ = load_model(tiny_dir)
+    seqs = [[5, 9, 12, 40, 7, 3], [8, 2, 100]]           # different lengths: one row is left-padded
+    lengths = [[2, 4, 6], [1, 3]]
+    X = drift.hidden_features(model, seqs, lengths)
+    direct = [model(torch.tensor([s[:L]]), return_hidden=True)[0].mean(0) for s, ls in zip(seqs, lengths) for L in ls]
+    assert torch.allclose(X, torch.stack(direct), atol=1e-5)
+
+
+GSM8K_LINES = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "A box holds 6 eggs. How many eggs are in 2 boxes?", "answer": "6 * 2 = 12\n#### 12"},
+    {"question": "Ann had 10 dollars and spent 3. How much is left?", "answer": "10 - 3 = 7\n#### 7"},
+]
+
+
+def random_adapter_checkpoint(model, path, seed):
+    """A LoRA checkpoint whose B is random, so the adapter really changes the policy."""
+    import lora
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            B = layer.lora_B["default"]
+            B.copy_(torch.randn(B.shape, generator=g) * 0.5)
+    lora.save_checkpoint(path, model, {"method": "test", "seed": seed})
+
+
+def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, monkeypatch):
+    import generate
+    import lora
+    from model import load_model
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in GSM8K_LINES))
+    model, _ = load_model(tiny_dir)
+    lora.add_lora(model, lora.LoraConfig(r=4, alpha=8, dropout=0.0))
+    random_adapter_checkpoint(model, str(tmp_path / "a.pt"), seed=1)
+    random_adapter_checkpoint(model, str(tmp_path / "b.pt"), seed=2)
+
+    calls = []
+    real_generate = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: calls.append(len(a[2])) or real_generate(*a, **k))
+    argv = ["--checkpoint", str(tmp_path / "a.pt"), "--baseline-checkpoint", str(tmp_path / "b.pt"),
+            "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "rollouts"),
+            "--prompts", "3", "--samples-per-prompt", "2", "--max-new-tokens", "12", "--state-stride", "4",
+            "--bootstrap", "20", "--projections", "8", "--device", "cpu"]   # --model comes from the checkpoint
+    first = drift.main(argv + ["--out", str(tmp_path / "first.json")])
+    assert calls == [6, 6]                          # 3 prompts x 2 samples, once per policy
+    saved = json.loads((tmp_path / "first.json").read_text())
+    assert saved["model"] == tiny_dir and saved["features"] == "lexical"
+    assert saved["policy"]["sampled"] and saved["baseline"]["sampled"]
+    assert saved["policy"]["cache"] != saved["baseline"]["cache"]          # different checkpoints, different keys
+    assert saved["policy"]["rollouts"] == saved["baseline"]["rollouts"] == 6
+    assert saved["policy"]["states"] >= 6 and saved["baseline"]["states"] >= 6
+    for key in ("mmd2", "mmd", "bandwidth", "centroid_l2", "sliced_wasserstein", "jaccard"):
+        assert np.isfinite(saved[key]), key
+    assert saved["mmd2_bootstrap"]["resamples"] == 20 and saved["mmd2_bootstrap"]["std"] >= 0
+    assert saved["settings"]["state_stride"] == 4
+
+    # A second study over the same policies samples nothing, whatever the representation.
+    second = drift.main(argv + ["--features", "hidden", "--out", str(tmp_path / "second.json")])
+    assert calls == [6, 6]
+    assert not second["policy"]["sampled"] and not second["baseline"]["sampled"]
+    assert second["policy"]["cache"] == first["policy"]["cache"]
+    assert second["policy"]["states"] == first["policy"]["states"] and second["jaccard"] == first["jaccard"]
+    assert len(os.listdir(tmp_path / "rollouts")) == 2
