@@ -1,0 +1,136 @@
+"""The tiny world: a deterministic generator, valid data layouts, and a pretraining run whose output
+directory loads in model.py and in transformers with the same logits."""
+import csv
+import filecmp
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import pretrain
+import tinyworld
+from model import load_model
+
+SMALL = ["--train", "60", "--test", "30", "--docs", "600", "--world", "0.2", "--vocab", "320"]
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tinyworld"))
+    tinyworld.main(["--out", out, "--seed", "3"] + SMALL)
+    return out
+
+
+def all_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_same_seed_writes_the_same_bytes_and_another_seed_does_not(world_dir, tmp_path):
+    tinyworld.main(["--out", str(tmp_path / "again"), "--seed", "3"] + SMALL)
+    tinyworld.main(["--out", str(tmp_path / "other"), "--seed", "4"] + SMALL)
+    files = all_files(world_dir)
+    assert files == all_files(tmp_path / "again")
+    assert all(filecmp.cmp(os.path.join(world_dir, f), tmp_path / "again" / f, shallow=False) for f in files)
+    assert not filecmp.cmp(os.path.join(world_dir, "corpus.jsonl"), tmp_path / "other" / "corpus.jsonl", shallow=False)
+
+
+def test_every_gsm8k_answer_shows_correct_steps_and_ends_with_the_true_result(world_dir):
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
+    for split, n in [("train", 60), ("test", 30)]:
+        with open(os.path.join(world_dir, "gsm8k", f"{split}.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        assert len(rows) == n and set(rows[0]) == {"question", "answer"}
+        for row in rows:
+            *steps, last = row["answer"].split("\n")
+            final = re.fullmatch(r"#### (\d+)", last)
+            assert final, row["answer"]
+            results = []
+            for step in steps:
+                a, op, b, c = re.search(r"(\d+) ([-+*/]) (\d+) = \$?(\d+)", step).groups()
+                assert ops[op](int(a), int(b)) == int(c) and (op != "/" or int(a) % int(b) == 0), step
+                results.append(int(c))
+            assert results[-1] == int(final.group(1))
+
+
+def test_train_and_test_problems_are_disjoint_and_absent_from_the_corpus(world_dir):
+    questions = {}
+    for split in ["train", "test"]:
+        with open(os.path.join(world_dir, "gsm8k", f"{split}.jsonl")) as f:
+            questions[split] = {json.loads(line)["question"] for line in f}
+    assert not questions["train"] & questions["test"]
+    with open(os.path.join(world_dir, "corpus.jsonl")) as f:
+        corpus = [json.loads(line)["text"] for line in f]
+    asked = {t.split("\n")[0].removeprefix("Question: ") for t in corpus if t.startswith("Question: ")}
+    assert asked and not asked & (questions["train"] | questions["test"])
+
+
+def test_truthfulqa_items_have_one_true_mc1_choice_that_states_the_world_fact(world_dir):
+    with open(os.path.join(world_dir, "truthfulqa", "mc_task.json")) as f:
+        items = json.load(f)
+    with open(os.path.join(world_dir, "world.json")) as f:
+        people = {p["name"]: p for p in json.load(f)["person"]}
+    assert len(items) > 100
+    for it in items:
+        assert list(it["mc1_targets"].values()).count(1) == 1 and len(it["mc1_targets"]) == 4
+        assert sum(it["mc2_targets"].values()) == 2 and len(it["mc2_targets"]) == 8
+        true = next(c for c, v in it["mc1_targets"].items() if v)
+        name = next(n for n in people if it["question"].find(n) >= 0)
+        value = people[name][{"Where": "home", "What does": "job", "What pet": "pet"}[
+            next(k for k in ["Where", "What does", "What pet"] if it["question"].startswith(k))]]
+        assert true.startswith(name) and true.endswith(f" {value}.")
+
+
+def test_mmlu_rows_have_six_fields_and_the_letter_names_the_world_fact(world_dir):
+    with open(os.path.join(world_dir, "world.json")) as f:
+        world = json.load(f)
+    values = {e["name"]: set(v for k, v in e.items() if k != "name") for kind in world.values() for e in kind}
+    subjects = sorted(f.removesuffix("_test.csv") for f in os.listdir(os.path.join(world_dir, "mmlu", "test")))
+    assert subjects == ["botany", "geography", "history", "zoology"]
+    for subject in subjects:
+        for split, n in [("test", None), ("dev", 5)]:
+            with open(os.path.join(world_dir, "mmlu", split, f"{subject}_{split}.csv"), newline="") as f:
+                rows = list(csv.reader(f))
+            assert n is None or len(rows) == n
+            for row in rows:
+                assert len(row) == 6 and row[5] in "ABCD" and len(set(row[1:5])) == 4
+                entity = next(e for e in values if re.search(rf"\b{re.escape(e)}\b", row[0]))
+                assert row[1 + "ABCD".index(row[5])] in values[entity]
+
+
+def test_truthfulqa_facts_are_stated_but_never_asked_while_mmlu_items_are_asked_with_their_answer(world_dir):
+    with open(os.path.join(world_dir, "corpus.jsonl")) as f:
+        corpus = "\n".join(json.loads(line)["text"] for line in f)
+    with open(os.path.join(world_dir, "truthfulqa", "mc_task.json")) as f:
+        items = json.load(f)
+    assert "Q: " in corpus and not any(f"Q: {it['question']}" in corpus for it in items)
+    people = {" ".join(it["question"].split()[2:4]).rstrip("?") for it in items if it["question"].startswith("Where")}
+    assert sum(p in corpus for p in people) > 0.5 * len(people)  # stated (this small corpus misses some)
+    rows = []
+    for name in os.listdir(os.path.join(world_dir, "mmlu", "test")):
+        with open(os.path.join(world_dir, "mmlu", "test", name), newline="") as f:
+            rows += list(csv.reader(f))
+    asked = [f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {ans}" for q, a, b, c, d, ans in rows]
+    assert sum(item in corpus for item in asked) > 0.5 * len(asked)
+
+
+def test_twenty_step_pretraining_writes_a_model_that_transformers_loads_with_equal_logits(world_dir, tmp_path):
+    out = str(tmp_path / "model")
+    pretrain.main(["--data-dir", world_dir, "--out", out, "--steps", "20", "--warmup", "5", "--hidden", "64",
+                   "--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--intermediate", "128",
+                   "--seq-len", "64", "--batch-size", "4", "--eval-n", "0"])
+    ours, tok = load_model(out)
+    assert tok.eos_ids == [0] and tok.pad_id == 0 and tok.decode(tok.encode("Answer: 12 + 7")) == "Answer: 12 + 7"
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["model_type"] == "qwen3" and config["rope_theta"] == 10000.0 and config["tie_word_embeddings"]
+    from transformers import Qwen3ForCausalLM
+    theirs = Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("Question: Tom has 3 apples and buys 4 more.\nAnswer: 3 + 4 = 7\n#### 7")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+    # trained, not random: the loss fell
+    with open(os.path.join(out, "pretrain.json")) as f:
+        log = json.load(f)["log"]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5
