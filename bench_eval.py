@@ -41,7 +41,9 @@ def timed(fn, device, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default=os.path.join(HERE, "..", "shared", "data"), help="the standard data layout")
+    shared = os.path.join(HERE, "..", "shared", "data")
+    p.add_argument("--data-dir", default=shared if os.path.isdir(shared) else None,
+                   help="the standard data layout (default: ../shared/data when present, else the HF hub)")
     p.add_argument("--shape", choices=["small", "0.6b"], default="small", help="small (4 layers, hidden 256, "
                    "Qwen vocab) or the Qwen3-0.6B shape (configs/qwen3-0.6b-base.json)")
     p.add_argument("--cuda", action="store_true", help="run on the GPU in bf16 (default: CPU, fp32)")

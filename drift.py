@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 import generate
 import lora
-from evaluate import GSM8K_STOP, gsm8k_prompt, load_gsm8k
-from model import LoadError, load_model
+from evaluate import GSM8K_STOP, file_sha256, gsm8k_prompt, load_gsm8k, resolve_data_dir
+from model import cli, load_model
 
 # ----------------------------------------------------------------------------------------------
 # State representations
@@ -199,14 +199,6 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
 # Rollouts and their states
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args):
     """(rollouts as dicts, cache path, sampled?) for the policy base + checkpoint (None: the base itself)."""
     key = {"model": model_name, "checkpoint": checkpoint and file_sha256(checkpoint),
@@ -285,6 +277,7 @@ def main(argv=None) -> dict:
         raise SystemExit("error: the checkpoint does not name its base model; pass --model")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tok = load_model(model_name, device=args.device, dtype=dtype)
+    args.data_dir = resolve_data_dir(model_name, args.data_dir)
     prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
 
     sides = {}
@@ -311,7 +304,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LoadError as e:
-        raise SystemExit(f"error: {e}")
+    cli(main)

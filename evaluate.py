@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import lora
 from generate import generate, score
-from model import LoadError, load_model
+from model import TINY_DIR, LoadError, cli, load_model
 
 TASKS = ("gsm8k", "truthfulqa", "mmlu")
 RETENTION_TASKS = ("truthfulqa", "mmlu")
@@ -62,6 +62,11 @@ def _hub(path: str, name: str, split: str):
     except Exception as e:  # offline, no `datasets`, unknown id, ...
         raise LoadError(f"could not load {path} ({name}, {split}) from the Hugging Face hub ({type(e).__name__}); "
                         "pass --data-dir DIR holding gsm8k/, truthfulqa/ and mmlu/ instead")
+
+
+def resolve_data_dir(model: str | None, data_dir: str | None) -> str | None:
+    """--data-dir as given; for `--model tiny` without one, the tiny world's data (None: the hub)."""
+    return os.path.join(TINY_DIR, "data") if data_dir is None and model == "tiny" else data_dir
 
 
 def _need(row: dict, fields, where: str):
@@ -341,7 +346,7 @@ def _first(rows: list, n: int) -> list:
     return rows[:n] if n else rows
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -371,6 +376,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    help="float32 | bfloat16 | float16")
     args = p.parse_args(argv)
+    args.data_dir = resolve_data_dir(args.model, args.data_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if set(tasks) - set(TASKS):
         p.error(f"unknown task(s) {', '.join(sorted(set(tasks) - set(TASKS)))}; choose from {', '.join(TASKS)}")
@@ -405,7 +411,7 @@ def main(argv=None) -> dict:
     if args.checkpoint:
         ckpt = lora.load_adapter(model, args.checkpoint)
         meta = {k: v for k, v in ckpt["meta"].items() if k != "base_config"}
-        checkpoint = {"path": args.checkpoint, "sha256": _sha256(args.checkpoint), "lora": ckpt["lora"], "meta": meta}
+        checkpoint = {"path": args.checkpoint, "sha256": file_sha256(args.checkpoint), "lora": ckpt["lora"], "meta": meta}
     result = {"model": args.model, "checkpoint": checkpoint, "device": args.device, "dtype": args.dtype,
               "data": args.data_dir or "huggingface hub", "tasks": {}, "predictions": pred_path}
     records = []
@@ -464,7 +470,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LoadError as e:
-        raise SystemExit(f"error: {e}")
+    cli(main)

@@ -268,7 +268,7 @@ def sequence_logprobs(model, input_ids, attention_mask=None, temperature: float 
 def main():
     import argparse
     import time
-    from model import LoadError, load_model
+    from model import load_model
     p = argparse.ArgumentParser(description="Sample continuations of a prompt with the KV-cache sampler.")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id")
     p.add_argument("--checkpoint", help="a LoRA checkpoint (.pt) to apply, merged")
@@ -301,10 +301,5 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:
-        from model import LoadError
-        if isinstance(e, LoadError):
-            raise SystemExit(f"error: {e}")
-        raise
+    from model import cli
+    cli(main)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LoadError
+from model import BUNDLED, LoadError
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -220,7 +220,7 @@ def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = 
 
 
 def _base_name(path) -> str:
-    return os.path.basename(os.path.normpath(str(path)))
+    return os.path.basename(os.path.normpath(BUNDLED.get(str(path), str(path))))
 
 
 def export_peft(model, out_dir: str, name: str = "default"):

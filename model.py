@@ -17,6 +17,7 @@ The KV cache (`KVCache`) is one preallocated tensor pair per layer plus a [batch
 which slots hold real tokens, so left padding, batched prefill and batched decoding are all plain
 tensor indexing: no per-sequence Python anywhere. generate.py drives it.
 """
+import functools
 import json
 import os
 from dataclasses import dataclass, fields
@@ -26,9 +27,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+# The tiny world (tinyworld.py writes its data, pretrain.py its base model): `--model tiny` in every script.
+TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
+BUNDLED = {"tiny": os.path.join(TINY_DIR, "model")}
+
 
 class LoadError(Exception):
     """A user-facing loading problem; scripts print it as one line instead of a traceback."""
+
+
+def cli(main, errors=(LoadError,)):
+    """Run a script's main(); a user-facing failure ends as one "error: ..." line (exit code 1), not a traceback."""
+    try:
+        main()
+    except errors as e:
+        raise SystemExit(f"error: {e}")
 
 
 @dataclass
@@ -78,10 +91,17 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """theta^(-2i/head_dim), i = 0 .. head_dim/2 - 1, in float32 (computed once per device, not per step;
+    a normal tensor even when first asked for under inference_mode, so training can use it too)."""
+    with torch.inference_mode(False):
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
     """Rotary embedding tables for integer positions [B, T] -> cos, sin [B, T, head_dim] (float32 math)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[..., None] * inv_freq
+    angles = positions.float()[..., None] * rope_inv_freq(head_dim, theta, positions.device)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -205,6 +225,7 @@ class Qwen3(nn.Module):
         """
         B, T = input_ids.shape
         device = input_ids.device
+        one_new_token = T == 1 and attention_mask is None and cache is not None and slots is None
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
         attention_mask = attention_mask.bool()
@@ -219,10 +240,13 @@ class Qwen3(nn.Module):
             query_slot = slots
         if positions is None:
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0).index_select(1, query_slot)
-        keys = torch.arange(valid.shape[1], device=device)
-        mask = (keys[None, :] <= query_slot[:, None])[None] & valid[:, None, :]               # causal & real: [B, T, S]
-        # A padding query sees no key at all; let it see itself so softmax stays finite (its output is unused).
-        mask = (mask | (keys[None, :] == query_slot[:, None])[None])[:, None]                 # [B, 1, T, S]
+        if one_new_token:   # decoding: every valid cached slot precedes the new token, so causality is implied
+            mask = valid[:, None, None, :]                                                     # [B, 1, 1, S]
+        else:
+            keys = torch.arange(valid.shape[1], device=device)
+            mask = (keys[None, :] <= query_slot[:, None])[None] & valid[:, None, :]           # causal & real: [B, T, S]
+            # A padding query sees no key at all; let it see itself so softmax stays finite (its output is unused).
+            mask = (mask | (keys[None, :] == query_slot[:, None])[None])[:, None]             # [B, 1, T, S]
 
         cfg = self.config
         x = self.embed_tokens(input_ids)
@@ -268,7 +292,13 @@ class Tokenizer:
 
 
 def resolve_model_dir(name_or_path: str) -> str:
-    """A local model directory, or a hub id downloaded (config, safetensors, tokenizer) to the HF cache."""
+    """A bundled name ("tiny"), a local model directory, or a hub id downloaded (config, safetensors,
+    tokenizer) to the HF cache."""
+    if name_or_path in BUNDLED:
+        if not os.path.exists(os.path.join(BUNDLED[name_or_path], "config.json")):
+            raise LoadError(f"the bundled {name_or_path!r} model is missing from {BUNDLED[name_or_path]} "
+                            "(python tinyworld.py && python pretrain.py writes it)")
+        return BUNDLED[name_or_path]
     if os.path.isdir(name_or_path):
         return name_or_path
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):

@@ -33,7 +33,7 @@ import time
 import torch
 
 import training
-from evaluate import GSM8K_STOP, gsm8k_prompt, is_correct, load_gsm8k
+from evaluate import GSM8K_STOP, gsm8k_prompt, is_correct
 from generate import generate
 from lora import merged, use_adapter
 
@@ -56,7 +56,7 @@ def parse_args(argv=None):
                    help="divide advantages by the group's reward std, the batch's, or nothing")
     p.add_argument("--no-std-scale", dest="scale_rewards", action="store_const", const="none",
                    help="same as --scale-rewards none (Dr. GRPO)")
-    p.add_argument("--sample-batch", type=int, default=256, help="sequences per sampler batch")
+    p.add_argument("--sample-batch-size", type=int, default=256, help="sequences per sampler batch")
     training.add_common_args(p)
     # Chosen defaults (the paper gives none): 16 prompts x 8 samples = 128 rollouts per step, 200 steps;
     # a LoRA learning rate about ten times a full fine-tuning RL rate; no adapter dropout, so the learner
@@ -162,13 +162,13 @@ def sample(run, examples, args, seed):
     run.model.eval()
     with merged(run.model):
         return generate(run.model, run.tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        stop=GSM8K_STOP, seed=seed, batch_size=args.sample_batch)
+                        stop=GSM8K_STOP, seed=seed, batch_size=args.sample_batch_size)
 
 
 def main(argv=None, reward_fn=exact_answer_reward):
     args = parse_args(argv)
     run = training.setup(args, "grpo")
-    examples = load_gsm8k("train", args.data_dir)
+    examples = training.train_examples(args)
     G, eos = args.group_size, set(run.tok.eos_ids)
 
     def epoch_batches(epoch):

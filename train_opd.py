@@ -62,7 +62,7 @@ from torch.utils.checkpoint import checkpoint
 
 import lora
 import training
-from evaluate import GSM8K_STOP, gsm8k_prompt, load_gsm8k
+from evaluate import GSM8K_STOP, gsm8k_prompt
 from generate import generate
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B-Base"
@@ -271,7 +271,7 @@ def main(argv=None):
     # Adding the teacher's adapter draws LoRA init numbers: keep the RNG stream a resumed run restored.
     with torch.random.fork_rng():
         lora.load_adapter(run.model, teacher, name="teacher")
-    examples = load_gsm8k("train", args.data_dir)
+    examples = training.train_examples(args)
     lengths = [len(ex["question"]) for ex in examples]     # characters: close enough to group prompt lengths
 
     def epoch_batches(epoch):

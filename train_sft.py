@@ -29,7 +29,7 @@ import argparse
 import torch
 
 import training
-from evaluate import gsm8k_prompt, load_gsm8k
+from evaluate import gsm8k_prompt
 
 PRESETS = {
     "mild": dict(epochs=1.0, lr=1e-4, lora_r=16, lora_alpha=32),
@@ -91,7 +91,7 @@ def sft_loss(model, batch, normalizer: float, locality: bool):
 def main(argv=None):
     args = parse_args(argv)
     run = training.setup(args, "sft", meta={"preset": args.preset})
-    examples = load_gsm8k("train", args.data_dir)
+    examples = training.train_examples(args)
     pairs = encode(run.tok, examples, args.max_len)
     lengths = [len(p) + len(a) for p, a in pairs]
 

@@ -59,7 +59,9 @@ import torch
 import torch.nn.functional as F
 
 from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, save_checkpoint, use_adapter
+from evaluate import load_gsm8k, resolve_data_dir
 from model import LoadError, load_model
+from model import cli as model_cli
 
 
 class NonFiniteLoss(RuntimeError):
@@ -78,8 +80,10 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags every trainer shares, with the same names. Methods change defaults with p.set_defaults()."""
     cuda = torch.cuda.is_available()
     g = p.add_argument_group("common training flags")
-    g.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="base policy: HF model directory or hub id")
-    g.add_argument("--data-dir", default=None, help="directory with gsm8k/train.jsonl (default: the hub's openai/gsm8k)")
+    g.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="base policy: HF model directory, hub id, or tiny")
+    g.add_argument("--data-dir", default=None,
+                   help="directory with gsm8k/train.jsonl (default: the hub's openai/gsm8k; tiny/data for --model tiny)")
+    g.add_argument("--limit", type=int, default=0, help="train on the first N GSM8K train examples only (0 = all)")
     g.add_argument("--init", default=None, help="start from this LoRA checkpoint (.pt) instead of a fresh adapter")
     g.add_argument("--out", default=None, help="checkpoint path (.pt), written atomically every --save-every steps and at the end")
     g.add_argument("--log", default=None, help="metrics JSONL (default: --out with .jsonl)")
@@ -175,6 +179,7 @@ def setup(args, method: str, meta: dict | None = None) -> Run:
     """Seed, load the base model and tokenizer, attach the adapter (fresh, --init or --resume), build AdamW,
     and restore optimizer, schedule, RNG and data position when resuming."""
     seed_everything(args.seed)
+    args.data_dir = resolve_data_dir(args.model, args.data_dir)
     if args.out is None:
         args.out = f"ckpt/{method}.pt"
     if args.log is None:
@@ -240,6 +245,11 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
         batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def train_examples(args) -> list[dict]:
+    """GSM8K train as [{question, answer}], the first --limit examples (all with --limit 0)."""
+    return load_gsm8k("train", args.data_dir)[:args.limit or None]
 
 
 def plan_steps(args, batches_per_epoch: int) -> int:
@@ -443,7 +453,4 @@ def finish(run: Run):
 
 def cli(main):
     """Run main(); user-facing failures (a missing model or checkpoint, a NaN) end as one line, exit code 1."""
-    try:
-        main()
-    except (LoadError, NonFiniteLoss) as e:
-        raise SystemExit(f"error: {e}")
+    model_cli(main, (LoadError, NonFiniteLoss))

@@ -1,6 +1,5 @@
 """Shared test fixtures: tiny random Qwen3 checkpoints written by transformers itself (the reference)."""
 import os
-import shutil
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import CONFIGS, TOKENIZER_DIR, make_hf_model, write_byte_tokenizer
+from conftest import CONFIGS, TOKENIZER_DIR, write_byte_tokenizer
 from model import KVCache, LoadError, load_model, load_tokenizer
 
 IDS = torch.randint(0, 1000, (3, 19), generator=torch.Generator().manual_seed(0))
@@ -56,8 +56,8 @@ def test_incremental_decoding_with_cache_equals_full_forward(hf_models, name):
         full = model(IDS, mask)
         cache = KVCache.empty(model.config, 3, IDS.shape[1], "cpu", torch.float32)
         steps = [model(IDS[:, :10], mask[:, :10], cache=cache)]
-        for t in range(10, IDS.shape[1]):
-            steps.append(model(IDS[:, t:t + 1], mask[:, t:t + 1], cache=cache))
+        for t in range(10, IDS.shape[1]):   # every other step without a mask: the sampler's one-new-token path
+            steps.append(model(IDS[:, t:t + 1], None if t % 2 else mask[:, t:t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(steps, 1)[mask], full[mask], atol=1e-5, rtol=1e-5)
 
 
@@ -115,6 +115,13 @@ def test_user_mistakes_are_one_line_errors(tmp_path, hf_models):
     json.dump({**cfg, "vocab_size": 200}, open(f"{small}/config.json", "w"))
     with pytest.raises(LoadError, match="shape"):
         load_model(small)
+
+
+def test_missing_bundled_tiny_model_says_how_to_make_it(monkeypatch, tmp_path):
+    import model
+    monkeypatch.setitem(model.BUNDLED, "tiny", str(tmp_path / "absent"))
+    with pytest.raises(LoadError, match=r"python tinyworld.py && python pretrain.py"):
+        load_model("tiny")
 
 
 def test_hub_id_offline_is_a_one_line_error(monkeypatch):
