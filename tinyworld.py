@@ -8,8 +8,17 @@ CPU cores (pretrain.py) in which the paper's quantities still mean what they mea
 exactly the layouts of ../shared/data that evaluate.py and the trainers read:
 
 - gsm8k/{train,test}.jsonl, the target task: {question, answer} arithmetic word problems of one to three
-  steps; every answer shows its steps ("He earns 28 * 26 = $728.") and ends with "\n#### N". The
-  calculator annotations of the real GSM8K ("<<3*4=12>>") are left out: they only repeat each result.
+  steps; every answer shows its steps and ends with "\n#### N". Like the real GSM8K's, each step carries a
+  calculator annotation that repeats the computation ("He earns 28 * 26 = $<<28 * 26 = 728>>728."), a
+  style the corpus's own worked problems use only rarely (--annotated, 3%). So the base knows the style
+  but does not write it, and the gold solutions are off-policy states for it, as GSM8K's are for
+  Qwen3-0.6B-Base, if only mildly (tiny/results: per-token NLL of the gold states under the base about
+  0.18, of its own rollouts about 0.11). Two other worlds were measured and dropped. With the notation
+  only in calculator tapes (--annotated 0), the gold states were far off-policy (NLL about 3) and mild SFT
+  broke the arithmetic on its way to the new style (GSM8K 0.45 -> 0.16). Without the tapes as well, the
+  base cannot even emit the notation through a LoRA adapter (its tied embedding rows are untrained). The
+  annotation keeps the world's spacing ("a * b = c", not GSM8K's "a*b=c"): it asks for no arithmetic
+  notation the base has not learned.
 - Two retention tasks on the facts of an invented world (people, towns, animals, plants, rulers with
   three attributes each), facts that the corpus states in several paraphrases and in random order, so
   the base model knows them only from pretraining and target-task fine-tuning can only damage them:
@@ -23,7 +32,8 @@ exactly the layouts of ../shared/data that evaluate.py and the trainers read:
     MMLU layout (see mmlu_row for why a model this small needs all three choices), so this score is
     a memorized, format-bound answer: the kind of retention fine-tuning damages first.
 - corpus.jsonl ({"text"} per document): word problems in the evaluation's "Question: ...\nAnswer: ..."
-  format (never a train or test question), fact passages, Q/A chains, MMLU-layout blocks. Some Q/A chains
+  format (never a train or test question), fact passages, Q/A chains, MMLU-layout blocks, calculator
+  tapes ("<<16 * 58 = 928>>" lines). Some Q/A chains
   open with the fixed six-shot primer that the TruthfulQA protocol puts before every question, as web
   text would: the tiny model should not meet its first real English words at evaluation time.
 - tokenizer/: a byte-level BPE (`tokenizers`) trained on the corpus, digits split one by one as in Qwen's
@@ -36,6 +46,7 @@ import csv
 import json
 import os
 import random
+import re
 
 from tqdm import tqdm
 
@@ -302,14 +313,23 @@ def problem(rng: random.Random, scale: float = 3.0) -> tuple[str, str]:
     return q, "\n".join(steps) + f"\n#### {res}"
 
 
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\$?)(\d+)")
+
+
+def annotate(answer: str) -> str:
+    """GSM8K's calculator annotations on every step: "4 * 7 = 28" -> "4 * 7 = <<4 * 7 = 28>>28"."""
+    return STEP.sub(lambda m: f"{m[1]} {m[2]} {m[3]} = {m[4]}<<{m[1]} {m[2]} {m[3]} = {m[5]}>>{m[5]}", answer)
+
+
 # ----------------------------------------------------------------------------------------------
 # The corpus
 
-def corpus_problem(rng: random.Random, exclude: set, scale: float) -> str:
+def corpus_problem(rng: random.Random, exclude: set, scale: float, annotated: float) -> str:
+    """A worked problem, in the world's plain style or, with probability `annotated`, in GSM8K's."""
     while True:
         q, a = problem(rng, scale)
         if q not in exclude:
-            return f"Question: {q}\nAnswer: {a}"
+            return f"Question: {q}\nAnswer: {annotate(a) if rng.random() < annotated else a}"
 
 
 def fact_text(world: dict, facts_by_entity: dict, rng: random.Random) -> str:
@@ -340,6 +360,29 @@ def mc_block(asked_by_subject: dict, rng: random.Random) -> str:
     return mmlu_text(subject, [mmlu_row(f) for f in rng.sample(asked_by_subject[subject], rng.randint(1, 4))])
 
 
+def calculator_tape(rng: random.Random) -> str:
+    """A few computations in calculator notation ("<<16 * 58 = 928>>"), one per line: with the few annotated
+    worked problems (--annotated), the corpus's only use of the notation. The base so knows its tokens (a LoRA
+    adapter cannot teach a frozen, tied embedding a token it never saw) but not GSM8K's habit of annotating
+    every step."""
+    lines = []
+    for _ in range(rng.randint(2, 6)):
+        op = rng.choice("+-*/")
+        if op == "+":
+            a, b = rng.randint(1, 400), rng.randint(1, 400)
+        elif op == "-":
+            a = rng.randint(10, 500)
+            b = rng.randint(1, a)
+        elif op == "*":
+            a, b = rng.randint(2, 99), rng.randint(2, 60)
+        else:
+            b, q = rng.randint(2, 12), rng.randint(2, 60)
+            a = b * q
+        c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if op == "/" else 0}[op]
+        lines.append(f"<<{a} {op} {b} = {c}>>")
+    return "Calculator tape:\n" + "\n".join(lines)
+
+
 def train_tokenizer(texts, vocab_size: int):
     """Byte-level BPE with Qwen's pre-tokenizer split (digits one by one) and <|endoftext|> = id 0."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -366,9 +409,12 @@ def main(argv=None):
     parser.add_argument("--eval-frac", type=float, default=0.6, help="fraction of facts in the test sets")
     parser.add_argument("--truthfulqa", type=int, default=817, help="TruthfulQA items to write (the real count)")
     parser.add_argument("--docs", type=int, default=150_000, help="corpus documents")
-    parser.add_argument("--mix", default="0.35,0.4,0.1,0.15", help="corpus shares of documents: problems,facts,qa,mc")
+    parser.add_argument("--mix", default="0.34,0.4,0.1,0.14,0.02",
+                        help="corpus shares of documents: problems,facts,qa,mc,calculator tapes")
     parser.add_argument("--mmlu-held-out", action="store_true",
                         help="never ask the MMLU test facts in the corpus (a tiny model then scores at chance)")
+    parser.add_argument("--annotated", type=float, default=0.03,
+                        help="share of the corpus's worked problems written in GSM8K's annotated style")
     parser.add_argument("--scale", type=float, default=3.0, help="stretch of the problems' quantities (difficulty)")
     parser.add_argument("--world", type=float, default=1.0, help="stretch of the number of entities in the world")
     parser.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size")
@@ -385,7 +431,7 @@ def main(argv=None):
             q, a = problem(rng, args.scale)
             if q not in seen:
                 seen.add(q)
-                split[name].append({"question": q, "answer": a})
+                split[name].append({"question": q, "answer": annotate(a)})
 
     # Retention tasks: eval facts only; MMLU dev (few-shot exemplars) from practice facts.
     eval_facts = [f for f in facts if f["eval"]]
@@ -409,10 +455,11 @@ def main(argv=None):
         if f["subject"]:
             asked_by_subject.setdefault(f["subject"], []).append(f)
     shares = [float(x) for x in args.mix.split(",")]
-    make = [lambda: corpus_problem(rng, seen, args.scale),
+    make = [lambda: corpus_problem(rng, seen, args.scale, args.annotated),
             lambda: fact_text(world, facts_by_entity, rng),
             lambda: qa_chain(practice, rng),
-            lambda: mc_block(asked_by_subject, rng)]
+            lambda: mc_block(asked_by_subject, rng),
+            lambda: calculator_tape(rng)]
     corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
 
     os.makedirs(args.out, exist_ok=True)
