@@ -220,7 +220,9 @@ def score(model, contexts, continuations, batch_size: int = 64) -> list[list[tor
 
     contexts: list of token lists; continuations: per context, a list of token lists. Each context is
     prefilled once (left-padded batch) and its cache rows are copied for its continuations, which then run
-    as one right-padded batch; the first continuation token is scored from the context's last logit.
+    as right-padded batches of similar lengths; the first continuation token is scored from the context's
+    last logit, and the lm_head runs only where a real next token is scored (with a 150k vocabulary it
+    costs more per position than a small model's whole body, so padding must not reach it).
     Returns, per context and continuation, a 1-D tensor of per-token log-probs (float32, CPU).
     """
     device = next(model.parameters()).device
@@ -229,14 +231,15 @@ def score(model, contexts, continuations, batch_size: int = 64) -> list[list[tor
     for start in range(0, len(contexts), batch_size):
         ctx_idx = list(range(start, min(start + batch_size, len(contexts))))
         ids, mask = left_pad([contexts[i] for i in ctx_idx], device=device)
-        pairs = [(row, j) for row, i in enumerate(ctx_idx) for j in range(len(continuations[i]))]
-        L = max(len(continuations[ctx_idx[r]][j]) for r, j in pairs)
+        pairs = sorted(((row, j) for row, i in enumerate(ctx_idx) for j in range(len(continuations[i]))),
+                       key=lambda rj: len(continuations[ctx_idx[rj[0]]][rj[1]]))
         cache = KVCache.empty(model.config, len(ctx_idx), ids.shape[1], device, dtype)
         last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
         for p0 in range(0, len(pairs), batch_size):
             part = pairs[p0:p0 + batch_size]
             rows = torch.tensor([r for r, _ in part], device=device)
             conts = [continuations[ctx_idx[r]][j] for r, j in part]
+            L = max(len(c) for c in conts)
             cont_ids = torch.zeros(len(part), L, dtype=torch.long)
             cont_mask = torch.zeros(len(part), L, dtype=torch.bool)
             for k, c in enumerate(conts):
@@ -244,10 +247,13 @@ def score(model, contexts, continuations, batch_size: int = 64) -> list[list[tor
                 cont_mask[k, :len(c)] = True
             cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
             sub = cache.select(rows, slots=ids.shape[1] + L)
-            logp = model(cont_ids, cont_mask, cache=sub).float().log_softmax(-1)
+            hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
             # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
             first = last[rows].gather(-1, cont_ids[:, :1])
-            rest = logp[:, :-1].gather(-1, cont_ids[:, 1:, None]).squeeze(-1)
+            scored = cont_mask[:, 1:]
+            logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
+            rest = torch.zeros(scored.shape, device=device)
+            rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
             per_token = torch.cat([first, rest], dim=1).cpu()
             for k, (r, j) in enumerate(part):
                 out[ctx_idx[r]][j] = per_token[k, :len(conts[k])]
