@@ -6,8 +6,7 @@
 Both sides generate exactly --new-tokens tokens (EOS disabled) from the same left-aligned random prompts of
 --prompt-len tokens, greedy, and the benchmark checks the tokens are identical before reporting tokens/s
 (new tokens over wall time, prefill included, best of --repeats after one warm-up; the two sides take
-turns). transformers is a
-benchmark-only dependency.
+turns). transformers is a benchmark-only dependency.
 """
 import argparse
 import json
