@@ -216,8 +216,11 @@ def main():
           f"(prompt {a.prompt_len} masked), LoRA r16 on all projections", flush=True)
     with tempfile.TemporaryDirectory() as d:
         make_world(cfg, d, qwen_tokenizer=a.cuda)
-        sides = [("ours", "sft_ours", False)] + [("ours + locality", "sft_ours", True)] * ("locality" not in skip) \
-            + [("transformers + peft", "sft_peft", False)] * ("peft" not in skip)
+        sides = [("ours", "sft_ours", False)]
+        if "locality" not in skip:
+            sides.append(("ours + locality", "sft_ours", True))
+        if "peft" not in skip:
+            sides.append(("transformers + peft", "sft_peft", False))
         # The sides take turns, round after round, and each keeps its best round: a slow spell of a shared
         # machine then does not fall on one side only.
         best = {}
