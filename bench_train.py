@@ -11,7 +11,8 @@ answer positions. Each side runs in its own process (clean peak memory) and repo
 timed steps after --warmup; the sides take turns for --rounds rounds and each keeps its best. tokens/s = batch x
 seq-len / step time; peak memory is above the loaded model (GPU: torch's allocator peak; CPU: the process's peak
 resident size). "ours + locality" adds the state-locality forward (frozen base, no grad) that the trainers log
-every step by default.
+every step by default. Then both sides once more in a single process, one step each in turn for --steps x
+--rounds steps (same allocator, threads and moment of a shared machine): median seconds per step of each.
 
 GRPO split: train_grpo.py itself for a few steps (a random 0/1 reward so every group carries signal), the
 seconds per step spent sampling rollouts (merged adapter, KV cache) and learning (the clipped PG step, in
@@ -100,7 +101,8 @@ def timed_steps(step, device, warmup, steps):
     return statistics.median(times)
 
 
-def sft_ours(model_dir, cfg, a, locality: bool):
+def ours_step(model_dir, cfg, a, locality: bool):
+    """Our LoRA SFT step (train_sft.py's loss through training.train_step) as a closure."""
     import train_sft
     import training
     device = "cuda" if a.cuda else "cpu"
@@ -109,7 +111,6 @@ def sft_ours(model_dir, cfg, a, locality: bool):
                                 + (["--grad-checkpointing"] if a.grad_checkpointing else []))
     run = training.setup(args, "sft")
     run.total_steps = 10_000
-    loaded = torch.cuda.memory_allocated() if a.cuda else peak_rss_mb() * 2**20
     ids, target = sft_batch(cfg, a.batch, a.seq_len, a.prompt_len, device)
     attn = torch.ones_like(target)
     state = target.clone()
@@ -118,12 +119,11 @@ def sft_ours(model_dir, cfg, a, locality: bool):
 
     def step():
         training.train_step(run, [(ids, attn, target, state)], lambda b: train_sft.sft_loss(run.model, b, n, locality))
-    dt = timed_steps(step, device, a.warmup, a.steps)
-    peak = torch.cuda.max_memory_allocated() if a.cuda else peak_rss_mb() * 2**20
-    return dt, (peak - loaded) / 2**20
+    return step
 
 
-def sft_peft(model_dir, cfg, a, locality: bool):
+def peft_step(model_dir, cfg, a, locality: bool = False):  # locality: ours only (same signature)
+    """The same step with transformers + peft (labels= path, AdamW, clipping) as a closure."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3ForCausalLM
     device = "cuda" if a.cuda else "cpu"
@@ -137,7 +137,6 @@ def sft_peft(model_dir, cfg, a, locality: bool):
     assert all(p.dtype == torch.float32 for p in params)  # peft keeps adapters in float32 over a bf16 base too
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if a.cuda else {}))
     model.train()
-    loaded = torch.cuda.memory_allocated() if a.cuda else peak_rss_mb() * 2**20
     ids, target = sft_batch(cfg, a.batch, a.seq_len, a.prompt_len, device)
     labels = ids.masked_fill(~target, -100)
 
@@ -148,12 +147,36 @@ def sft_peft(model_dir, cfg, a, locality: bool):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    dt = timed_steps(step, device, a.warmup, a.steps)
+    return step
+
+
+def sft_side(build, model_dir, cfg, a, locality: bool = False):
+    """Median seconds per step and peak memory (MB) above the loaded model of one side, alone in its process."""
+    loaded = torch.cuda.memory_allocated() if a.cuda else peak_rss_mb() * 2**20
+    dt = timed_steps(globals()[build](model_dir, cfg, a, locality), "cuda" if a.cuda else "cpu", a.warmup, a.steps)
     peak = torch.cuda.max_memory_allocated() if a.cuda else peak_rss_mb() * 2**20
     return dt, (peak - loaded) / 2**20
 
 
-def grpo_split(model_dir, cfg, a, locality: bool):
+def sft_interleaved(model_dir, cfg, a):
+    """Both sides in one process, one step each in turn (same allocator, threads and machine moment):
+    median seconds per step of ours and of peft."""
+    steps = {"ours": ours_step(model_dir, cfg, a, False), "peft": peft_step(model_dir, cfg, a)}
+    for _ in range(a.warmup):
+        for step in steps.values():
+            step()
+    times = {k: [] for k in steps}
+    for _ in range(a.steps * a.rounds):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if a.cuda:
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def grpo_split(model_dir, cfg, a):
     import train_grpo
     data = os.path.join(model_dir, "data")
     rng = random.Random(0)
@@ -168,14 +191,15 @@ def grpo_split(model_dir, cfg, a, locality: bool):
             statistics.median(r["completion_len"] for r in rows))
 
 
-def child(fn_name, model_dir, cfg, a, locality, queue):
-    queue.put(globals()[fn_name](model_dir, cfg, a, locality))
+def child(fn_name, args, queue):
+    queue.put(globals()[fn_name](*args))
 
 
-def in_child(fn_name, model_dir, cfg, a, locality=False):
+def in_child(fn_name, *args):
+    """globals()[fn_name](*args) in a fresh process (clean peak memory), its result returned."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=child, args=(fn_name, model_dir, cfg, a, locality, q))
+    p = ctx.Process(target=child, args=(fn_name, args, q))
     p.start()
     out = q.get()
     p.join()
@@ -196,7 +220,7 @@ def main():
     p.add_argument("--grpo-prompts", type=int, help="GRPO: prompts per step, learned in 4 micro-batches (default 16 on GPU, 4 on CPU)")
     p.add_argument("--new-tokens", type=int, help="GRPO: completion tokens (default 256 on GPU, 64 on CPU)")
     p.add_argument("--grpo-steps", type=int, default=4, help="GRPO: steps run (the first is not counted)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: peft, locality, grpo")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: peft, locality, interleaved, grpo")
     a = p.parse_args()
     a.batch = a.batch or 8
     a.seq_len = a.seq_len or (512 if a.cuda else 256)
@@ -216,17 +240,17 @@ def main():
           f"(prompt {a.prompt_len} masked), LoRA r16 on all projections", flush=True)
     with tempfile.TemporaryDirectory() as d:
         make_world(cfg, d, qwen_tokenizer=a.cuda)
-        sides = [("ours", "sft_ours", False)]
+        sides = [("ours", "ours_step", False)]
         if "locality" not in skip:
-            sides.append(("ours + locality", "sft_ours", True))
+            sides.append(("ours + locality", "ours_step", True))
         if "peft" not in skip:
-            sides.append(("transformers + peft", "sft_peft", False))
+            sides.append(("transformers + peft", "peft_step", False))
         # The sides take turns, round after round, and each keeps its best round: a slow spell of a shared
         # machine then does not fall on one side only.
         best = {}
         for _ in range(a.rounds):
             for label, fn, locality in sides:
-                dt, mem = in_child(fn, d, cfg, a, locality)
+                dt, mem = in_child("sft_side", fn, d, cfg, a, locality)
                 if label not in best or dt < best[label][0]:
                     best[label] = (dt, mem)
         rows = [(label, *best[label]) for label, _, _ in sides]
@@ -236,6 +260,11 @@ def main():
             ratio = f"  {base / dt:.2f}x peft" if base else ""
             print(json.dumps({"sft": label, "step_s": round(dt, 4), "tokens_per_s": round(tokens / dt),
                               "peak_mem_mb": round(mem)}) + ratio, flush=True)
+        if "peft" not in skip and "interleaved" not in skip:
+            med = in_child("sft_interleaved", d, cfg, a)
+            print(json.dumps({"sft": "one process, steps in turn", "ours_step_s": round(med["ours"], 4),
+                              "peft_step_s": round(med["peft"], 4)}) + f"  {med['peft'] / med['ours']:.2f}x peft",
+                  flush=True)
         if "grpo" not in skip:
             sample_s, learn_s, length = in_child("grpo_split", d, cfg, a)
             total = sample_s + learn_s
