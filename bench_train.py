@@ -152,8 +152,9 @@ def peft_step(model_dir, cfg, a, locality: bool = False):  # locality: ours only
 
 def sft_side(build, model_dir, cfg, a, locality: bool = False):
     """Median seconds per step and peak memory (MB) above the loaded model of one side, alone in its process."""
+    step = globals()[build](model_dir, cfg, a, locality)
     loaded = torch.cuda.memory_allocated() if a.cuda else peak_rss_mb() * 2**20
-    dt = timed_steps(globals()[build](model_dir, cfg, a, locality), "cuda" if a.cuda else "cpu", a.warmup, a.steps)
+    dt = timed_steps(step, "cuda" if a.cuda else "cpu", a.warmup, a.steps)
     peak = torch.cuda.max_memory_allocated() if a.cuda else peak_rss_mb() * 2**20
     return dt, (peak - loaded) / 2**20
 
