@@ -274,10 +274,8 @@ def summarize(args, runs: dict, costs: dict) -> dict:
     data = args.data_dir or ("tiny/data" if args.model == "tiny" else "huggingface hub")
     summary = {"model": args.model, "profile": args.profile, "seeds": args.seeds, "data_dir": data,
                "protocol": {t: v["protocol"] for t, v in base["tasks"].items()}, "models": {}, "costs": costs}
-    summary["models"]["base"] = {"label": "Base", "gsm8k": mean_std([base["tasks"]["gsm8k"]["score"]]),
-                                 "truthfulqa": mean_std([base["tasks"]["truthfulqa"]["score"]]),
-                                 "truthfulqa_mc2": mean_std([base["tasks"]["truthfulqa"]["mc2"]]),
-                                 "mmlu": mean_std([base["tasks"]["mmlu"]["score"]])}
+    summary["models"]["base"] = {"label": "Base", **{t: mean_std([base["tasks"][t]["score"]]) for t in evaluate.TASKS},
+                                 "truthfulqa_mc2": mean_std([base["tasks"]["truthfulqa"]["mc2"]])}
     for stage in stages():
         per_seed = [r for r in runs.get(stage.name, []) if "failed" not in r]
         row = {"label": stage.label, "states": stage.states, "signal": stage.signal,
