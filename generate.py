@@ -9,6 +9,7 @@ Every experiment in the study is dominated by sampling rollouts (GRPO's groups, 
 teacher continuations, drift's state sets, GSM8K evaluation), so the structure is built for it:
 - prompts are left-padded and prefilled in one batched forward that computes logits for the last position only;
 - decoding writes into one preallocated cache (model.KVCache) and never loops over sequences in Python;
+- q, k and v come from one matmul of their stacked weights (model.stacked_qkv; with LoRA, once merged);
 - finished sequences are tracked by position (a boolean per row), never by comparing tokens with the pad id,
   because Qwen base models use the same id (<|endoftext|>) for padding and EOS;
 - stop strings are checked in Python only for the rows whose new token could complete one (a precomputed
@@ -23,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from model import KVCache
+from model import KVCache, stacked_qkv
 
 
 @dataclass
@@ -148,13 +149,14 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(prompts), desc="rollouts", unit="seq")
-    for chunk in chunks:
-        rollouts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, temperature,
-                                   top_p, top_k, stop, generator, cuda_graph and device.type == "cuda")
-        for i, r in zip(chunk, rollouts):
-            out[i] = r
-        if bar:
-            bar.update(len(chunk))
+    with stacked_qkv(model):
+        for chunk in chunks:
+            rollouts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, temperature,
+                                       top_p, top_k, stop, generator, cuda_graph and device.type == "cuda")
+            for i, r in zip(chunk, rollouts):
+                out[i] = r
+            if bar:
+                bar.update(len(chunk))
     if bar:
         bar.close()
     return out
@@ -228,35 +230,36 @@ def score(model, contexts, continuations, batch_size: int = 64) -> list[list[tor
     device = next(model.parameters()).device
     dtype = model.embed_tokens.weight.dtype
     out = [[None] * len(c) for c in continuations]
-    for start in range(0, len(contexts), batch_size):
-        ctx_idx = list(range(start, min(start + batch_size, len(contexts))))
-        ids, mask = left_pad([contexts[i] for i in ctx_idx], device=device)
-        pairs = sorted(((row, j) for row, i in enumerate(ctx_idx) for j in range(len(continuations[i]))),
-                       key=lambda rj: len(continuations[ctx_idx[rj[0]]][rj[1]]))
-        cache = KVCache.empty(model.config, len(ctx_idx), ids.shape[1], device, dtype)
-        last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
-        for p0 in range(0, len(pairs), batch_size):
-            part = pairs[p0:p0 + batch_size]
-            rows = torch.tensor([r for r, _ in part], device=device)
-            conts = [continuations[ctx_idx[r]][j] for r, j in part]
-            L = max(len(c) for c in conts)
-            cont_ids = torch.zeros(len(part), L, dtype=torch.long)
-            cont_mask = torch.zeros(len(part), L, dtype=torch.bool)
-            for k, c in enumerate(conts):
-                cont_ids[k, :len(c)] = torch.tensor(c)
-                cont_mask[k, :len(c)] = True
-            cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
-            sub = cache.select(rows, slots=ids.shape[1] + L)
-            hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
-            # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
-            first = last[rows].gather(-1, cont_ids[:, :1])
-            scored = cont_mask[:, 1:]
-            logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
-            rest = torch.zeros(scored.shape, device=device)
-            rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
-            per_token = torch.cat([first, rest], dim=1).cpu()
-            for k, (r, j) in enumerate(part):
-                out[ctx_idx[r]][j] = per_token[k, :len(conts[k])]
+    with stacked_qkv(model):
+        for start in range(0, len(contexts), batch_size):
+            ctx_idx = list(range(start, min(start + batch_size, len(contexts))))
+            ids, mask = left_pad([contexts[i] for i in ctx_idx], device=device)
+            pairs = sorted(((row, j) for row, i in enumerate(ctx_idx) for j in range(len(continuations[i]))),
+                           key=lambda rj: len(continuations[ctx_idx[rj[0]]][rj[1]]))
+            cache = KVCache.empty(model.config, len(ctx_idx), ids.shape[1], device, dtype)
+            last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
+            for p0 in range(0, len(pairs), batch_size):
+                part = pairs[p0:p0 + batch_size]
+                rows = torch.tensor([r for r, _ in part], device=device)
+                conts = [continuations[ctx_idx[r]][j] for r, j in part]
+                L = max(len(c) for c in conts)
+                cont_ids = torch.zeros(len(part), L, dtype=torch.long)
+                cont_mask = torch.zeros(len(part), L, dtype=torch.bool)
+                for k, c in enumerate(conts):
+                    cont_ids[k, :len(c)] = torch.tensor(c)
+                    cont_mask[k, :len(c)] = True
+                cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+                sub = cache.select(rows, slots=ids.shape[1] + L)
+                hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
+                # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
+                first = last[rows].gather(-1, cont_ids[:, :1])
+                scored = cont_mask[:, 1:]
+                logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
+                rest = torch.zeros(scored.shape, device=device)
+                rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
+                per_token = torch.cat([first, rest], dim=1).cpu()
+                for k, (r, j) in enumerate(part):
+                    out[ctx_idx[r]][j] = per_token[k, :len(conts[k])]
     return out
 
 

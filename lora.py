@@ -67,6 +67,13 @@ class LoraLinear(nn.Module):
     def delta(self, name: str):
         return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scale[name]
 
+    @property
+    def weight(self):
+        """The one matrix this layer applies, if it is one (merged, or no adapter active), else None."""
+        if self.merged_weight is not None:
+            return self.merged_weight
+        return self.base.weight if self.active is None else None
+
     def merge(self):
         if self.active is not None:
             self.merged_weight = (self.base.weight.float() + self.delta(self.active)).to(self.base.weight.dtype)

@@ -20,6 +20,7 @@ tensor indexing: no per-sequence Python anywhere. generate.py drives it.
 import functools
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -86,9 +87,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # float32 statistics, cast back to the input dtype, *then* the weight (transformers' order;
-        # multiplying before the cast rounds differently in bf16).
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm over the last dimension: float32 statistics, cast back to the input dtype, *then* the weight
+    (transformers' order; multiplying before the cast rounds differently in bf16)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -160,20 +165,49 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qkv_weight = None   # q, k and v weights stacked, only inside stacked_qkv()
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, slots):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.project_qkv(x).view(B, T, H + 2 * KV, D)
+        # q_norm and k_norm in one call (each head with its own weight), then one rotation of all q and k heads.
+        norm_weight = torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(KV, D)])
+        qk = apply_rope(rms_norm(qkv[:, :, :H + KV], norm_weight, self.q_norm.eps).transpose(1, 2), cos, sin)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + KV:].transpose(1, 2)
         if cache is not None:
             cache.k[layer].index_copy_(2, slots, k)
             cache.v[layer].index_copy_(2, slots, v)
             end = mask.shape[-1]
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def project_qkv(self, x):
+        """q, k and v side by side: [B, T, (heads + 2 kv_heads) * head_dim]; one matmul inside stacked_qkv()."""
+        if self.qkv_weight is not None:
+            return F.linear(x, self.qkv_weight)
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+
+@contextmanager
+def stacked_qkv(model):
+    """Inside this block every attention layer projects q, k and v with one matmul, their weights stacked.
+
+    The sampler's decode step is a few dozen small matmuls, and this makes three of them one. The stack is a
+    copy taken on entry, so the weights must not change inside (sampling and scoring do not train). A layer
+    whose projections are not single matrices (a LoRA adapter active and not merged) keeps three matmuls.
+    """
+    attns = [layer.self_attn for layer in model.layers]
+    previous = [a.qkv_weight for a in attns]
+    for a in attns:
+        weights = [p.weight for p in (a.q_proj, a.k_proj, a.v_proj)]
+        a.qkv_weight = torch.cat(weights).detach() if all(w is not None for w in weights) else None
+    try:
+        yield model
+    finally:
+        for a, w in zip(attns, previous):
+            a.qkv_weight = w
 
 
 class MLP(nn.Module):

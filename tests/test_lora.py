@@ -4,7 +4,7 @@ import torch
 
 from lora import (LoraConfig, add_lora, export_merged, export_peft, load_adapter, load_checkpoint, lora_parameters,
                   merged, save_checkpoint, use_adapter)
-from model import LoadError, load_model
+from model import LoadError, load_model, stacked_qkv
 
 IDS = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -46,6 +46,20 @@ def test_merged_equals_unmerged_and_unmerge_restores_base_exactly(tiny_dir):
     torch.testing.assert_close(merged_logits, unmerged, atol=1e-5, rtol=1e-5)
     assert torch.equal(after, unmerged)
     assert torch.equal(model.layers[0].self_attn.q_proj.base.weight, base_w)
+
+
+def test_stacked_qkv_applies_what_each_projection_applies(tiny_dir):
+    model, _ = load_model(tiny_dir)
+    trained_adapter(model)
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        for adapter, merge in (("default", False), ("default", True), (None, False)):
+            with use_adapter(model, adapter), merged(model) if merge else torch.no_grad():
+                three = model(IDS)
+                with stacked_qkv(model):
+                    # an active adapter left unmerged is no single matrix: that layer keeps three matmuls
+                    assert (attn.qkv_weight is None) == (adapter is not None and not merge)
+                    torch.testing.assert_close(model(IDS), three, atol=1e-6, rtol=1e-6)
 
 
 def test_disabled_adapter_is_the_base_policy(tiny_dir):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, TOKENIZER_DIR, write_byte_tokenizer
-from model import KVCache, LoadError, load_model, load_tokenizer
+from model import KVCache, LoadError, load_model, load_tokenizer, stacked_qkv
 
 IDS = torch.randint(0, 1000, (3, 19), generator=torch.Generator().manual_seed(0))
 
@@ -16,7 +16,12 @@ def test_float32_logits_match_transformers(hf_models, name):
     path, hf = hf_models[name]
     model, _ = load_model(path)
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS), hf(IDS).logits, atol=1e-5, rtol=1e-5)
+        ref = hf(IDS).logits
+        torch.testing.assert_close(model(IDS), ref, atol=1e-5, rtol=1e-5)
+        with stacked_qkv(model):   # q, k, v in one matmul, as the sampler runs it
+            assert model.layers[0].self_attn.qkv_weight is not None
+            torch.testing.assert_close(model(IDS), ref, atol=1e-5, rtol=1e-5)
+    assert model.layers[0].self_attn.qkv_weight is None
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
