@@ -165,7 +165,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.qkv_weight = None   # q, k and v weights stacked, only inside stacked_qkv()
+        self.stacked, self.qkv_weight = False, None   # q, k and v weights stacked: see stacked_qkv()
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, slots):
         B, T, _ = x.shape
@@ -185,7 +185,7 @@ class Attention(nn.Module):
 
     def project_qkv(self, x):
         """q, k and v side by side: [B, T, (heads + 2 kv_heads) * head_dim]; one matmul inside stacked_qkv()."""
-        if self.qkv_weight is not None:
+        if self.stacked:
             return F.linear(x, self.qkv_weight)
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
@@ -195,19 +195,27 @@ def stacked_qkv(model):
     """Inside this block every attention layer projects q, k and v with one matmul, their weights stacked.
 
     The sampler's decode step is a few dozen small matmuls, and this makes three of them one. The stack is a
-    copy taken on entry, so the weights must not change inside (sampling and scoring do not train). A layer
+    copy taken on entry, so the weights must not change inside (no training step, merge or adapter switch);
+    its buffer is kept for the next entry (allocating it afresh costs more than the copy on a CPU). A layer
     whose projections are not single matrices (a LoRA adapter active and not merged) keeps three matmuls.
     """
     attns = [layer.self_attn for layer in model.layers]
-    previous = [a.qkv_weight for a in attns]
+    previous = [a.stacked for a in attns]
     for a in attns:
         weights = [p.weight for p in (a.q_proj, a.k_proj, a.v_proj)]
-        a.qkv_weight = torch.cat(weights).detach() if all(w is not None for w in weights) else None
+        a.stacked = all(w is not None for w in weights)
+        if a.stacked:
+            buf = a.qkv_weight
+            if buf is None or buf.dtype != weights[0].dtype or buf.device != weights[0].device:
+                with torch.inference_mode(False):   # a normal tensor, so that it can be refilled in any mode
+                    buf = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1],
+                                      dtype=weights[0].dtype, device=weights[0].device)
+            a.qkv_weight = torch.cat([w.detach() for w in weights], out=buf)
     try:
         yield model
     finally:
-        for a, w in zip(attns, previous):
-            a.qkv_weight = w
+        for a, was in zip(attns, previous):
+            a.stacked = was
 
 
 class MLP(nn.Module):

@@ -19,9 +19,9 @@ def test_float32_logits_match_transformers(hf_models, name):
         ref = hf(IDS).logits
         torch.testing.assert_close(model(IDS), ref, atol=1e-5, rtol=1e-5)
         with stacked_qkv(model):   # q, k, v in one matmul, as the sampler runs it
-            assert model.layers[0].self_attn.qkv_weight is not None
+            assert model.layers[0].self_attn.stacked
             torch.testing.assert_close(model(IDS), ref, atol=1e-5, rtol=1e-5)
-    assert model.layers[0].self_attn.qkv_weight is None
+    assert not model.layers[0].self_attn.stacked
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
