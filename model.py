@@ -195,9 +195,10 @@ def stacked_qkv(model):
     """Inside this block every attention layer projects q, k and v with one matmul, their weights stacked.
 
     The sampler's decode step is a few dozen small matmuls, and this makes three of them one. The stack is a
-    copy taken on entry, so the weights must not change inside (no training step, merge or adapter switch);
-    its buffer is kept for the next entry (allocating it afresh costs more than the copy on a CPU). A layer
-    whose projections are not single matrices (a LoRA adapter active and not merged) keeps three matmuls.
+    detached copy taken on entry: the weights must not change inside (no training step, merge or adapter
+    switch), and no gradient reaches them through it. Its buffer is kept for the next entry (allocating it
+    afresh costs more than the copy on a CPU). A layer whose projections are not single matrices (a LoRA
+    adapter active and not merged) keeps three matmuls.
     """
     attns = [layer.self_attn for layer in model.layers]
     previous = [a.stacked for a in attns]

@@ -1,4 +1,6 @@
 """lora.py: a fresh adapter is a no-op, merging is exact, the base is the reference, checkpoints round-trip."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -54,7 +56,7 @@ def test_stacked_qkv_applies_what_each_projection_applies(tiny_dir):
     attn = model.layers[0].self_attn
     with torch.no_grad():
         for adapter, merge in (("default", False), ("default", True), (None, False)):
-            with use_adapter(model, adapter), merged(model) if merge else torch.no_grad():
+            with use_adapter(model, adapter), merged(model) if merge else nullcontext():
                 three = model(IDS)
                 with stacked_qkv(model):
                     # an active adapter left unmerged is no single matrix: that layer keeps three matmuls
