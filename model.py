@@ -92,8 +92,11 @@ class RMSNorm(nn.Module):
 
 def rms_norm(x, weight, eps: float):
     """RMSNorm over the last dimension: float32 statistics, cast back to the input dtype, *then* the weight
-    (transformers' order; multiplying before the cast rounds differently in bf16)."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    (transformers' order; multiplying before the cast rounds differently in bf16). Written out rather than
+    F.rms_norm, whose CPU version is a composite of more ops: this form halves the norms' share of a decode step."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 @functools.lru_cache(maxsize=8)
