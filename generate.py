@@ -55,7 +55,7 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
     GRPO's ratio and OPD's KL need); greedy decoding (T = 0) records log_softmax(logits).
     """
     logits = logits.float()
-    logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+    logp = torch.log_softmax(logits / temperature if temperature not in (0, 1) else logits, dim=-1)
     if temperature == 0:
         token = logits.argmax(-1)
     else:

@@ -108,17 +108,19 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Te
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """Rotary embedding tables for integer positions [B, T] -> cos, sin [B, T, head_dim] (float32 math)."""
+    """Rotary tables for integer positions [B, T] -> cos and signed sin, each [B, 1, T, head_dim] (float32 math).
+
+    Rotate-half RoPE is x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1]. [x2, x1] is x
+    rolled by half its width, so the minus sign goes into the table once per forward: sin = [-sin, sin].
+    """
     angles = positions.float()[..., None] * rope_inv_freq(head_dim, theta, positions.device)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype)[:, None], torch.cat([-sin, sin], dim=-1).to(dtype)[:, None]
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x [B, heads, T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """Rotate-half RoPE on x [B, heads, T, head_dim], with rope_cos_sin()'s tables."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 @dataclass
@@ -168,15 +170,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.stacked, self.qkv_weight = False, None   # q, k and v weights stacked: see stacked_qkv()
+        self.stacked, self.qkv_weight, self.qk_norm_stacked = False, None, None   # see stacked_qkv()
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, slots):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.project_qkv(x).view(B, T, H + 2 * KV, D)
         # q_norm and k_norm in one call (each head with its own weight), then one rotation of all q and k heads.
-        norm_weight = torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(KV, D)])
-        qk = apply_rope(rms_norm(qkv[:, :, :H + KV], norm_weight, self.q_norm.eps).transpose(1, 2), cos, sin)
+        qk = apply_rope(rms_norm(qkv[:, :, :H + KV], self.qk_norm_weight(), self.q_norm.eps).transpose(1, 2), cos, sin)
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + KV:].transpose(1, 2)
         if cache is not None:
             cache.k[layer].index_copy_(2, slots, k)
@@ -192,29 +193,39 @@ class Attention(nn.Module):
             return F.linear(x, self.qkv_weight)
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
+    def qk_norm_weight(self):
+        """q_norm's weight for every q head, then k_norm's for every kv head: [heads + kv_heads, head_dim]."""
+        if self.stacked:
+            return self.qk_norm_stacked
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        return torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(KV, D)])
+
 
 @contextmanager
 def stacked_qkv(model):
     """Inside this block every attention layer projects q, k and v with one matmul, their weights stacked.
 
-    The sampler's decode step is a few dozen small matmuls, and this makes three of them one. The stack is a
-    detached copy taken on entry: the weights must not change inside (no training step, merge or adapter
-    switch), and no gradient reaches them through it. Its buffer is kept for the next entry (allocating it
-    afresh costs more than the copy on a CPU). A layer whose projections are not single matrices (a LoRA
-    adapter active and not merged) keeps three matmuls.
+    The sampler's decode step is a few dozen small matmuls, and this makes three of them one (and takes the
+    per-head q/k norm weight, Attention.qk_norm_weight, once instead of on every step). The stacks are detached
+    copies taken on entry: the weights must not change inside (no training step, merge or adapter switch), and
+    no gradient reaches them through it. The q/k/v buffer is kept for the next entry (allocating it afresh
+    costs more than the copy on a CPU). A layer whose projections are not single matrices (a LoRA adapter
+    active and not merged) keeps three matmuls.
     """
     attns = [layer.self_attn for layer in model.layers]
     previous = [a.stacked for a in attns]
     for a in attns:
         weights = [p.weight for p in (a.q_proj, a.k_proj, a.v_proj)]
-        a.stacked = all(w is not None for w in weights)
-        if a.stacked:
+        a.stacked = False
+        if all(w is not None for w in weights):
             buf = a.qkv_weight
             if buf is None or buf.dtype != weights[0].dtype or buf.device != weights[0].device:
                 with torch.inference_mode(False):   # a normal tensor, so that it can be refilled in any mode
                     buf = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1],
                                       dtype=weights[0].dtype, device=weights[0].device)
             a.qkv_weight = torch.cat([w.detach() for w in weights], out=buf)
+            a.qk_norm_stacked = a.qk_norm_weight().detach()
+            a.stacked = True
     try:
         yield model
     finally:

@@ -24,6 +24,18 @@ def test_float32_logits_match_transformers(hf_models, name):
     assert not model.layers[0].self_attn.stacked
 
 
+def test_stacked_qkv_takes_the_weights_of_each_entry(hf_models):
+    model, _ = load_model(hf_models["gqa_tied"][0])
+    attn = model.layers[1].self_attn
+    with torch.no_grad():
+        for changed in (None, attn.v_proj.weight, attn.k_norm.weight, attn.q_norm.weight):
+            if changed is not None:   # changed between two entries: the next entry must use the new weight
+                changed.mul_(1.5)
+            three = model(IDS)
+            with stacked_qkv(model):
+                torch.testing.assert_close(model(IDS), three, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_left_padded_batch_matches_transformers_and_each_prompt_alone(hf_models, name):
     path, hf = hf_models[name]
