@@ -5,12 +5,16 @@
 
 Both sides generate exactly --new-tokens tokens (EOS disabled) from the same left-aligned random prompts of
 --prompt-len tokens, greedy, and the benchmark checks the tokens are identical before reporting tokens/s
-(new tokens over wall time, prefill included, best of --repeats after one warm-up; the two sides take
-turns). transformers is a benchmark-only dependency.
+(new tokens over wall time, prefill included, best of --repeats rounds after one warm-up). In every round
+both sides run back to back, in alternating order, and `ratio_paired` is the median over rounds of
+(transformers' time / ours): a shared machine's slow spells last longer than one round, so this ratio moves
+far less between runs than the ratio of the two best times (`ratio`). transformers is a benchmark-only
+dependency.
 """
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -69,12 +73,14 @@ def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats):
         return result, time.perf_counter() - t0
 
     run_ours(), run_hf()  # warm-up (CUDA graph capture, kernel selection, allocator)
-    # The two sides take turns, so a slow spell of a shared machine does not fall on one side only.
-    best = {"ours": float("inf"), "hf": float("inf")}
-    for _ in range(repeats):
-        (our_tokens, t_ours), (hf_tokens, t_hf) = timed(run_ours), timed(run_hf)
-        best = {"ours": min(best["ours"], t_ours), "hf": min(best["hf"], t_hf)}
-    our_tps, hf_tps = batch * new_tokens / best["ours"], batch * new_tokens / best["hf"]
+    runs, times, tokens = {"ours": run_ours, "hf": run_hf}, {"ours": [], "hf": []}, {}
+    for r in range(repeats):   # one round: both sides back to back, the first one alternating
+        for side in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
+            tokens[side], seconds = timed(runs[side])
+            times[side].append(seconds)
+    our_tokens, hf_tokens = tokens["ours"], tokens["hf"]
+    our_tps, hf_tps = batch * new_tokens / min(times["ours"]), batch * new_tokens / min(times["hf"])
+    paired = statistics.median(h / o for o, h in zip(times["ours"], times["hf"]))
     same = sum(a == b for a, b in zip(our_tokens, hf_tokens))
     # In bf16, random weights give near-tied logits, and two correct implementations whose kernels round
     # differently part ways at the first near-tie; report how long the greedy paths agree.
@@ -82,7 +88,7 @@ def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats):
     params = sum(p.numel() for p in ours.parameters())
     row = dict(model=name, params_m=round(params / 1e6, 1), device=device, dtype=str(dtype).removeprefix("torch."),
                batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ours_tok_s=round(our_tps, 1),
-               transformers_tok_s=round(hf_tps, 1), ratio=round(our_tps / hf_tps, 2),
+               transformers_tok_s=round(hf_tps, 1), ratio=round(our_tps / hf_tps, 2), ratio_paired=round(paired, 2),
                identical_rows=f"{same}/{batch}", mean_agreeing_prefix=round(sum(agree) / batch, 1))
     print(json.dumps(row), flush=True)
     return row
@@ -93,7 +99,7 @@ def main():
     p.add_argument("--cuda", action="store_true", help="run the GPU cases (bf16) instead of the CPU ones")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per row")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case (best is reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per case (best time per side, median paired ratio)")
     p.add_argument("--only", choices=["small", "0.6b"], help="run one model size only")
     args = p.parse_args()
     big = json.load(open(QWEN3_06B))
