@@ -29,14 +29,13 @@ import torch
 import torch.nn as nn
 
 import reproduce
+from bench_generate import SMALL
 from model import Qwen3, Qwen3Config, load_tokenizer
 from pretrain import save_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QWEN_TOKENIZER = os.path.join(HERE, "tests", "data", "qwen3_tokenizer")
 EVAL_DATA = os.path.join(HERE, "tests", "data", "eval_data")
-SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=64)
 # Optimizer steps of the paper's full runs with the scripts' defaults (GSM8K train has 7,473 problems).
 FULL_STEPS = {"sft_mild": 468, "sft_stress": 2336, "grpo": 200, "opd_stress": 200, "opd_mild": 200, "opd_kl": 200,
               "opd_stress_on_teacher_states": 200, "opd_stress_on_data_states": 200}
@@ -47,8 +46,8 @@ def random_model(shape: str, out: str) -> str:
     """A model directory with random weights: the Qwen3-0.6B-Base config (or a small one), the Qwen tokenizer."""
     with open(os.path.join(HERE, "configs", "qwen3-0.6b-base.json")) as f:
         config = json.load(f)
-    if shape == "small":
-        config.update(SMALL)
+    if shape == "small":   # bench_generate's small shape, keeping the Qwen vocabulary (the tokenizer is Qwen's)
+        config.update(SMALL, vocab_size=config["vocab_size"])
     cfg = Qwen3Config.from_dict(config)
     torch.manual_seed(0)
     model = Qwen3(cfg)

@@ -32,9 +32,9 @@ import time
 
 import torch
 
+from bench_generate import SMALL
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=64, vocab_size=1024, tie_word_embeddings=True)
 QWEN3_06B = os.path.join(HERE, "configs", "qwen3-0.6b-base.json")
 QWEN_TOKENIZER = os.path.join(HERE, "tests", "data", "qwen3_tokenizer")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
