@@ -144,6 +144,10 @@ class KVCache:
         v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         return cls(k, v, torch.zeros(batch, slots, dtype=torch.bool, device=device))
 
+    def attended(self, new: int) -> int:
+        """How many slots attention reads while `new` tokens are being written: slots [0, attended)."""
+        return self.attend_len or self.length + new
+
     def select(self, index, slots: int | None = None) -> "KVCache":
         """A new cache holding rows `index` of this one (for example one context row per choice), with
         room for `slots` slots in total."""
@@ -182,9 +186,11 @@ class Attention(nn.Module):
         if cache is not None:
             cache.k[layer].index_copy_(2, slots, k)
             cache.v[layer].index_copy_(2, slots, v)
-            end = mask.shape[-1]
+            end = cache.attended(T)
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
+        # mask None: no padding, so T == 1 sees every key and T > 1 is a fresh causal sequence (Qwen3.forward)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                             enable_gqa=KV != H)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def project_qkv(self, x):
@@ -282,25 +288,32 @@ class Qwen3(nn.Module):
         """
         B, T = input_ids.shape
         device = input_ids.device
-        one_new_token = T == 1 and attention_mask is None and cache is not None and slots is None
+        graph_step = slots is not None   # slots given: a CUDA graph step, being captured or replayed
+        one_new_token = T == 1 and attention_mask is None and cache is not None and not graph_step
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
         attention_mask = attention_mask.bool()
         if cache is None:
             valid, query_slot = attention_mask, torch.arange(T, device=device)
         else:
-            advance = slots is None
-            if advance:
+            if not graph_step:
                 slots = torch.arange(cache.length, cache.length + T, device=device)
             cache.valid.index_copy_(1, slots, attention_mask)
-            valid = cache.valid[:, :cache.attend_len or cache.length + T]
+            valid = cache.valid[:, :cache.attended(T)]
             query_slot = slots
         if positions is None:
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0).index_select(1, query_slot)
-        if one_new_token:   # decoding: every valid cached slot precedes the new token, so causality is implied
+        S = valid.shape[1]
+        # No padding anywhere (prompts of one length, an unpadded training batch) leaves nothing to mask: one new
+        # token sees every slot, and a fresh sequence (T == S) is plainly causal, which SDPA applies by itself
+        # (Attention: is_causal). transformers drops an all-true mask the same way; SDPA's unmasked kernels are
+        # faster and give the same numbers. A graph step must not sync, so it always takes a mask.
+        if (T == 1 or T == S) and not graph_step and bool(valid.all()):
+            mask = None
+        elif one_new_token:   # decoding: every valid cached slot precedes the new token, so causality is implied
             mask = valid[:, None, None, :]                                                     # [B, 1, 1, S]
         else:
-            keys = torch.arange(valid.shape[1], device=device)
+            keys = torch.arange(S, device=device)
             mask = (keys[None, :] <= query_slot[:, None])[None] & valid[:, None, :]           # causal & real: [B, T, S]
             # A padding query sees no key at all; let it see itself so softmax stays finite (its output is unused).
             mask = (mask | (keys[None, :] == query_slot[:, None])[None])[:, None]             # [B, 1, T, S]
@@ -313,7 +326,7 @@ class Qwen3(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i, slots)
-        if cache is not None and advance:
+        if cache is not None and not graph_step:
             cache.length += T
         x = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
         return x if return_hidden else self.lm_head(x)

@@ -78,6 +78,23 @@ def test_incremental_decoding_with_cache_equals_full_forward(hf_models, name):
     torch.testing.assert_close(torch.cat(steps, 1)[mask], full[mask], atol=1e-5, rtol=1e-5)
 
 
+def test_unpadded_batch_skips_the_mask_and_gets_the_same_numbers(hf_models):
+    """No padding: prefill runs SDPA causal without a mask tensor, decoding without any mask. Rows 0 and 1 are
+    the same in both batches below; the second batch pads row 2, which sends every row down the masked path."""
+    model, _ = load_model(hf_models["gqa_tied"][0])
+    padded = torch.ones_like(IDS, dtype=torch.bool)
+    padded[2, :3] = False
+    outs = []
+    with torch.no_grad():
+        for mask in (None, padded):
+            cache = KVCache.empty(model.config, 3, IDS.shape[1], "cpu", torch.float32)
+            steps = [model(IDS[:, :10], None if mask is None else mask[:, :10], cache=cache)]
+            steps += [model(IDS[:, t:t + 1], cache=cache) for t in range(10, IDS.shape[1])]
+            outs.append((model(IDS, mask), torch.cat(steps, 1)))
+    for unmasked, masked in zip(*outs):
+        assert torch.equal(unmasked[:2], masked[:2])
+
+
 def test_rope_theta_is_read_from_both_config_spellings(tmp_path, hf_models):
     path, hf = hf_models["mha_untied"]
     cfg = json.load(open(os.path.join(path, "config.json")))
