@@ -3,13 +3,13 @@
     python bench_generate.py                 # CPU: ~3M-param Qwen3 at batch 16 and 64, the 0.6B shape at batch 8
     python bench_generate.py --cuda          # GPU: the 0.6B shape in bf16 at batch 64 (and the small model)
 
-Both sides generate exactly --new-tokens tokens (EOS disabled) from the same left-aligned random prompts of
---prompt-len tokens, greedy, and the benchmark checks the tokens are identical before reporting tokens/s
-(new tokens over wall time, prefill included, best of --repeats rounds after one warm-up). In every round
-both sides run back to back, in alternating order, and `ratio_paired` is the median over rounds of
-(transformers' time / ours): a shared machine's slow spells last longer than one round, so this ratio moves
-far less between runs than the ratio of the two best times (`ratio`). transformers is a benchmark-only
-dependency.
+Both sides generate exactly --new-tokens tokens (EOS disabled) from the same random prompts of --prompt-len
+tokens (--ragged: of --prompt-len/2 to --prompt-len tokens, left-padded as the study's batches are), greedy,
+and the benchmark checks the tokens are identical before reporting tokens/s (new tokens over wall time,
+prefill included, best of --repeats rounds after one warm-up). In every round both sides run back to back, in
+alternating order, and `ratio_paired` is the median over rounds of (transformers' time / ours): a shared
+machine's slow spells last longer than one round, so this ratio moves far less between runs than the ratio of
+the two best times (`ratio`). transformers is a benchmark-only dependency.
 """
 import argparse
 import json
@@ -43,7 +43,7 @@ def make_checkpoint(overrides: dict, path: str, seed=0):
     Qwen3ForCausalLM(cfg).save_pretrained(path)
 
 
-def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats):
+def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats, ragged=False):
     from transformers import Qwen3ForCausalLM
     with tempfile.TemporaryDirectory() as d:
         make_checkpoint(cfg, d)
@@ -51,14 +51,17 @@ def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats):
         hf = Qwen3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg["vocab_size"], (batch, prompt_len), generator=g)
+    lengths = torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=g) if ragged else prompt_len
+    real = torch.arange(prompt_len) >= prompt_len - torch.as_tensor(lengths)[:, None]     # left padding
+    our_prompts = [row[keep].tolist() for row, keep in zip(prompts, real)]
 
     def run_ours():
-        return [r.tokens for r in generate(ours, NullTokenizer(), prompts.tolist(), max_new_tokens=new_tokens,
+        return [r.tokens for r in generate(ours, NullTokenizer(), our_prompts, max_new_tokens=new_tokens,
                                            batch_size=batch)]
 
     def run_hf():
         with torch.no_grad():
-            out = hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
+            out = hf.generate(prompts.to(device), attention_mask=real.long().to(device),
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
         return out[:, prompt_len:].tolist()
@@ -87,7 +90,8 @@ def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats):
     agree = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(our_tokens, hf_tokens)]
     params = sum(p.numel() for p in ours.parameters())
     row = dict(model=name, params_m=round(params / 1e6, 1), device=device, dtype=str(dtype).removeprefix("torch."),
-               batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ours_tok_s=round(our_tps, 1),
+               batch=batch, prompt_len=f"{prompt_len // 2}-{prompt_len}" if ragged else prompt_len,
+               new_tokens=new_tokens, ours_tok_s=round(our_tps, 1),
                transformers_tok_s=round(hf_tps, 1), ratio=round(our_tps / hf_tps, 2), ratio_paired=round(paired, 2),
                identical_rows=f"{same}/{batch}", mean_agreeing_prefix=round(sum(agree) / batch, 1))
     print(json.dumps(row), flush=True)
@@ -101,6 +105,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per row")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per case (best time per side, median paired ratio)")
     p.add_argument("--only", choices=["small", "0.6b"], help="run one model size only")
+    p.add_argument("--ragged", action="store_true", help="prompts of --prompt-len/2 to --prompt-len tokens, left-padded")
     args = p.parse_args()
     big = json.load(open(QWEN3_06B))
     big = {k: big[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -116,7 +121,7 @@ def main():
         if args.only and (args.only == "small") != (name == "small"):
             continue
         new = args.new_tokens if name == "small" or device == "cuda" else min(args.new_tokens, 32)
-        bench(name, cfg, batch, args.prompt_len, new, device, dtype, args.repeats)
+        bench(name, cfg, batch, args.prompt_len, new, device, dtype, args.repeats, args.ragged)
 
 
 if __name__ == "__main__":
