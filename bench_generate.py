@@ -51,8 +51,9 @@ def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats, ragg
         hf = Qwen3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg["vocab_size"], (batch, prompt_len), generator=g)
-    lengths = torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=g) if ragged else prompt_len
-    real = torch.arange(prompt_len) >= prompt_len - torch.as_tensor(lengths)[:, None]     # left padding
+    lengths = (torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=g) if ragged
+               else torch.full((batch,), prompt_len))
+    real = torch.arange(prompt_len) >= prompt_len - lengths[:, None]     # left padding
     our_prompts = [row[keep].tolist() for row, keep in zip(prompts, real)]
 
     def run_ours():
