@@ -25,6 +25,15 @@ def test_greedy_equals_transformers_generate_token_for_token(hf_models):
             assert r.finish == "length" or ref[n - 1] in tok.eos_ids
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+def test_speed_benchmark_times_the_same_greedy_tokens_on_both_sides(ragged):
+    from bench_generate import bench
+    from conftest import CONFIGS
+    cfg = dict(CONFIGS["gqa_tied"], vocab_size=512)
+    row = bench("small", cfg, 4, 12, 6, "cpu", torch.float32, repeats=1, ragged=ragged)
+    assert row["identical_rows"] == "4/4" and row["prompt_len"] == ("6-12" if ragged else 12)
+
+
 def test_batched_generation_equals_each_prompt_alone(model_and_tok):
     model, tok = model_and_tok
     batch = generate(model, tok, PROMPTS, max_new_tokens=16, temperature=0)
