@@ -47,7 +47,7 @@ import evaluate
 import train_grpo
 import train_opd
 import train_sft
-from model import cli
+from model import LoadError, cli
 from training import NonFiniteLoss
 
 SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py": train_opd}
@@ -481,10 +481,24 @@ def plot(summary: dict, out_dir: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_only(args, only: set):
+    """--only names known runs, and each OPD run among them has its teacher: in --only too, or already trained."""
+    names = [s.name for s in stages()]
+    if only - set(names):
+        raise LoadError(f"--only: no run named {', '.join(sorted(only - set(names)))} (the runs: {', '.join(names)})")
+    for s in stages():
+        if s.name in only and s.teacher and s.teacher not in only and not all(
+                _finished(ckpt_path(args, s.teacher, seed)) for seed in range(args.seeds)):
+            raise LoadError(f"--only: {s.name} learns from {s.teacher}, which is not trained under {args.out}: "
+                            f"add {s.teacher} to --only")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
+    if only:
+        check_only(args, only)
     costs = {"seconds": {}, "peak_gpu_gib": {}}   # per stage, this invocation
     evaluate_model(args, "base", None, costs)
     runs = {}

@@ -94,3 +94,12 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
     assert "--resume" in run["argv"] and "failed" not in run
     log = reproduce._log(run["log"])
     assert [r["step"] for r in log] == [1, 2, 3, 4]     # steps 1-2 from the first call, 3-4 resumed
+
+
+def test_only_refuses_unknown_runs_and_students_without_their_teacher(tmp_path):
+    base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only"]
+    with pytest.raises(reproduce.LoadError, match="no run named sft"):
+        reproduce.main(base + ["sft"])
+    with pytest.raises(reproduce.LoadError, match="opd_stress learns from sft_stress"):
+        reproduce.main(base + ["opd_stress"])
+    assert not os.path.exists(os.path.join(tmp_path, "eval"))   # refused before any stage ran
