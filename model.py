@@ -307,7 +307,7 @@ class Qwen3(nn.Module):
         # No padding anywhere (prompts of one length, an unpadded training batch) leaves nothing to mask: one new
         # token sees every slot, and a fresh sequence (T == S) is plainly causal, which SDPA applies by itself
         # (Attention: is_causal). transformers drops an all-true mask the same way; SDPA's unmasked kernels are
-        # faster and give the same numbers. A graph step must not sync, so it always takes a mask.
+        # faster and, on the CPU, give the same numbers bit for bit. A graph step must not sync: it takes a mask.
         if (T == 1 or T == S) and not graph_step and bool(valid.all()):
             mask = None
         elif one_new_token:   # decoding: every valid cached slot precedes the new token, so causality is implied
