@@ -484,8 +484,9 @@ def plot(summary: dict, out_dir: str) -> list[str]:
 def check_only(args, only: set):
     """--only names known runs, and each OPD run among them has its teacher: in --only too, or already trained."""
     names = [s.name for s in stages()]
-    if only - set(names):
-        raise LoadError(f"--only: no run named {', '.join(sorted(only - set(names)))} (the runs: {', '.join(names)})")
+    unknown = sorted(only - set(names))
+    if unknown:
+        raise LoadError(f"--only: no run named {', '.join(unknown)} (the runs: {', '.join(names)})")
     for s in stages():
         if s.name in only and s.teacher and s.teacher not in only and not all(
                 _finished(ckpt_path(args, s.teacher, seed)) for seed in range(args.seeds)):
