@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-# The tiny world (tinyworld.py writes its data, pretrain.py its base model): `--model tiny` in every script.
+# The tiny world (tiny/world.py writes its data, tiny/pretrain.py its base model): `--model tiny` in every script.
 TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
 BUNDLED = {"tiny": os.path.join(TINY_DIR, "model")}
 
@@ -367,7 +367,7 @@ def resolve_model_dir(name_or_path: str) -> str:
     if name_or_path in BUNDLED:
         if not os.path.exists(os.path.join(BUNDLED[name_or_path], "config.json")):
             raise LoadError(f"the bundled {name_or_path!r} model is missing from {BUNDLED[name_or_path]} "
-                            "(python tinyworld.py && python pretrain.py writes it)")
+                            "(python -m tiny.world && python -m tiny.pretrain writes it)")
         return BUNDLED[name_or_path]
     if os.path.isdir(name_or_path):
         return name_or_path

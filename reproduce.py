@@ -435,8 +435,19 @@ def cost_table(costs: dict) -> list[str]:
     return out
 
 
+def ema(values: list, span: float | None = None) -> list:
+    """Exponential moving average, decay 1 - 2 / (span + 1) with span a tenth of the run by default,
+    bias-corrected so that the first steps are not pulled toward zero: the trend a curve's noise hides."""
+    span = span or max(2.0, len(values) / 10)
+    decay, avg, out = 1 - 2 / (span + 1), 0.0, []
+    for t, v in enumerate(values, 1):
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg / (1 - decay ** t))
+    return out
+
+
 def plot(summary: dict, out_dir: str) -> list[str]:
-    """training_curves.png (each run's loss or reward per step) and retention_vs_drift.png."""
+    """training_curves.png (each run's loss or reward per step, with its moving average) and retention_vs_drift.png."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -448,12 +459,16 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (name, row) in zip(axes.flat, trained.items()):
         key = "reward" if name == "grpo" else "loss"
-        for r in row["runs"]:
-            log = _log(r["log"])
-            ax.plot([x["step"] for x in log if key in x], [x[key] for x in log if key in x], lw=1)
+        for r, color in zip(row["runs"], ("C0", "C1", "C2", "C3", "C4")):
+            log = [x for x in _log(r["log"]) if key in x]
+            x, y = [e["step"] for e in log], [e[key] for e in log]
+            ax.plot(x, y, color=color, lw=0.6, alpha=0.25)       # every step, faint: mostly noise
+            ax.plot(x, ema(y), color=color, lw=1.8, label=f"seed {r['seed']}" if "seed" in r else None)
         ax.set_title(row["label"], fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean exact-answer reward" if key == "reward" else "loss (nats per supervised token)")
+        if len(row["runs"]) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     curves = "training_curves.png"
     fig.savefig(os.path.join(out_dir, curves), dpi=110)

@@ -27,7 +27,7 @@ def test_greedy_equals_transformers_generate_token_for_token(hf_models):
 
 @pytest.mark.parametrize("ragged", [False, True])
 def test_speed_benchmark_times_the_same_greedy_tokens_on_both_sides(ragged):
-    from bench_generate import bench
+    from bench.generate import bench
     from conftest import CONFIGS
     cfg = dict(CONFIGS["gqa_tied"], vocab_size=512)
     row = bench("small", cfg, 4, 12, 6, "cpu", torch.float32, repeats=1, ragged=ragged)

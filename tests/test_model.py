@@ -154,7 +154,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, hf_models):
 def test_missing_bundled_tiny_model_says_how_to_make_it(monkeypatch, tmp_path):
     import model
     monkeypatch.setitem(model.BUNDLED, "tiny", str(tmp_path / "absent"))
-    with pytest.raises(LoadError, match=r"python tinyworld.py && python pretrain.py"):
+    with pytest.raises(LoadError, match=r"python -m tiny.world && python -m tiny.pretrain"):
         load_model("tiny")
 
 

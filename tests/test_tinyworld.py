@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-import pretrain
-import tinyworld
+from tiny import pretrain
+from tiny import world as tinyworld
 from model import load_model
 
 SMALL = ["--train", "60", "--test", "30", "--docs", "600", "--world", "0.2", "--vocab", "320"]

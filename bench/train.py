@@ -1,7 +1,7 @@
 """Benchmark: a LoRA SFT step against transformers + peft on the same weights and batch; GRPO's time split.
 
-    python bench_train.py            # CPU: a ~3M-parameter Qwen3 (vocab 1024), float32
-    python bench_train.py --cuda     # GPU: the Qwen3-0.6B shape (random weights), bf16 base under autocast
+    python -m bench.train            # CPU: a ~3M-parameter Qwen3 (vocab 1024), float32
+    python -m bench.train --cuda     # GPU: the Qwen3-0.6B shape (random weights), bf16 base under autocast
 
 SFT step = forward, backward and AdamW on a LoRA adapter (r 16, alpha 32, dropout 0.05, all seven projections)
 over --batch rows of --seq-len tokens, the first --prompt-len of each masked out of the loss, as train_sft.py
@@ -25,18 +25,14 @@ import multiprocessing as mp
 import os
 import random
 import resource
-import shutil
 import statistics
 import tempfile
 import time
 
 import torch
 
-from bench_generate import SMALL
+from bench.harness import QWEN_TOKENIZER, random_model, shape
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-QWEN3_06B = os.path.join(HERE, "configs", "qwen3-0.6b-base.json")
-QWEN_TOKENIZER = os.path.join(HERE, "tests", "data", "qwen3_tokenizer")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,17 +44,12 @@ def question(rng: random.Random) -> str:
 
 
 def make_world(cfg: dict, path: str, qwen_tokenizer: bool):
-    """A model directory with random weights (transformers' save_pretrained) and a tokenizer, plus a
-    GSM8K-layout data dir of synthetic questions; returns the data dir."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(Qwen3Config(**cfg, eos_token_id=1 if not qwen_tokenizer else 151643)).save_pretrained(path)
+    """A model directory with random weights and a tokenizer (Qwen's, or a BPE of the synthetic questions),
+    plus a GSM8K-layout data dir of those questions; returns the data dir."""
+    random_model(path, cfg, QWEN_TOKENIZER if qwen_tokenizer else None, eos_token_id=151643 if qwen_tokenizer else 1)
     rng = random.Random(0)
     questions = [question(rng) for _ in range(256)]
-    if qwen_tokenizer:
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(os.path.join(QWEN_TOKENIZER, f), path)
-    else:
+    if not qwen_tokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -228,13 +219,7 @@ def main():
     a.prompt_len = a.prompt_len if a.prompt_len is not None else a.seq_len // 4
     a.grpo_prompts = a.grpo_prompts or (16 if a.cuda else 4)
     a.new_tokens = a.new_tokens or (256 if a.cuda else 64)
-    if a.cuda:
-        full = json.load(open(QWEN3_06B))
-        cfg = {k: full[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta")}
-        name = "qwen3-0.6b-shape"
-    else:
-        cfg, name = SMALL, "small"
+    cfg, name = (shape("0.6b"), "qwen3-0.6b-shape") if a.cuda else (shape("small"), "small")
     skip = set(a.skip.split(","))
     device = torch.cuda.get_device_name() if a.cuda else f"cpu ({os.cpu_count()} cores)"
     print(f"# {name} on {device}, torch {torch.__version__}; SFT batch {a.batch} x {a.seq_len} "

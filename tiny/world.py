@@ -1,24 +1,17 @@
 """The tiny world: a target task, two retention tasks and the pretraining corpus that teaches them.
 
-    python tinyworld.py                      # writes tiny/data/ (about a minute)
-    python tinyworld.py --out DIR --seed 1   # another world, same recipe
+    python -m tiny.world                      # writes tiny/data/ (about a minute)
+    python -m tiny.world --out DIR --seed 1   # another world, same recipe
 
 Nobody can pretrain Qwen3-0.6B-Base here, so the study brings a world small enough to pretrain on two
-CPU cores (pretrain.py) in which the paper's quantities still mean what they mean there. It writes, in
-exactly the layouts of ../shared/data that evaluate.py and the trainers read:
+CPU cores (tiny/pretrain.py) in which the paper's quantities still mean what they mean there; tiny/README.md
+tells why it is built this way and which worlds were tried and dropped. It writes, in exactly the layouts
+of ../shared/data that evaluate.py and the trainers read:
 
 - gsm8k/{train,test}.jsonl, the target task: {question, answer} arithmetic word problems of one to three
   steps; every answer shows its steps and ends with "\n#### N". Like the real GSM8K's, each step carries a
   calculator annotation that repeats the computation ("He earns 28 * 26 = $<<28 * 26 = 728>>728."), a
-  style the corpus's own worked problems use only rarely (--annotated, 3%). So the base knows the style
-  but does not write it, and the gold solutions are off-policy states for it, as GSM8K's are for
-  Qwen3-0.6B-Base, if only mildly (tiny/results: per-token NLL of the gold states under the base about
-  0.18, of its own rollouts about 0.11). Two other worlds were measured and dropped. With the notation
-  only in calculator tapes (--annotated 0), the gold states were far off-policy (NLL about 3) and mild SFT
-  broke the arithmetic on its way to the new style (GSM8K 0.45 -> 0.16). Without the tapes as well, the
-  base cannot even emit the notation through a LoRA adapter (its tied embedding rows are untrained). The
-  annotation keeps the world's spacing ("a * b = c", not GSM8K's "a*b=c"): it asks for no arithmetic
-  notation the base has not learned.
+  style the corpus's own worked problems use only rarely (--annotated, 3%).
 - Two retention tasks on the facts of an invented world (people, towns, animals, plants, rulers with
   three attributes each), facts that the corpus states in several paraphrases and in random order, so
   the base model knows them only from pretraining and target-task fine-tuning can only damage them:
@@ -401,7 +394,7 @@ def train_tokenizer(texts, vocab_size: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny", "data"),
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"),
                         help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
     parser.add_argument("--train", type=int, default=7473, help="target-task train problems (GSM8K's count)")

@@ -1,7 +1,7 @@
 """Benchmark: what the paper's study costs, stage by stage, at the exact Qwen3-0.6B-Base shape.
 
-    python bench_study.py --cuda                # random weights of the 0.6B shape, bf16, the Qwen tokenizer
-    python bench_study.py --shape small         # the same pipeline on a small random model (a CPU check)
+    python -m bench.study --cuda                # random weights of the 0.6B shape, bf16, the Qwen tokenizer
+    python -m bench.study --shape small         # the same pipeline on a small random model (a CPU check)
 
 Real weights are not needed to time a stage: the shapes, the tokenizer and the text lengths are the real ones.
 The model is the config in configs/qwen3-0.6b-base.json with random weights (the Qwen tokenizer from
@@ -26,36 +26,15 @@ import statistics
 import tempfile
 
 import torch
-import torch.nn as nn
 
 import reproduce
-from bench_generate import SMALL
-from model import Qwen3, Qwen3Config, load_tokenizer
-from pretrain import save_model
+from bench.harness import QWEN_TOKENIZER, QWEN_VOCAB, ROOT, random_model, shape
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-QWEN_TOKENIZER = os.path.join(HERE, "tests", "data", "qwen3_tokenizer")
-EVAL_DATA = os.path.join(HERE, "tests", "data", "eval_data")
+EVAL_DATA = os.path.join(ROOT, "tests", "data", "eval_data")
 # Optimizer steps of the paper's full runs with the scripts' defaults (GSM8K train has 7,473 problems).
 FULL_STEPS = {"sft_mild": 468, "sft_stress": 2336, "grpo": 200, "opd_stress": 200, "opd_mild": 200, "opd_kl": 200,
               "opd_stress_on_teacher_states": 200, "opd_stress_on_data_states": 200}
 FULL_EVAL = 500 + 200 + 500
-
-
-def random_model(shape: str, out: str) -> str:
-    """A model directory with random weights: the Qwen3-0.6B-Base config (or a small one), the Qwen tokenizer."""
-    with open(os.path.join(HERE, "configs", "qwen3-0.6b-base.json")) as f:
-        config = json.load(f)
-    if shape == "small":   # bench_generate's small shape, keeping the Qwen vocabulary (the tokenizer is Qwen's)
-        config.update(SMALL, vocab_size=config["vocab_size"])
-    cfg = Qwen3Config.from_dict(config)
-    torch.manual_seed(0)
-    model = Qwen3(cfg)
-    for p in model.parameters():  # transformers' init: N(0, 0.02) matrices, unit norms
-        if p.dim() == 2:
-            nn.init.normal_(p, std=0.02)
-    save_model(model, cfg, QWEN_TOKENIZER, load_tokenizer(QWEN_TOKENIZER).eos_ids[0], out)
-    return out
 
 
 def data_dir(out: str) -> str:
@@ -87,7 +66,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     model_dir = os.path.join(work, "model")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        random_model(args.shape, model_dir)
+        random_model(model_dir, shape(args.shape, vocab_size=QWEN_VOCAB), QWEN_TOKENIZER, eos_token_id=151643)
     data = os.path.join(work, "data")
     if not os.path.exists(data):
         data_dir(data)

@@ -1,7 +1,7 @@
 """Benchmark: our KV-cache sampler against transformers' `generate`, same random weights, same greedy tokens.
 
-    python bench_generate.py                 # CPU: ~3M-param Qwen3 at batch 16 and 64, the 0.6B shape at batch 8
-    python bench_generate.py --cuda          # GPU: the 0.6B shape in bf16 at batch 64 (and the small model)
+    python -m bench.generate                 # CPU: ~3M-param Qwen3 at batch 16 and 64, the 0.6B shape at batch 8
+    python -m bench.generate --cuda          # GPU: the 0.6B shape in bf16 at batch 64 (and the small model)
 
 Both sides generate exactly --new-tokens tokens (EOS disabled) from the same random prompts of --prompt-len
 tokens (--ragged: of --prompt-len/2 to --prompt-len tokens, left-padded as the study's batches are), greedy,
@@ -13,19 +13,14 @@ the two best times (`ratio`). transformers is a benchmark-only dependency.
 """
 import argparse
 import json
-import os
 import statistics
 import tempfile
-import time
 
 import torch
 
+from bench.harness import random_model, shape, timed
 from generate import generate
 from model import load_model
-
-SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=64, vocab_size=1024, tie_word_embeddings=True)
-QWEN3_06B = os.path.join(os.path.dirname(__file__), "configs", "qwen3-0.6b-base.json")
 
 
 class NullTokenizer:
@@ -36,17 +31,10 @@ class NullTokenizer:
         return ""
 
 
-def make_checkpoint(overrides: dict, path: str, seed=0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(**overrides)
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
-
-
 def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats, ragged=False):
     from transformers import Qwen3ForCausalLM
     with tempfile.TemporaryDirectory() as d:
-        make_checkpoint(cfg, d)
+        random_model(d, cfg)
         ours, _ = load_model(d, device=device, dtype=dtype, with_tokenizer=False)
         hf = Qwen3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
     g = torch.Generator().manual_seed(1)
@@ -67,20 +55,11 @@ def bench(name, cfg, batch, prompt_len, new_tokens, device, dtype, repeats, ragg
                               eos_token_id=None, pad_token_id=0)
         return out[:, prompt_len:].tolist()
 
-    def timed(fn):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        result = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return result, time.perf_counter() - t0
-
     run_ours(), run_hf()  # warm-up (CUDA graph capture, kernel selection, allocator)
     runs, times, tokens = {"ours": run_ours, "hf": run_hf}, {"ours": [], "hf": []}, {}
     for r in range(repeats):   # one round: both sides back to back, the first one alternating
         for side in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
-            tokens[side], seconds = timed(runs[side])
+            tokens[side], seconds = timed(runs[side], device)
             times[side].append(seconds)
     our_tokens, hf_tokens = tokens["ours"], tokens["hf"]
     our_tps, hf_tps = batch * new_tokens / min(times["ours"]), batch * new_tokens / min(times["hf"])
@@ -108,14 +87,12 @@ def main():
     p.add_argument("--only", choices=["small", "0.6b"], help="run one model size only")
     p.add_argument("--ragged", action="store_true", help="prompts of --prompt-len/2 to --prompt-len tokens, left-padded")
     args = p.parse_args()
-    big = json.load(open(QWEN3_06B))
-    big = {k: big[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta")}
+    small, big = shape("small"), shape("0.6b")
     if args.cuda:
-        cases = [("small", SMALL, 64, torch.bfloat16), ("qwen3-0.6b-shape", big, 64, torch.bfloat16)]
+        cases = [("small", small, 64, torch.bfloat16), ("qwen3-0.6b-shape", big, 64, torch.bfloat16)]
         device = "cuda"
     else:
-        cases = [("small", SMALL, 16, torch.float32), ("small", SMALL, 64, torch.float32),
+        cases = [("small", small, 16, torch.float32), ("small", small, 64, torch.float32),
                  ("qwen3-0.6b-shape", big, 8, torch.float32)]
         device = "cpu"
     for name, cfg, batch, dtype in cases:

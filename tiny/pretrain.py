@@ -1,8 +1,8 @@
-"""Pretrain the tiny world's base model from scratch: a small Qwen3 (model.py) on tinyworld.py's corpus.
+"""Pretrain the tiny world's base model from scratch: a small Qwen3 (model.py) on tiny/world.py's corpus.
 
-    python tinyworld.py && python pretrain.py            # the bundled base: 34 min on 2 CPU cores
-    python pretrain.py --device cuda                     # the same recipe on a GPU (about a minute)
-    python pretrain.py --steps 300 --out /tmp/tiny       # a quick look (the schedule fits any length)
+    python -m tiny.world && python -m tiny.pretrain         # the bundled base: 34 min on 2 CPU cores
+    python -m tiny.pretrain --device cuda                   # the same recipe on a GPU (about a minute)
+    python -m tiny.pretrain --steps 300 --out /tmp/tiny     # a quick look (the schedule fits any length)
 
 The recipe (the defaults): a 4-layer Qwen3, hidden 192, 4 query / 2 KV heads of 48, SwiGLU 512, tied
 embeddings, vocabulary 1024 (1.8M parameters); 1500 steps of 32 sequences of 256 tokens (12.3M tokens,
@@ -38,13 +38,14 @@ from evaluate import (eval_gsm8k, eval_mmlu, eval_truthfulqa, load_gsm8k, load_m
                       stratified_subset)
 from model import Qwen3, Qwen3Config, load_tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TINY)   # pretrain.json records paths relative to the repository
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default=os.path.join(HERE, "tiny", "data"), help="tinyworld.py's output")
-    p.add_argument("--out", default=os.path.join(HERE, "tiny", "model"), help="model directory to write")
+    p.add_argument("--data-dir", default=os.path.join(TINY, "data"), help="tiny/world.py's output")
+    p.add_argument("--out", default=os.path.join(TINY, "model"), help="model directory to write")
     p.add_argument("--hidden", type=int, default=192, help="hidden size")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--heads", type=int, default=4, help="query heads")
@@ -209,7 +210,7 @@ def main(argv=None):
     train_s = time.time() - start - eval_s
 
     save_model(model, cfg, tok_dir, eos, args.out)
-    paths = {k: os.path.relpath(getattr(args, k), HERE) for k in ("data_dir", "out")}  # no machine's absolute paths
+    paths = {k: os.path.relpath(getattr(args, k), ROOT) for k in ("data_dir", "out")}  # no machine's absolute paths
     result = {"args": {**vars(args), **paths}, "parameters": n_params, "steps": step, "train_seconds": round(train_s),
               "tokens_seen": step * args.batch_size * args.seq_len,
               "corpus_epochs": round(step * args.batch_size * (args.seq_len + 1) / n_tokens, 2),

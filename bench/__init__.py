@@ -1,0 +1,1 @@
+"""The benchmarks: `python -m bench.generate | bench.eval | bench.train | bench.study` (see each docstring)."""
