@@ -18,7 +18,8 @@ Representations (--features):
   and y_<t). Always the base model's, so both policies' states are embedded by the same function.
 
 Rollouts are cached as JSONL under --cache-dir, keyed by a hash of model, checkpoint contents, prompts and
-sampling settings, so each policy is sampled once per study; the output JSON records whether each was.
+sampling settings (batch size, dtype and device included), so each policy is sampled once per study; the
+output JSON records whether each was.
 The MMD's spread is a bootstrap over rollouts (a rollout's states are prefixes of one another, so resampling
 single states would understate it): the paper's P4 compares MMDs of 0.01093 and 0.01092, and only a spread
 says whether two such numbers differ at all. Kernels are summed in blocks of --block states: memory stays
@@ -26,7 +27,6 @@ O(block²) however many states there are.
 
 Left out: learned/sentence-embedding features and kernels other than the RBF (the paper uses neither).
 """
-import argparse
 import hashlib
 import json
 import os
@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 import generate
 import lora
-from evaluate import GSM8K_STOP, file_sha256, gsm8k_prompt, load_gsm8k, resolve_data_dir
-from model import cli, load_model
+from evaluate import GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, resolve_data_dir
+from model import COUNT, NONNEGATIVE, SIZE, FlagParser, LoadError, cli, load_model, number, output_dir, write_text
 
 # ----------------------------------------------------------------------------------------------
 # State representations
@@ -200,28 +200,28 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
 
 
 def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args):
-    """(rollouts as dicts, cache path, sampled?) for the policy base + checkpoint (None: the base itself)."""
+    """(rollouts as dicts, cache path, sampled?) for the policy base + checkpoint, whose weights are the model's
+    adapter `adapter` (checkpoint None: the base itself)."""
+    # Everything that changes what this run would sample: batching changes the random stream and the
+    # padding, and dtype and device change the numerics, so each is part of the key.
+    param = next(model.parameters())
     key = {"model": model_name, "checkpoint": checkpoint and file_sha256(checkpoint),
            "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
            "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature,
-           "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP), "seed": args.seed}
+           "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP), "seed": args.seed,
+           "batch_size": args.batch_size, "dtype": str(param.dtype), "device": param.device.type}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"rollouts_{digest}.jsonl")
     if os.path.exists(path):
         with open(path) as f:
             return [json.loads(line) for line in f], path, False
-    if checkpoint:
-        lora.load_adapter(model, checkpoint, name=adapter)
     batch = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    with lora.use_adapter(model, adapter if checkpoint else None), lora.merged(model):
-        out = generate.generate(model, tok, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                stop=GSM8K_STOP, seed=args.seed, batch_size=args.batch_size, progress=True)
+    out = gsm8k_rollouts(model, tok, batch, adapter if checkpoint else None, args.max_new_tokens, args.temperature,
+                         args.seed, args.batch_size, progress=True)
     rollouts = [{"prompt_index": i // args.samples_per_prompt, "prompt_ids": r.prompt_ids, "tokens": r.tokens,
                  "text": r.text, "finish": r.finish} for i, r in enumerate(out)]
     os.makedirs(args.cache_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rollouts))
-    os.replace(path + ".tmp", path)   # an interrupted run never leaves a half cache behind
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rollouts))   # an interrupted run leaves no half cache
     return rollouts, path, True
 
 
@@ -247,36 +247,41 @@ def embed(rollouts, lengths, args, model, tok, prompts):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = FlagParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="base model dir or hub id (default: the checkpoint's meta base_model)")
     p.add_argument("--checkpoint", required=True, help="LoRA checkpoint (.pt) of the post-trained policy")
     p.add_argument("--baseline-checkpoint", help="LoRA checkpoint of the policy to compare with (default: the base)")
     p.add_argument("--data-dir", help="directory with gsm8k/test.jsonl (default: the hub's openai/gsm8k)")
     p.add_argument("--out", help="output JSON (default: results/drift_<checkpoint name>.json)")
     p.add_argument("--cache-dir", default="results/rollouts", help="where sampled rollouts are cached (JSONL)")
-    p.add_argument("--prompts", type=int, default=100, help="the first N GSM8K test questions are the prompt set (0: all)")
-    p.add_argument("--samples-per-prompt", type=int, default=4, help="rollouts per prompt and policy")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="rollout length limit")
-    p.add_argument("--state-stride", type=int, default=16, help="a state every this many rollout tokens")
+    p.add_argument("--prompts", type=COUNT, default=100, help="the first N GSM8K test questions are the prompt set (0: all)")
+    p.add_argument("--samples-per-prompt", type=SIZE, default=4, help="rollouts per prompt and policy")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--max-new-tokens", type=SIZE, default=256, help="rollout length limit")
+    p.add_argument("--state-stride", type=SIZE, default=16, help="a state every this many rollout tokens")
     p.add_argument("--features", choices=["lexical", "hidden"], default="lexical", help="state representation")
-    p.add_argument("--hash-dim", type=int, default=4096, help="buckets of the hashed lexical features")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (over rollouts) for the MMD²")
-    p.add_argument("--projections", type=int, default=128, help="random directions of the sliced Wasserstein")
-    p.add_argument("--block", type=int, default=4096, help="states per kernel tile (memory ~ 3 x block² x 8 bytes)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per sampling / forward batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling, projections, bandwidth subsample, bootstrap")
+    p.add_argument("--hash-dim", type=SIZE, default=4096, help="buckets of the hashed lexical features")
+    p.add_argument("--bootstrap", type=COUNT, default=200, help="bootstrap resamples (over rollouts) for the MMD²")
+    p.add_argument("--projections", type=SIZE, default=128, help="random directions of the sliced Wasserstein")
+    p.add_argument("--block", type=SIZE, default=4096, help="states per kernel tile (memory ~ 3 x block² x 8 bytes)")
+    p.add_argument("--batch-size", type=SIZE, default=64, help="sequences per sampling / forward batch")
+    p.add_argument("--seed", type=number(int), default=0, help="seed of sampling, projections, bandwidth subsample, bootstrap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    model_name = args.model or lora.load_checkpoint(args.checkpoint)["meta"].get("base_model")
+    out = output_dir(args.out or os.path.join("results", f"drift_{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json"))
+    checkpoints = {side: lora.load_checkpoint(path) for side, path in
+                   (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)) if path}
+    model_name = args.model or checkpoints["policy"]["meta"].get("base_model")
     if not model_name:
-        raise SystemExit("error: the checkpoint does not name its base model; pass --model")
+        raise LoadError(f"{args.checkpoint} does not name its base model; pass --model")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tok = load_model(model_name, device=args.device, dtype=dtype)
+    for side, ckpt in checkpoints.items():   # both on the one base, before any sampling: a mismatch fails at once
+        lora.load_adapter(model, ckpt, name=side)
     args.data_dir = resolve_data_dir(model_name, args.data_dir)
     prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
 
@@ -293,10 +298,7 @@ def main(argv=None) -> dict:
               **drift(p["X"], b["X"], p["groups"], b["groups"], args.bootstrap, args.projections, args.seed, args.block),
               "jaccard": jaccard_distance(p["vocab"], b["vocab"]),
               "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}}
-    out = args.out or os.path.join("results", f"drift_{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_text(out, json.dumps(result, indent=2))
     print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std "
           f"{result.get('mmd2_bootstrap', {}).get('std', float('nan')):.5f}), centroid {result['centroid_l2']:.4f}, "
           f"SW {result['sliced_wasserstein']:.4f}, Jaccard {result['jaccard']:.4f} -> {out}")

@@ -24,7 +24,6 @@ checkpoint identity, and with --baseline the forgetting/retention of Eq. 12) and
 Left out: lm-eval's other metrics (acc_norm, MMLU's per-subject macro averages) and chat templates; the paper
 evaluates base-model prompts only.
 """
-import argparse
 import csv
 import glob
 import hashlib
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 import lora
 from generate import generate, score
-from model import TINY_DIR, LoadError, cli, load_model
+from model import COUNT, SIZE, TINY_DIR, FlagParser, LoadError, cli, load_model, number, output_dir, write_text
 
 TASKS = ("gsm8k", "truthfulqa", "mmlu")
 RETENTION_TASKS = ("truthfulqa", "mmlu")
@@ -69,11 +68,26 @@ def resolve_data_dir(model: str | None, data_dir: str | None) -> str | None:
     return os.path.join(TINY_DIR, "data") if data_dir is None and model == "tiny" else data_dir
 
 
-def _need(row: dict, fields, where: str):
+def _need(row, fields, where: str):
+    if not isinstance(row, dict):
+        raise LoadError(f"{where} is not a JSON object")
     for f in fields:
         if f not in row:
             raise LoadError(f"{where} has no field {f!r}")
     return row
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{where} is not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _nonempty(rows: list, path: str) -> list:
+    if not rows:
+        raise LoadError(f"{path} holds no examples")
+    return rows
 
 
 def load_gsm8k(split: str = "test", data_dir: str | None = None) -> list[dict]:
@@ -84,14 +98,14 @@ def load_gsm8k(split: str = "test", data_dir: str | None = None) -> list[dict]:
     if not os.path.exists(path):
         raise LoadError(f"{path} does not exist")
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
-                r = _need(json.loads(line), ("question", "answer"), f"{path} line {i}")
+                r = _need(_json(line, f"{path} line {i}"), ("question", "answer"), f"{path} line {i}")
                 if "#### " not in r["answer"]:
                     raise LoadError(f"{path} line {i}: the answer has no '#### N' line")
                 rows.append({"question": r["question"], "answer": r["answer"]})
-    return rows
+    return _nonempty(rows, path)
 
 
 def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
@@ -105,14 +119,16 @@ def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
     path = os.path.join(data_dir, "truthfulqa", "mc_task.json")
     if not os.path.exists(path):
         raise LoadError(f"{path} does not exist")
-    with open(path) as f:
-        rows = json.load(f)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rows = _json(f.read(), path)
+    if not isinstance(rows, list):
+        raise LoadError(f"{path} is not a JSON list of questions")
     out = []
     for i, r in enumerate(rows):
         _need(r, ("question", "mc1_targets", "mc2_targets"), f"{path} entry {i}")
         out.append({"question": r["question"], **{
             k: {"choices": list(r[f"{k}_targets"]), "labels": list(r[f"{k}_targets"].values())} for k in ("mc1", "mc2")}})
-    return out
+    return _nonempty(out, path)
 
 
 def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
@@ -133,13 +149,13 @@ def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
     out = []
     for path in files:
         subject = os.path.basename(path)[:-len(f"_{split}.csv")]
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
             for i, row in enumerate(csv.reader(f)):
                 if len(row) != 6 or row[5] not in ("A", "B", "C", "D"):
                     raise LoadError(f"{path} row {i + 1}: expected question, 4 choices and an answer letter")
                 out.append({"id": f"{subject}/{i}", "subject": subject, "question": row[0], "choices": row[1:5],
                             "answer": "ABCD".index(row[5])})
-    return out
+    return _nonempty(out, os.path.join(data_dir, "mmlu", split))
 
 
 def stratified_subset(examples: list[dict], limit: int, seed: int) -> list[dict]:
@@ -238,6 +254,15 @@ def loglikelihoods(model, tok, requests, batch_size: int = 64, desc: str | None 
 
 # ----------------------------------------------------------------------------------------------
 # The three tasks: each returns (task result, per-example records)
+
+
+def gsm8k_rollouts(model, tok, prompts, policy="default", max_new_tokens=256, temperature=1.0, seed=0, batch_size=64,
+                   progress=False):
+    """Rollouts of GSM8K prompts by adapter `policy` (None: the base), merged into the weights for speed and
+    stopped where this protocol stops them: the trainers' learner and teacher states, drift's state sets."""
+    with lora.use_adapter(model, policy), lora.merged(model):
+        return generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=GSM8K_STOP,
+                        seed=seed, batch_size=batch_size, progress=progress)
 
 
 def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True):
@@ -355,7 +380,7 @@ def file_sha256(path: str) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description="Evaluate a base model or LoRA checkpoint on GSM8K, TruthfulQA-MC, MMLU.")
+    p = FlagParser(description="Evaluate a base model or LoRA checkpoint on GSM8K, TruthfulQA-MC, MMLU.")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id (the base model)")
     p.add_argument("--checkpoint", help="LoRA checkpoint (.pt) to evaluate, merged into the base")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of gsm8k,truthfulqa,mmlu")
@@ -363,18 +388,18 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="output JSON; predictions go to the same name with .jsonl "
                    "(default: results/<checkpoint or model name>.json)")
     p.add_argument("--baseline", help="the base model's output JSON: adds forgetting and retention (Eq. 12)")
-    p.add_argument("--limit", type=int, help="examples per task, 0 = full split (default: gsm8k 500, "
+    p.add_argument("--limit", type=COUNT, help="examples per task, 0 = full split (default: gsm8k 500, "
                    "truthfulqa 200, mmlu 500)")
     for t in TASKS:
-        p.add_argument(f"--limit-{t}", type=int, help=f"examples of {t} (overrides --limit)")
-    p.add_argument("--fewshot", type=int, default=0, help="exemplars for GSM8K (first k of train) and MMLU "
+        p.add_argument(f"--limit-{t}", type=COUNT, help=f"examples of {t} (overrides --limit)")
+    p.add_argument("--fewshot", type=COUNT, default=0, help="exemplars for GSM8K (first k of train) and MMLU "
                    "(first k of the subject's dev split); TruthfulQA always uses its fixed 6-shot preamble")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation length limit")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stratified MMLU subset")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation / contexts per scoring batch")
+    p.add_argument("--max-new-tokens", type=SIZE, default=256, help="GSM8K generation length limit")
+    p.add_argument("--seed", type=number(int), default=0, help="seed of the stratified MMLU subset")
+    p.add_argument("--batch-size", type=SIZE, default=64, help="prompts per generation / contexts per scoring batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                   help="float32 | bfloat16 | float16")
+                   choices=["float32", "bfloat16", "float16"], help="the base model's weights")
     args = p.parse_args(argv)
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -384,14 +409,14 @@ def main(argv=None) -> dict:
               for t in TASKS}
     name = os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint else \
         os.path.basename(os.path.normpath(args.model))
-    out_path = args.out or os.path.join("results", f"{name}.json")
+    out_path = output_dir(args.out or os.path.join("results", f"{name}.json"))
     pred_path = os.path.splitext(out_path)[0] + ".jsonl"
     baseline = None
     if args.baseline:
         if not os.path.exists(args.baseline):
             raise LoadError(f"baseline {args.baseline} does not exist")
         with open(args.baseline) as f:
-            baseline = json.load(f)
+            baseline = _need(_json(f.read(), args.baseline), ("tasks",), f"--baseline {args.baseline}")
 
     # Data before the model: a missing file fails at once, not after minutes of loading weights.
     data = {}
@@ -453,12 +478,9 @@ def main(argv=None) -> dict:
             result["forgetting"]["warning"] = f"protocol differs from the baseline's for {', '.join(differ)}"
             print(f"warning: {result['forgetting']['warning']}: the comparison is not like for like")
 
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    with open(pred_path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    # Each file whole or not at all, the predictions first: reproduce.py takes an existing result JSON as done.
+    write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
+    write_text(out_path, json.dumps(result, indent=2, default=str))
     parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") + f" n={v['n']}"
              for t, v in result["tasks"].items()]
     if "forgetting" in result:

@@ -1,4 +1,5 @@
-"""The KV-cache sampler: batched rollouts, continuation scoring, and differentiable token log-probs.
+"""The KV-cache sampler: batched rollouts and continuation scoring (the trainers' differentiable token
+log-probs are training.token_logprobs).
 
     from generate import generate, score
     rollouts = generate(model, tok, ["Question: ...\\nAnswer:"] * 8, max_new_tokens=256,
@@ -9,22 +10,22 @@ Every experiment in the study is dominated by sampling rollouts (GRPO's groups, 
 teacher continuations, drift's state sets, GSM8K evaluation), so the structure is built for it:
 - prompts are left-padded and prefilled in one batched forward that computes logits for the last position only;
 - decoding writes into one preallocated cache (model.KVCache) and never loops over sequences in Python;
-- q, k and v come from one matmul of their stacked weights (model.stacked_qkv; with LoRA, once merged);
 - finished sequences are tracked by position (a boolean per row), never by comparing tokens with the pad id,
   because Qwen base models use the same id (<|endoftext|>) for padding and EOS;
 - stop strings are checked in Python only for the rows whose new token could complete one (a precomputed
   vocabulary mask of "trigger" tokens), so the common step costs no decoding at all;
-- on CUDA the one-token decode step is captured once as a CUDA graph and replayed (decode is launch-bound).
+- on CUDA the one-token decode step (model.Qwen3.graph_step, over the whole cache so that no shape changes) is
+  captured once as a CUDA graph and replayed (decode is launch-bound).
 
 Left out: beam search, repetition penalties, speculative decoding (the study samples plainly).
 """
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from model import KVCache, stacked_qkv
+from model import KVCache
 
 
 @dataclass
@@ -74,29 +75,30 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
 
 
 FINISH = ("length", "eos", "stop")
-_TRIGGERS = {}
+_TRIGGERS = weakref.WeakKeyDictionary()   # tokenizer -> {(stop, vocab_size, device): mask}, gone with the tokenizer
 
 
 def stop_triggers(tokenizer, stop: Sequence[str], vocab_size: int, device):
     """Bool [vocab]: tokens whose text contains the last character of some stop string. Only a row whose
     newest token is a trigger can have just completed a stop string, so only those rows are decoded."""
-    key = (id(tokenizer), tuple(stop), vocab_size, str(device))
-    if key not in _TRIGGERS:
+    cached = _TRIGGERS.setdefault(tokenizer, {})   # keyed by the object: a later tokenizer may reuse a freed id
+    key = (tuple(stop), vocab_size, str(device))
+    if key not in cached:
         n = min(tokenizer.vocab_size, vocab_size)
         texts = tokenizer.decode_batch([[i] for i in range(n)])
         last = {s[-1] for s in stop if s}
         hit = [any(c in t for c in last) or "\ufffd" in t for t in texts]  # partial UTF-8 bytes count too
         mask = torch.zeros(vocab_size, dtype=torch.bool)
         mask[:n] = torch.tensor(hit)
-        _TRIGGERS[key] = mask.to(device)
-    return _TRIGGERS[key]
+        cached[key] = mask.to(device)
+    return cached[key]
 
 
 class DecodeGraph:
     """One decode step (B tokens -> next-token logits) captured as a CUDA graph over a static cache.
 
-    Shapes never change: attention reads all cache slots, masked by cache.valid; the write slot and
-    positions are tensors updated in place before each replay.
+    Shapes never change: the step is model.graph_step, which reads all cache slots, masked by cache.valid;
+    the write slot and positions are tensors updated in place before each replay.
     """
 
     def __init__(self, model, cache: KVCache):
@@ -106,8 +108,7 @@ class DecodeGraph:
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        self.ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
-        cache.attend_len = S = cache.valid.shape[1]
+        S = cache.valid.shape[1]
         self.slot.fill_(S - 1)  # warm-up really runs: let it write the last slot, which decoding fills later anyway
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -120,7 +121,7 @@ class DecodeGraph:
         cache.valid[:, S - 1] = False
 
     def _step(self):
-        return self.model(self.tokens, self.ones, cache=self.cache, positions=self.positions, slots=self.slot)[:, -1]
+        return self.model.graph_step(self.tokens, self.positions, self.cache, self.slot)
 
     def __call__(self, tokens, positions, slot: int):
         self.tokens.copy_(tokens[:, None])
@@ -140,7 +141,10 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
     prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    if seed is None:
+        generator.seed()   # a fresh seed for this generator only: the caller's torch RNG is left as it was
+    else:
+        generator.manual_seed(seed)
     # Longest prompts first: batches of similar lengths waste less padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
@@ -149,14 +153,13 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(prompts), desc="rollouts", unit="seq")
-    with stacked_qkv(model):
-        for chunk in chunks:
-            rollouts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, temperature,
-                                       top_p, top_k, stop, generator, cuda_graph and device.type == "cuda")
-            for i, r in zip(chunk, rollouts):
-                out[i] = r
-            if bar:
-                bar.update(len(chunk))
+    for chunk in chunks:
+        rollouts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, temperature,
+                                   top_p, top_k, stop, generator, cuda_graph and device.type == "cuda")
+        for i, r in zip(chunk, rollouts):
+            out[i] = r
+        if bar:
+            bar.update(len(chunk))
     if bar:
         bar.close()
     return out
@@ -230,69 +233,57 @@ def score(model, contexts, continuations, batch_size: int = 64) -> list[list[tor
     device = next(model.parameters()).device
     dtype = model.embed_tokens.weight.dtype
     out = [[None] * len(c) for c in continuations]
-    with stacked_qkv(model):
-        for start in range(0, len(contexts), batch_size):
-            ctx_idx = list(range(start, min(start + batch_size, len(contexts))))
-            ids, mask = left_pad([contexts[i] for i in ctx_idx], device=device)
-            pairs = sorted(((row, j) for row, i in enumerate(ctx_idx) for j in range(len(continuations[i]))),
-                           key=lambda rj: len(continuations[ctx_idx[rj[0]]][rj[1]]))
-            cache = KVCache.empty(model.config, len(ctx_idx), ids.shape[1], device, dtype)
-            last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
-            for p0 in range(0, len(pairs), batch_size):
-                part = pairs[p0:p0 + batch_size]
-                rows = torch.tensor([r for r, _ in part], device=device)
-                conts = [continuations[ctx_idx[r]][j] for r, j in part]
-                L = max(len(c) for c in conts)
-                cont_ids = torch.zeros(len(part), L, dtype=torch.long)
-                cont_mask = torch.zeros(len(part), L, dtype=torch.bool)
-                for k, c in enumerate(conts):
-                    cont_ids[k, :len(c)] = torch.tensor(c)
-                    cont_mask[k, :len(c)] = True
-                cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
-                sub = cache.select(rows, slots=ids.shape[1] + L)
-                hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
-                # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
-                first = last[rows].gather(-1, cont_ids[:, :1])
-                scored = cont_mask[:, 1:]
-                logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
-                rest = torch.zeros(scored.shape, device=device)
-                rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
-                per_token = torch.cat([first, rest], dim=1).cpu()
-                for k, (r, j) in enumerate(part):
-                    out[ctx_idx[r]][j] = per_token[k, :len(conts[k])]
+    for start in range(0, len(contexts), batch_size):
+        ctx_idx = list(range(start, min(start + batch_size, len(contexts))))
+        ids, mask = left_pad([contexts[i] for i in ctx_idx], device=device)
+        pairs = sorted(((row, j) for row, i in enumerate(ctx_idx) for j in range(len(continuations[i]))),
+                       key=lambda rj: len(continuations[ctx_idx[rj[0]]][rj[1]]))
+        cache = KVCache.empty(model.config, len(ctx_idx), ids.shape[1], device, dtype)
+        last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
+        for p0 in range(0, len(pairs), batch_size):
+            part = pairs[p0:p0 + batch_size]
+            rows = torch.tensor([r for r, _ in part], device=device)
+            conts = [continuations[ctx_idx[r]][j] for r, j in part]
+            L = max(len(c) for c in conts)
+            cont_ids = torch.zeros(len(part), L, dtype=torch.long)
+            cont_mask = torch.zeros(len(part), L, dtype=torch.bool)
+            for k, c in enumerate(conts):
+                cont_ids[k, :len(c)] = torch.tensor(c)
+                cont_mask[k, :len(c)] = True
+            cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+            sub = cache.select(rows, slots=ids.shape[1] + L)
+            hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
+            # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
+            first = last[rows].gather(-1, cont_ids[:, :1])
+            scored = cont_mask[:, 1:]
+            logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
+            rest = torch.zeros(scored.shape, device=device)
+            rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
+            per_token = torch.cat([first, rest], dim=1).cpu()
+            for k, (r, j) in enumerate(part):
+                out[ctx_idx[r]][j] = per_token[k, :len(conts[k])]
     return out
 
 
-def sequence_logprobs(model, input_ids, attention_mask=None, temperature: float = 1.0):
-    """Differentiable log p(input_ids[:, t+1] | input_ids[:, :t+1]) -> [B, T-1] (float32), for training.
-
-    temperature divides the logits, so a trainer can score tokens under the same policy that sampled them.
-    """
-    logits = model(input_ids, attention_mask)[:, :-1].float()
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
-    return -F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-
-
 def main():
-    import argparse
     import time
-    from model import load_model
-    p = argparse.ArgumentParser(description="Sample continuations of a prompt with the KV-cache sampler.")
+    from model import COUNT, NONNEGATIVE, SIZE, FlagParser, load_model, number
+    p = FlagParser(description="Sample continuations of a prompt with the KV-cache sampler.")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id")
     p.add_argument("--checkpoint", help="a LoRA checkpoint (.pt) to apply, merged")
     p.add_argument("--prompt", default="Question: Natalia sold clips to 48 of her friends in April, and then she sold "
                    "half as many clips in May. How many clips did Natalia sell altogether in April and May?\nAnswer:",
                    help="prompt text (plain base-model format)")
-    p.add_argument("--n", type=int, default=4, help="samples of the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per sample at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--n", type=SIZE, default=4, help="samples of the prompt")
+    p.add_argument("--max-new-tokens", type=SIZE, default=128, help="new tokens per sample at most")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=number(float, maximum=1, above=0), default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=COUNT, default=0, help="keep the k most likely tokens (0 = all)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); default 'Question:'")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=number(int), default=0, help="sampling seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", help="float32|bfloat16|float16")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   choices=["float32", "bfloat16", "float16"], help="the model's weights")
     args = p.parse_args()
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     if args.checkpoint:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import BUNDLED, LoadError
+from model import BUNDLED, LoadError, replace_atomically
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,26 +53,21 @@ class LoraLinear(nn.Module):
         self.active = None
         self.merged_weight = None
 
-    def add(self, name: str, cfg: LoraConfig):
+    def add(self, name: str, cfg: LoraConfig, dtype=None, A=None, B=None):
+        """Adapter `name`: the given A [r, in] and B [out, r] (a checkpoint's: nothing is drawn), or A random and
+        B zero as peft does, so that a fresh adapter is a no-op. dtype: the base weight's unless given."""
         w = self.base.weight
-        A = torch.empty(cfg.r, w.shape[1], device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as peft: A random, B zero -> a fresh adapter is a no-op
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(w.shape[0], cfg.r, device=w.device, dtype=w.dtype))
-        self.scale[name], self.dropout[name] = cfg.alpha / cfg.r, cfg.dropout
+        dtype = dtype or w.dtype
+        if A is None:
+            A = nn.init.kaiming_uniform_(torch.empty(cfg.r, w.shape[1], dtype=dtype), a=math.sqrt(5))
+            B = torch.zeros(w.shape[0], cfg.r, dtype=dtype)
         # Only the student ("default") learns; other adapters (a teacher) stay frozen.
-        self.lora_A[name].requires_grad_(name == "default")
-        self.lora_B[name].requires_grad_(name == "default")
+        self.lora_A[name] = nn.Parameter(A.to(w.device, dtype, copy=True), requires_grad=name == "default")
+        self.lora_B[name] = nn.Parameter(B.to(w.device, dtype, copy=True), requires_grad=name == "default")
+        self.scale[name], self.dropout[name] = cfg.alpha / cfg.r, cfg.dropout
 
     def delta(self, name: str):
         return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scale[name]
-
-    @property
-    def weight(self):
-        """The one matrix this layer applies, if it is one (merged, or no adapter active), else None."""
-        if self.merged_weight is not None:
-            return self.merged_weight
-        return self.base.weight if self.active is None else None
 
     def merge(self):
         if self.active is not None:
@@ -94,21 +89,29 @@ def lora_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def add_lora(model, cfg: LoraConfig, name: str = "default"):
-    """Add adapter `name` to every target projection (wrapping them on first use), freeze everything
-    else, and make `name` the active adapter."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if child_name in cfg.targets and isinstance(child, nn.Linear):
-                setattr(parent, child_name, LoraLinear(child))
-    layers = lora_layers(model)
+def target_layers(model, targets) -> dict:
+    """{name: layer} of the projections named in `targets`: plain nn.Linear, or LoraLinear once wrapped."""
+    return {n: m for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, LoraLinear))}
+
+
+def add_lora(model, cfg: LoraConfig, name: str = "default", dtype=None, weights: dict | None = None):
+    """Add adapter `name` to every target projection (wrapping it on first use), freeze the base, and make
+    `name` the active adapter. weights: {"<layer>.lora_A": tensor, ...} to start from (else a fresh init);
+    dtype: the adapter's (default: the base's; a trained adapter is float32, see training.py)."""
+    for n, p in model.named_parameters():
+        if ".lora_" not in n:
+            p.requires_grad_(False)
+    layers = target_layers(model, cfg.targets)
     if not layers:
         raise ValueError(f"no projection named any of {cfg.targets} in the model")
     for n, layer in layers.items():
-        if n.rsplit(".", 1)[-1] in cfg.targets:
-            layer.add(name, cfg)
+        if not isinstance(layer, LoraLinear):
+            parent, _, child = n.rpartition(".")
+            # nn.Module starts in train mode: without this, an eval-mode model gets adapter dropout
+            layer = LoraLinear(layer).train(model.training)
+            setattr(model.get_submodule(parent), child, layer)
+        layer.add(name, cfg, dtype, *((weights[f"{n}.lora_A"], weights[f"{n}.lora_B"]) if weights else ()))
     set_adapter(model, name)
     model.lora_configs = {**getattr(model, "lora_configs", {}), name: cfg}
     return model
@@ -178,22 +181,28 @@ def save_checkpoint(path: str, model, meta: dict, name: str = "default", train_s
     if train_state is not None:
         ckpt["train_state"] = train_state
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint behind
+    replace_atomically(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this project, read onto the CPU with torch.load(weights_only=True): tensors and plain
+    containers only, never arbitrary pickled objects (so a file from elsewhere cannot run code)."""
     if not os.path.exists(path):
         raise LoadError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LoadError(f"{path} is not a LoRA checkpoint of this project ({type(e).__name__}: {e})")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch's own message suggests unpickling the file: never pass that on
+        raise LoadError(f"{path} is not a LoRA checkpoint of this project (torch.load cannot read it: "
+                        f"{type(e).__name__})")
+    if not (isinstance(ckpt, dict) and {"adapter", "lora", "meta"} <= set(ckpt)):
+        raise LoadError(f"{path} is not a LoRA checkpoint of this project (no adapter, lora and meta entries)")
+    return ckpt
 
 
-def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = True) -> dict:
-    """Add adapter `name` to the model with the checkpoint's config and weights; returns the checkpoint."""
+def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = True, dtype=None,
+                 dropout: float | None = None) -> dict:
+    """Add adapter `name` to the model with the checkpoint's config and weights (no random init is drawn);
+    returns the checkpoint. dropout: the adapter's dropout from now on (default: the checkpoint's)."""
     ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
     base, arch = ckpt["meta"].get("base_model"), ckpt["meta"].get("base_config")
     here = getattr(model, "name_or_path", base)
@@ -202,21 +211,20 @@ def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = 
     if check_base and ((base and _base_name(base) != _base_name(here)) or (arch and arch != asdict(model.config))):
         raise LoadError(f"checkpoint was trained on {base!r}, not on {here!r} (check_base=False overrides)")
     lc = ckpt["lora"]
-    cfg = LoraConfig(r=lc["r"], alpha=lc["alpha"], dropout=lc["dropout"], targets=tuple(lc["targets"]))
-    previous = active_adapter(model)
-    add_lora(model, cfg, name)
-    layers = lora_layers(model)
-    expected = {f"{n}.lora_{ab}" for n, layer in layers.items() if name in layer.lora_A for ab in "AB"}
-    if set(ckpt["adapter"]) != expected:
-        odd = sorted(set(ckpt["adapter"]) ^ expected)[0]
+    cfg = LoraConfig(r=lc["r"], alpha=lc["alpha"], dropout=lc["dropout"] if dropout is None else dropout,
+                     targets=tuple(lc["targets"]))
+    expected = {}   # tensor name -> the shape this model needs
+    for n, m in target_layers(model, cfg.targets).items():
+        linear = m.base if isinstance(m, LoraLinear) else m
+        expected[f"{n}.lora_A"], expected[f"{n}.lora_B"] = (cfg.r, linear.in_features), (linear.out_features, cfg.r)
+    if set(ckpt["adapter"]) != set(expected):
+        odd = sorted(set(ckpt["adapter"]) ^ set(expected))[0]
         raise LoadError(f"adapter tensors do not match the model (first mismatch: {odd})")
-    with torch.no_grad():
-        for key, t in ckpt["adapter"].items():
-            layer_name, ab = key.rsplit(".", 1)
-            param = (layers[layer_name].lora_A if ab == "lora_A" else layers[layer_name].lora_B)[name]
-            if param.shape != t.shape:
-                raise LoadError(f"adapter tensor {key} has shape {tuple(t.shape)}, the model needs {tuple(param.shape)}")
-            param.copy_(t)
+    for key, shape in expected.items():
+        if tuple(ckpt["adapter"][key].shape) != shape:
+            raise LoadError(f"adapter tensor {key} has shape {tuple(ckpt['adapter'][key].shape)}, the model needs {shape}")
+    previous = active_adapter(model)
+    add_lora(model, cfg, name, dtype, weights=ckpt["adapter"])
     if name != "default" and previous is not None:
         set_adapter(model, previous)  # loading a teacher does not change who the student is
     return ckpt
@@ -261,7 +269,8 @@ def export_merged(model, model_dir: str, out_dir: str, name: str = "default"):
                 continue
             state["model." + n.replace(".base.", ".") if n != "lm_head.weight" else n] = p
         for n, layer in lora_layers(model).items():
-            state[f"model.{n}.weight"] = layer.merged_weight
+            if layer.merged_weight is not None:   # a layer without adapter `name` keeps its base weight
+                state[f"model.{n}.weight"] = layer.merged_weight
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),

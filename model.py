@@ -15,12 +15,16 @@ that asks for them is refused), dropout (inference and LoRA fine-tuning only nee
 
 The KV cache (`KVCache`) is one preallocated tensor pair per layer plus a [batch, slots] mask of
 which slots hold real tokens, so left padding, batched prefill and batched decoding are all plain
-tensor indexing: no per-sequence Python anywhere. generate.py drives it.
+tensor indexing: no per-sequence Python anywhere. generate.py drives it, through Qwen3.forward or, for a
+CUDA graph, through Qwen3.graph_step (one decode step over the whole cache, so its shapes never change).
 """
+import argparse
 import functools
 import json
+import math
 import os
-from contextlib import contextmanager
+import signal
+import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,15 +38,93 @@ BUNDLED = {"tiny": os.path.join(TINY_DIR, "model")}
 
 
 class LoadError(Exception):
-    """A user-facing loading problem; scripts print it as one line instead of a traceback."""
+    """A user-facing problem with an input (a file, a flag); scripts print it as one line instead of a traceback."""
 
 
 def cli(main, errors=(LoadError,)):
-    """Run a script's main(); a user-facing failure ends as one "error: ..." line (exit code 1), not a traceback."""
+    """Run a script's main(). A user-facing failure ends as one "error: ..." line (exit code 1), not a traceback;
+    Ctrl-C or SIGTERM outside a training loop (which stops at the end of its step, training.steps) as one line
+    too, exit code 130 or 143. Outputs are written whole at the end (write_text), so nothing half-written stays."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         main()
     except errors as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        code = getattr(e, "code", 130)
+        print(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): stopped at once; outputs and checkpoints are "
+              "written whole, so none is left half-written", file=sys.stderr)
+        raise SystemExit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C (exit code 143)."""
+    code = 143
+
+
+def _raise_interrupt(signum, frame):
+    raise Terminated()
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors are one line: "error: argument --batch-size: 0 is below 1 (see --help)", exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def number(kind=int, minimum=None, maximum=None, above=None):
+    """An argparse type: an int or a finite float, at least `minimum`, greater than `above`, at most `maximum`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"{text} must be greater than {above}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text} is above {maximum}")
+        return value
+    return parse
+
+
+COUNT, SIZE, RATE = number(int, 0), number(int, 1), number(float, above=0)   # limits/steps; sizes; learning rates
+NONNEGATIVE, PROBABILITY = number(float, 0), number(float, 0, 1)
+
+
+def replace_atomically(path: str, write):
+    """write(tmp) a temporary file, then rename it to `path`: the file is whole or not there, and a crash or a
+    second Ctrl-C mid-write leaves the previous version (a checkpoint, a result) as it was."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str):
+    """Write a text file whole or not at all (replace_atomically)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    replace_atomically(path, write)
+
+
+def output_dir(path: str, flag: str = "--out") -> str:
+    """Make the directory that will hold `path` (an output named by `flag`) before any work, or say why it cannot be."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise LoadError(f"{flag} {path}: cannot make its directory ({e.strerror})")
+    return path
 
 
 @dataclass
@@ -81,22 +163,19 @@ class Qwen3Config:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension: float32 statistics, cast back to the input dtype, *then* the weight
+    (transformers' order; multiplying before the cast rounds differently in bf16). Written out rather than
+    F.rms_norm, whose CPU version is a composite of more ops: this form halves the norms' share of a decode step."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x, weight, eps: float):
-    """RMSNorm over the last dimension: float32 statistics, cast back to the input dtype, *then* the weight
-    (transformers' order; multiplying before the cast rounds differently in bf16). Written out rather than
-    F.rms_norm, whose CPU version is a composite of more ops: this form halves the norms' share of a decode step."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,19 +187,22 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Te
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """Rotary tables for integer positions [B, T] -> cos and signed sin, each [B, 1, T, head_dim] (float32 math).
-
-    Rotate-half RoPE is x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1]. [x2, x1] is x
-    rolled by half its width, so the minus sign goes into the table once per forward: sin = [-sin, sin].
-    """
+    """Rotary tables for integer positions [B, T] -> cos and sin, each [B, 1, T, head_dim] (float32 math); the
+    second half of each table repeats the first, as rotate_half pairs dimension i with i + head_dim/2."""
     angles = positions.float()[..., None] * rope_inv_freq(head_dim, theta, positions.device)
     cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1).to(dtype)[:, None], torch.cat([-sin, sin], dim=-1).to(dtype)[:, None]
+    return torch.cat([cos, cos], dim=-1).to(dtype)[:, None], torch.cat([sin, sin], dim=-1).to(dtype)[:, None]
+
+
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] over the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rope(x, cos, sin):
     """Rotate-half RoPE on x [B, heads, T, head_dim], with rope_cos_sin()'s tables."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 @dataclass
@@ -128,14 +210,12 @@ class KVCache:
     """Preallocated keys/values for every layer: k[layer] is [batch, kv_heads, slots, head_dim].
 
     `valid[b, s]` says slot s of sequence b holds a real (non-padding) token. `length` is the number
-    of slots written so far; attention reads slots [0, attend_len) where attend_len defaults to the
-    written length (a CUDA graph sets it to the full size so shapes never change).
+    of slots written so far, the slots attention reads (Qwen3.graph_step, for a CUDA graph, reads them all).
     """
     k: list
     v: list
     valid: torch.Tensor
     length: int = 0
-    attend_len: int | None = None
 
     @classmethod
     def empty(cls, cfg: Qwen3Config, batch: int, slots: int, device, dtype) -> "KVCache":
@@ -143,10 +223,6 @@ class KVCache:
         k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         return cls(k, v, torch.zeros(batch, slots, dtype=torch.bool, device=device))
-
-    def attended(self, new: int) -> int:
-        """How many slots attention reads while `new` tokens are being written: slots [0, attended)."""
-        return self.attend_len or self.length + new
 
     def select(self, index, slots: int | None = None) -> "KVCache":
         """A new cache holding rows `index` of this one (for example one context row per choice), with
@@ -174,69 +250,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.stacked, self.qkv_weight, self.qk_norm_stacked = False, None, None   # see stacked_qkv()
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, slots):
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+        """x [B, T, hidden] -> [B, T, hidden]. kv: this layer's cached (keys, values), each [B, kv_heads, S,
+        head_dim]; the new keys and values are written at `slots` and every query attends to all S of them."""
         B, T, _ = x.shape
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        qkv = self.project_qkv(x).view(B, T, H + 2 * KV, D)
-        # q_norm and k_norm in one call (each head with its own weight), then one rotation of all q and k heads.
-        qk = apply_rope(rms_norm(qkv[:, :, :H + KV], self.qk_norm_weight(), self.q_norm.eps).transpose(1, 2), cos, sin)
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + KV:].transpose(1, 2)
-        if cache is not None:
-            cache.k[layer].index_copy_(2, slots, k)
-            cache.v[layer].index_copy_(2, slots, v)
-            end = cache.attended(T)
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # Qwen3 normalizes every q and k head (its own weight for q and for k) *before* the rotation.
+        q = apply_rope(self.q_norm(q).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_norm(k).transpose(1, 2), cos, sin)
+        if kv is not None:
+            kv[0].index_copy_(2, slots, k)
+            kv[1].index_copy_(2, slots, v)
+            k, v = kv
         # mask None: no padding, so T == 1 sees every key and T > 1 is a fresh causal sequence (Qwen3.forward)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             enable_gqa=KV != H)
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-    def project_qkv(self, x):
-        """q, k and v side by side: [B, T, (heads + 2 kv_heads) * head_dim]; one matmul inside stacked_qkv()."""
-        if self.stacked:
-            return F.linear(x, self.qkv_weight)
-        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-
-    def qk_norm_weight(self):
-        """q_norm's weight for every q head, then k_norm's for every kv head: [heads + kv_heads, head_dim]."""
-        if self.stacked:
-            return self.qk_norm_stacked
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        return torch.cat([self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(KV, D)])
-
-
-@contextmanager
-def stacked_qkv(model):
-    """Inside this block every attention layer projects q, k and v with one matmul, their weights stacked.
-
-    The sampler's decode step is a few dozen small matmuls, and this makes three of them one (and takes the
-    per-head q/k norm weight, Attention.qk_norm_weight, once instead of on every step). The stacks are detached
-    copies taken on entry: the weights must not change inside (no training step, merge or adapter switch), and
-    no gradient reaches them through it. The q/k/v buffer is kept for the next entry (allocating it afresh
-    costs more than the copy on a CPU). A layer whose projections are not single matrices (a LoRA adapter
-    active and not merged) keeps three matmuls.
-    """
-    attns = [layer.self_attn for layer in model.layers]
-    previous = [a.stacked for a in attns]
-    for a in attns:
-        weights = [p.weight for p in (a.q_proj, a.k_proj, a.v_proj)]
-        a.stacked = False
-        if all(w is not None for w in weights):
-            buf = a.qkv_weight
-            if buf is None or buf.dtype != weights[0].dtype or buf.device != weights[0].device:
-                with torch.inference_mode(False):   # a normal tensor, so that it can be refilled in any mode
-                    buf = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1],
-                                      dtype=weights[0].dtype, device=weights[0].device)
-            a.qkv_weight = torch.cat([w.detach() for w in weights], out=buf)
-            a.qk_norm_stacked = a.qk_norm_weight().detach()
-            a.stacked = True
-    try:
-        yield model
-    finally:
-        for a, was in zip(attns, previous):
-            a.stacked = was
 
 
 class MLP(nn.Module):
@@ -258,9 +290,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer, slots):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slots)
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def padded_causal_mask(valid, query_slots):
+    """[B, 1, T, S] bool: the query at slot query_slots[t] sees key slot s when s <= that slot (causal) and s holds
+    a real token (valid [B, S]). A padding query would see no key at all, and its softmax would be NaN: it sees
+    itself instead (its output is never used)."""
+    keys = torch.arange(valid.shape[1], device=valid.device)
+    mask = (keys[None, :] <= query_slots[:, None])[None] & valid[:, None, :]
+    return (mask | (keys[None, :] == query_slots[:, None])[None])[:, None]
 
 
 class Qwen3(nn.Module):
@@ -276,60 +317,64 @@ class Qwen3(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, positions=None,
-                slots=None, logits_to_keep: int = 0, return_hidden: bool = False):
+                logits_to_keep: int = 0, return_hidden: bool = False):
         """Logits [B, T, vocab] for input_ids [B, T].
 
         attention_mask [B, T] (1 = token, 0 = padding; left padding is the convention) defaults to all
-        ones. With a cache the T new tokens go into slots [cache.length, cache.length + T) (or the
-        `slots` tensor given, which a CUDA graph needs) and attend to every valid earlier slot.
-        positions default to the number of real tokens before each one, so padding shifts nothing.
-        logits_to_keep=k computes the lm_head on the last k positions only (prefill needs just one).
-        return_hidden=True returns the final-norm hidden states instead of logits.
+        ones. With a cache the T new tokens go into slots [cache.length, cache.length + T) and attend to
+        every valid earlier slot. positions default to the number of real tokens before each one, so
+        padding shifts nothing. logits_to_keep=k computes the lm_head on the last k positions only
+        (prefill needs just one). return_hidden=True returns the final-norm hidden states instead of logits.
         """
         B, T = input_ids.shape
         device = input_ids.device
-        graph_step = slots is not None   # slots given: a CUDA graph step, being captured or replayed
-        one_new_token = T == 1 and attention_mask is None and cache is not None and not graph_step
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-        attention_mask = attention_mask.bool()
+        real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         if cache is None:
-            valid, query_slot = attention_mask, torch.arange(T, device=device)
+            valid, slots = real, torch.arange(T, device=device)
         else:
-            if not graph_step:
-                slots = torch.arange(cache.length, cache.length + T, device=device)
-            cache.valid.index_copy_(1, slots, attention_mask)
-            valid = cache.valid[:, :cache.attended(T)]
-            query_slot = slots
+            slots = torch.arange(cache.length, cache.length + T, device=device)
+            cache.valid.index_copy_(1, slots, real)
+            valid = cache.valid[:, :cache.length + T]
         if positions is None:
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0).index_select(1, query_slot)
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0).index_select(1, slots)
         S = valid.shape[1]
         # No padding anywhere (prompts of one length, an unpadded training batch) leaves nothing to mask: one new
         # token sees every slot, and a fresh sequence (T == S) is plainly causal, which SDPA applies by itself
         # (Attention: is_causal). transformers drops an all-true mask the same way; SDPA's unmasked kernels are
-        # faster and, on the CPU, give the same numbers bit for bit. A graph step must not sync: it takes a mask.
-        if (T == 1 or T == S) and not graph_step and bool(valid.all()):
-            mask = None
-        elif one_new_token:   # decoding: every valid cached slot precedes the new token, so causality is implied
-            mask = valid[:, None, None, :]                                                     # [B, 1, 1, S]
-        else:
-            keys = torch.arange(S, device=device)
-            mask = (keys[None, :] <= query_slot[:, None])[None] & valid[:, None, :]           # causal & real: [B, T, S]
-            # A padding query sees no key at all; let it see itself so softmax stays finite (its output is unused).
-            mask = (mask | (keys[None, :] == query_slot[:, None])[None])[:, None]             # [B, 1, T, S]
+        # faster and, on the CPU, give the same numbers bit for bit.
+        mask = None if (T == 1 or T == S) and bool(valid.all()) else padded_causal_mask(valid, slots)
+        x = self.decoder(input_ids, positions, mask, cache, slots, S)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return x if return_hidden else self.lm_head(x)
 
+    def graph_step(self, tokens, positions, cache: KVCache, slot):
+        """Next-token logits [B, vocab] for one new token per row (tokens, positions [B, 1]) written at cache slot
+        `slot` (a one-element tensor): the decode step that generate.DecodeGraph captures as a CUDA graph.
+
+        A graph replays fixed shapes and must not sync, so this step attends to every slot of the cache, masked by
+        cache.valid (never forward's mask-free path, whose padding check reads a value back to the host), and
+        leaves cache.length to the caller.
+        """
+        cache.valid.index_copy_(1, slot, torch.ones_like(tokens, dtype=torch.bool))
+        mask = padded_causal_mask(cache.valid, slot)
+        x = self.decoder(tokens, positions, mask, cache, slot, cache.valid.shape[1])
+        return self.lm_head(self.norm(x))[:, -1]
+
+    def decoder(self, input_ids, positions, mask, cache, slots, n_slots: int):
+        """Embedding and every layer (the final norm is the caller's). With a cache each layer writes its new keys
+        and values at `slots` and attends to cache slots [0, n_slots)."""
         cfg = self.config
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, i, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i, slots)
-        if cache is not None and not graph_step:
-            cache.length += T
-        x = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
-        return x if return_hidden else self.lm_head(x)
+                kv = None if cache is None else (cache.k[i][:, :, :n_slots], cache.v[i][:, :, :n_slots])
+                x = layer(x, cos, sin, mask, kv, slots)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +386,10 @@ class Tokenizer:
 
     def __init__(self, path: str, eos_ids: list[int], pad_id: int):
         from tokenizers import Tokenizer as HFTokenizer
-        self.tok = HFTokenizer.from_file(path)
+        try:
+            self.tok = HFTokenizer.from_file(path)
+        except Exception as e:
+            raise LoadError(f"{path} could not be read as a tokenizer ({type(e).__name__})")
         self.eos_ids, self.pad_id = eos_ids, pad_id
 
     def encode(self, text: str) -> list[int]:
@@ -384,22 +432,35 @@ def resolve_model_dir(name_or_path: str) -> str:
 def _read_json(path: str) -> dict:
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path} is not valid JSON ({getattr(e, 'msg', e)})")
+    if not isinstance(d, dict):
+        raise LoadError(f"{path} is not a JSON object")
+    return d
 
 
 def load_state_dict(model_dir: str) -> dict:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.exists(index):
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not files:
+            raise LoadError(f"{index} names no weight files (no weight_map)")
     elif os.path.exists(single):
         files = ["model.safetensors"]
     else:
         raise LoadError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
     state = {}
     for name in files:
-        for k, t in load_file(os.path.join(model_dir, name)).items():
+        path = os.path.join(model_dir, name)
+        try:
+            tensors = load_file(path)
+        except Exception as e:   # a truncated download, a file that is not safetensors, a missing shard
+            raise LoadError(f"{path} is not a readable safetensors file ({type(e).__name__}); download it again")
+        for k, t in tensors.items():
             state[k.removeprefix("model.")] = t
     return state
 

@@ -47,8 +47,9 @@ import evaluate
 import train_grpo
 import train_opd
 import train_sft
-from model import LoadError, cli
-from training import NonFiniteLoss
+from lora import load_checkpoint
+from model import SIZE, FlagParser, LoadError, cli, write_text
+from training import NonFiniteLoss, finished
 
 SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py": train_opd}
 
@@ -126,11 +127,11 @@ PROFILES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="the base: tiny (the bundled world), an HF model directory or hub id")
     p.add_argument("--data-dir", default=None, help="local data (default: tiny/data for tiny, else the HF hub)")
     p.add_argument("--out", default=None, help="study directory (default: runs/<model name>)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat every trained run with seeds 0..N-1")
+    p.add_argument("--seeds", type=SIZE, default=1, help="repeat every trained run with seeds 0..N-1")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps and examples per stage")
     p.add_argument("--only", default=None, help="comma-separated trained runs to do (default: all)")
     p.add_argument("--features", default="lexical,hidden", help="drift representations (drift.py --features)")
@@ -198,13 +199,17 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
         print(f"{stage.name}: {e}", file=sys.stderr)
         status["failed"] = str(e)
         return status
+    except SystemExit as e:     # Ctrl-C or SIGTERM: the trainer checkpointed its last step
+        if e.code in (130, 143):
+            print(f"{stage.name} (seed {seed}) stopped: the same reproduce.py command resumes it", file=sys.stderr)
+        raise
     if not _finished(out):  # e.g. --stop-after among the extra flags: nothing to evaluate yet
         status["failed"] = "stopped before its last step; rerun reproduce.py to resume it"
     return status
 
 
 def _finished(ckpt: str) -> bool:
-    return os.path.exists(ckpt) and torch.load(ckpt, weights_only=True)["train_state"].get("finished", False)
+    return os.path.exists(ckpt) and finished(load_checkpoint(ckpt))   # read onto the CPU, wherever it was trained
 
 
 def evaluate_model(args, name: str, checkpoint: str | None, costs: dict) -> str:
@@ -405,8 +410,7 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
     lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     lines += cost_table(summary["costs"])
     path = os.path.join(out_dir, "results.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -533,8 +537,7 @@ def main(argv=None) -> dict:
             runs.setdefault(stage.name, []).append(status)
     summary = summarize(args, runs, costs)
     plots = plot(summary, args.out)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_text(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1))
     path = report(summary, args.out, plots)
     print(f"\nstudy done in {sum(costs['seconds'].values()) / 60:.1f} min of stages -> {path}")
     return summary

@@ -26,26 +26,26 @@ Honest simplifications (read them before comparing numbers with other GRPO runs)
 4. Completions cut by --max-new-tokens keep their reward (usually 0) with no overlong shaping; no entropy
    bonus; no top-p/top-k (the recorded log-probs would no longer be the sampling distribution's).
 """
-import argparse
+import functools
 import random
 import time
 
 import torch
 
 import training
-from evaluate import GSM8K_STOP, gsm8k_prompt, is_correct
-from generate import generate
-from lora import merged, use_adapter
+from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
+from lora import use_adapter
+from model import NONNEGATIVE, RATE, SIZE, FlagParser, number
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
-    p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T (also divides the learner's logits)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="completion tokens at most (evaluate.py's limit)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="ε of the clipped ratio")
-    p.add_argument("--beta", type=float, default=0.0, help="weight of the k3 KL to the base policy (0 = none)")
-    p.add_argument("--mu", type=int, default=1, help="optimizer steps on each batch of rollouts")
+    p = FlagParser(description=__doc__, formatter_class=training.HelpFormatter)
+    p.add_argument("--group-size", type=number(int, 2), default=8, help="G: completions sampled per prompt")
+    p.add_argument("--temperature", type=RATE, default=1.0, help="sampling temperature T > 0 (also divides the learner's logits)")
+    p.add_argument("--max-new-tokens", type=SIZE, default=256, help="completion tokens at most (evaluate.py's limit)")
+    p.add_argument("--clip-eps", type=NONNEGATIVE, default=0.2, help="ε of the clipped ratio")
+    p.add_argument("--beta", type=NONNEGATIVE, default=0.0, help="weight of the k3 KL to the base policy (0 = none)")
+    p.add_argument("--mu", type=SIZE, default=1, help="optimizer steps on each batch of rollouts")
     # token-mean (DAPO) by default: every completion token weighs the same, so a long wrong answer is not
     # penalized less per token than a short one (seq-mean's length bias, the point of Dr. GRPO), and unlike
     # `constant` its scale does not depend on --max-new-tokens.
@@ -56,7 +56,7 @@ def parse_args(argv=None):
                    help="divide advantages by the group's reward std, the batch's, or nothing")
     p.add_argument("--no-std-scale", dest="scale_rewards", action="store_const", const="none",
                    help="same as --scale-rewards none (Dr. GRPO)")
-    p.add_argument("--sample-batch-size", type=int, default=256, help="sequences per sampler batch")
+    p.add_argument("--sample-batch-size", type=SIZE, default=256, help="sequences per sampler batch")
     training.add_common_args(p)
     # Chosen defaults (the paper gives none): 16 prompts x 8 samples = 128 rollouts per step, 200 steps;
     # a LoRA learning rate about ten times a full fine-tuning RL rate; no adapter dropout, so the learner
@@ -86,36 +86,17 @@ def advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tens
     return a.flatten()
 
 
-def completion_length(tokens, eos_ids) -> int:
-    """Tokens up to and including the first EOS: nothing after it carries loss."""
-    for i, t in enumerate(tokens):
-        if t in eos_ids:
-            return i + 1
-    return len(tokens)
-
-
 def collate(rollouts, adv, weights, eos_ids, device):
-    """Right-padded prompt + completion rows; target mask = completion tokens up to the first EOS; the sampler's
-    log-probs, the advantages and the per-token loss weights laid out on the same grid."""
-    lens = [completion_length(r.tokens, eos_ids) for r in rollouts]
-    T = max(len(r.prompt_ids) + n for r, n in zip(rollouts, lens))
-    B = len(rollouts)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.bool)
-    target = torch.zeros(B, T, dtype=torch.bool)
-    old = torch.zeros(B, T)
-    w = torch.zeros(B, T)
-    for i, (r, n) in enumerate(zip(rollouts, lens)):
-        P = len(r.prompt_ids)
-        ids[i, :P + n] = torch.tensor(r.prompt_ids + r.tokens[:n])
-        attn[i, :P + n] = True
-        target[i, P:P + n] = True
-        old[i, P:P + n] = torch.tensor(r.logprobs[:n])
-        w[i, P:P + n] = weights[i]
-    state = target.clone()  # states s_t = (x, y_<t): the completion tokens but the last
-    state[torch.arange(B), attn.sum(1) - 1] = False
-    adv_grid = torch.as_tensor(adv, dtype=torch.float32)[:, None].expand(B, T)
-    return [t.to(device) for t in (ids, attn, target, state, old, adv_grid, w)]
+    """A micro-batch of prompt + completion rows (training.pad_rows: the completion tokens up to the first EOS are
+    the targets, their own prefixes the states), with the sampler's log-probs, the advantages and the per-token
+    loss weights laid out on the same [B, T] grid."""
+    completions = [training.through_eos(r.tokens, eos_ids) for r in rollouts]
+    ids, attn, target, state = training.pad_rows([(r.prompt_ids, None, c) for r, c in zip(rollouts, completions)],
+                                                 device)
+    old = torch.zeros(target.shape, device=device)
+    old[target] = torch.tensor([lp for r, c in zip(rollouts, completions) for lp in r.logprobs[:len(c)]], device=device)
+    per_row = [torch.as_tensor(v, dtype=torch.float32).to(device)[:, None].expand(target.shape) for v in (adv, weights)]
+    return [ids, attn, target, state, old, *per_row]
 
 
 def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int):
@@ -137,15 +118,15 @@ def pg_loss(model, batch, args, locality: bool):
     ratio = torch.exp(new - old)
     clipped = ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps)
     per_token = -torch.min(ratio * adv, clipped * adv)
-    figures = {"clip_frac": (((ratio > 1 + args.clip_eps) & (adv > 0)) | ((ratio < 1 - args.clip_eps) & (adv < 0)))
-               .float().mean().item()}
+    figures = {"clip_frac": training.total(((ratio > 1 + args.clip_eps) & (adv > 0)) |
+                                           ((ratio < 1 - args.clip_eps) & (adv < 0)))}
     ref = None
     if args.beta > 0 or locality:
         with torch.no_grad(), use_adapter(model, None):
             ref = training.token_logprobs(model, ids, attn, target, temperature=T)
         d = ref - new
         k3 = torch.exp(d) - d - 1  # unbiased, always >= 0 estimator of KL(π_θ || π_ref) on π_θ's samples
-        figures["kl"] = k3.mean().item()
+        figures["kl"] = training.total(k3)
         if args.beta > 0:
             per_token = per_token + args.beta * k3
     loss = (per_token * w).sum()
@@ -156,21 +137,19 @@ def pg_loss(model, batch, args, locality: bool):
 
 
 def sample(run, examples, args, seed):
-    """G rollouts per example from the current policy, adapter merged into the weights."""
+    """G rollouts per example from the current policy (its adapter merged into the weights)."""
     prompts = run.tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
-    prompts = [p for p in prompts for _ in range(args.group_size)]
-    run.model.eval()
-    with merged(run.model):
-        return generate(run.model, run.tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        stop=GSM8K_STOP, seed=seed, batch_size=args.sample_batch_size)
+    return gsm8k_rollouts(run.model, run.tok, [p for p in prompts for _ in range(args.group_size)], "default",
+                          args.max_new_tokens, args.temperature, seed, args.sample_batch_size)
 
 
 def main(argv=None, reward_fn=exact_answer_reward):
     args = parse_args(argv)
     run = training.setup(args, "grpo")
-    examples = training.train_examples(args)
+    examples = training.train_examples(run)
     G, eos = args.group_size, set(run.tok.eos_ids)
 
+    @functools.cache
     def epoch_batches(epoch):
         order = list(range(len(examples)))
         random.Random(args.seed * 1000 + epoch).shuffle(order)
@@ -186,7 +165,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
             rollouts = sample(run, group, args, seed=args.seed * 1_000_003 + run.step)
             rewards = torch.tensor([reward_fn(r, group[i // G]) for i, r in enumerate(rollouts)], dtype=torch.float32)
             adv = advantages(rewards, G, args.scale_rewards)
-            lengths = [completion_length(r.tokens, eos) for r in rollouts]
+            lengths = [len(training.through_eos(r.tokens, eos)) for r in rollouts]
             weights = token_weights(lengths, args.loss_agg, args.max_new_tokens, len(rollouts))
             grouped = rewards.view(-1, G)
             zero_signal = (grouped == grouped[:, :1]).all(1)

@@ -24,12 +24,10 @@ included (they are the dataset's tokens; the paper does not say it stripped them
 learns to stop; there is no packing of several examples into one row (batches of similar lengths keep
 padding small instead); examples longer than --max-len tokens are cut at the end.
 """
-import argparse
-
-import torch
+import functools
 
 import training
-from evaluate import gsm8k_prompt
+from model import FlagParser, number
 
 PRESETS = {
     "mild": dict(epochs=1.0, lr=1e-4, lora_r=16, lora_alpha=32),
@@ -38,10 +36,10 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=training.HelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="mild",
                    help="sets --epochs, --lr, --lora-r, --lora-alpha (those show default None: the preset's value)")
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per example at most (prompt + answer + EOS)")
+    p.add_argument("--max-len", type=number(int, 2), default=1024, help="tokens per example at most (prompt + answer + EOS)")
     training.add_common_args(p)
     # None = "take it from the preset"
     p.set_defaults(epochs=None, lr=None, lora_r=None, lora_alpha=None, batch_size=16)
@@ -54,36 +52,11 @@ def parse_args(argv=None):
     return args
 
 
-def encode(tok, examples, max_len: int):
-    """(prompt ids, answer ids + EOS) per example; tokenized apart so the loss mask boundary is exact."""
-    prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
-    answers = tok.encode_batch([" " + ex["answer"] for ex in examples])
-    eos = tok.eos_ids[:1]
-    return [(p[:max_len - 1], (a + eos)[:max(1, max_len - len(p))]) for p, a in zip(prompts, answers)]
-
-
-def collate(pairs, device):
-    """Right-padded ids [B, T], attention mask, and the target mask (answer tokens, prompt masked)."""
-    T = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.zeros(len(pairs), T, dtype=torch.long)
-    attn = torch.zeros(len(pairs), T, dtype=torch.bool)
-    target = torch.zeros(len(pairs), T, dtype=torch.bool)
-    for i, (p, a) in enumerate(pairs):
-        n = len(p) + len(a)
-        ids[i, :n] = torch.tensor(p + a)
-        attn[i, :n] = True
-        target[i, len(p):n] = True
-    # The states are x + y*_<t: their answer tokens are the targets but the last one.
-    state = target.clone()
-    state[torch.arange(len(pairs)), attn.sum(1) - 1] = False
-    return ids.to(device), attn.to(device), target.to(device), state.to(device)
-
-
 def sft_loss(model, batch, normalizer: float, locality: bool):
     """Eq. 5 on one micro-batch: summed gold-token NLL / the step's answer-token count."""
     ids, attn, target, state = batch
     logp = training.token_logprobs(model, ids, attn, target)
-    loss = -logp.sum() / normalizer
+    loss = -logp.sum() / normalizer                                                 # Eq. 5
     figures = training.state_locality(model, ids, attn, state, target_logprobs=logp) if locality else {}
     return loss, figures
 
@@ -91,17 +64,18 @@ def sft_loss(model, batch, normalizer: float, locality: bool):
 def main(argv=None):
     args = parse_args(argv)
     run = training.setup(args, "sft", meta={"preset": args.preset})
-    examples = training.train_examples(args)
-    pairs = encode(run.tok, examples, args.max_len)
+    pairs = training.gold_solutions(run.tok, training.train_examples(run), args.max_len)
     lengths = [len(p) + len(a) for p, a in pairs]
 
+    @functools.cache
     def epoch_batches(epoch):
         return training.length_grouped_batches(lengths, args.batch_size, seed=args.seed * 1000 + epoch)
 
     n_batches = -(-len(pairs) // args.batch_size)
     for _ in training.steps(run, training.plan_steps(args, n_batches)):
-        micro = [collate([pairs[i] for i in training.next_batch(run, epoch_batches)], args.device)
-                 for _ in range(args.grad_accum)]
+        # The states x + y*_<t are the answer's own prefixes (states None): every answer token is a target.
+        micro = [training.pad_rows([(pairs[i][0], None, pairs[i][1]) for i in training.next_batch(run, epoch_batches)],
+                                   args.device) for _ in range(args.grad_accum)]
         n_targets = sum(int(b[2].sum()) for b in micro)
         locality = training.wants_locality(run)
         stats = training.train_step(run, micro, lambda b: sft_loss(run.model, b, n_targets, locality))

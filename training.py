@@ -20,13 +20,17 @@ Functions a trainer calls inside its loss:
     state_locality(model, input_ids, attention_mask, state_mask, target_logprobs=None, base_logprobs=None) -> dict
     wants_locality(run) -> bool                    whether this step logs state locality (--locality-every)
     autocast(model)                                bf16 autocast on CUDA (and for bf16 weights on CPU)
-and around the loop: plan_steps(args, batches_per_epoch) -> total steps; length_grouped_batches(lengths,
-batch_size, seed) -> shuffled batches of similar lengths; save(run) for an extra checkpoint; lr_at(...).
+and around the loop: train_examples(run) -> GSM8K train; gold_solutions(tok, examples, max_len) -> (prompt, answer)
+token ids; through_eos(tokens, eos_ids); pad_rows(rows, device) -> a padded micro-batch with its target and state masks; plan_steps(args,
+batches_per_epoch) -> total steps; length_grouped_batches(lengths, batch_size, seed) -> shuffled batches of similar
+lengths; save(run) for an extra checkpoint; finished(ckpt); lr_at(...).
 
 Contracts:
 - `loss_fn(micro_batch) -> (loss, figures)`: the step's loss is the SUM of the micro-batch losses, so a
   trainer divides by a step-wide normalizer (e.g. all target tokens of the step); then gradient
-  accumulation gives exactly the gradient of one big batch. `figures` (floats) are averaged over micro-batches.
+  accumulation gives exactly the gradient of one big batch. `figures` are {name: (sum, count)} (see total()),
+  and the step logs sum / count over its micro-batches: a mean over every token or state of the step, whatever
+  the micro-batches' sizes.
 - Masks are bool [B, T] over positions of input_ids: mask[b, t] = token t is scored, predicted from
   position t - 1 (so mask[:, 0] must be False). Per-token results come out in the order of input_ids[mask].
 - State locality (this study's addition; the paper names it as the missing measurement): `state_nll_base` is
@@ -37,30 +41,33 @@ Contracts:
   LoRA weights would round most updates away) while the base may be bfloat16. Other adapters (OPD's
   teacher) may be loaded with lora.load_adapter(run.model, path, name="teacher") before or after setup.
 - Checkpoints (lora.save_checkpoint, atomic) go to --out every --save-every steps and at the end. meta holds
-  method, base model, data dir, LoRA config, every argument and the step; train_state holds AdamW's state,
-  the schedule, RNG states (torch, CUDA, python, numpy) and the data position, so `--resume` continues the
-  run and ends with the same adapter as an uninterrupted one. A finished run's checkpoint drops the
-  optimizer state (it is the deliverable, and resuming a finished run has nothing to do).
+  method, base model, data dir and a hash of the training examples, LoRA config, every argument and the step;
+  train_state holds the step and the run's planned steps (a run is finished when they meet), and until then
+  AdamW's state, torch's RNG states (CPU and CUDA: adapter dropout; the samplers and the data order have
+  seeded generators of their own) and the data position, so `--resume` continues the run and ends with the
+  same adapter as an uninterrupted one. --resume refuses flags or data that differ from the run's.
 - A non-finite loss or gradient norm raises NonFiniteLoss before the optimizer moves: the last checkpoint
   on disk is the last good one and is left untouched.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evaluate import gsm8k_prompt, load_gsm8k, resolve_data_dir
 from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, save_checkpoint, use_adapter
-from evaluate import load_gsm8k, resolve_data_dir
-from model import LoadError, load_model
+from model import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, FlagParser, LoadError, load_model, number, output_dir
 from model import cli as model_cli
 
 
@@ -83,30 +90,30 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="base policy: HF model directory, hub id, or tiny")
     g.add_argument("--data-dir", default=None,
                    help="directory with gsm8k/train.jsonl (default: the hub's openai/gsm8k; tiny/data for --model tiny)")
-    g.add_argument("--limit", type=int, default=0, help="train on the first N GSM8K train examples only (0 = all)")
+    g.add_argument("--limit", type=COUNT, default=0, help="train on the first N GSM8K train examples only (0 = all)")
     g.add_argument("--init", default=None, help="start from this LoRA checkpoint (.pt) instead of a fresh adapter")
     g.add_argument("--out", default=None, help="checkpoint path (.pt), written atomically every --save-every steps and at the end")
     g.add_argument("--log", default=None, help="metrics JSONL (default: --out with .jsonl)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint is --out")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
-    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter's input")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the adapter")
-    g.add_argument("--warmup", type=float, default=0.03, help="linear warmup: a fraction of the steps if < 1, else a step count")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (ignored with --max-steps)")
-    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
-    g.add_argument("--batch-size", type=int, default=16, help="examples (SFT) or prompts (GRPO, OPD) per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--seed", type=int, default=0, help="seed for LoRA init, data order, dropout and sampling")
+    g.add_argument("--lora-r", type=SIZE, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=SIZE, default=32, help="LoRA alpha (scale = alpha / r)")
+    g.add_argument("--lora-dropout", type=PROBABILITY, default=0.05, help="dropout on the adapter's input")
+    g.add_argument("--lr", type=RATE, default=1e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0, help="AdamW weight decay on the adapter")
+    g.add_argument("--warmup", type=NONNEGATIVE, default=0.03, help="linear warmup: a fraction of the steps if < 1, else a step count")
+    g.add_argument("--clip", type=NONNEGATIVE, default=1.0, help="gradient norm clip (0 = off)")
+    g.add_argument("--epochs", type=RATE, default=1.0, help="passes over the training data (ignored with --max-steps)")
+    g.add_argument("--max-steps", type=COUNT, default=0, help="optimizer steps (0 = from --epochs)")
+    g.add_argument("--batch-size", type=SIZE, default=16, help="examples (SFT) or prompts (GRPO, OPD) per micro-batch")
+    g.add_argument("--grad-accum", type=SIZE, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--seed", type=number(int), default=0, help="seed for LoRA init, data order, dropout and sampling")
     g.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu | cuda")
     g.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"],
                    help="base weights; on CUDA the forward runs under bf16 autocast either way")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
-    g.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after N steps of this invocation; --resume continues")
-    g.add_argument("--locality-every", type=int, default=1, help="log state locality every N steps (0 = never; costs one base forward)")
+    g.add_argument("--save-every", type=COUNT, default=100, help="checkpoint every N steps (0 = only at the end)")
+    g.add_argument("--stop-after", type=COUNT, default=0, help="stop (with a checkpoint) after N steps of this invocation; --resume continues")
+    g.add_argument("--locality-every", type=COUNT, default=1, help="log state locality every N steps (0 = never; costs one base forward)")
     return p
 
 
@@ -128,79 +135,80 @@ class Run:
     data: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
     meta: dict = field(default_factory=dict)     # method-specific metadata for the checkpoint (e.g. the teacher)
     saved_step: int | None = None                # step of the last checkpoint on disk
-    resumed: dict | None = None                  # train_state of the checkpoint we resumed from
+    resumed: dict | None = None                  # the checkpoint this invocation resumed from
     bar: object = None
-    _clock: float = 0.0
-    _start_step: int = 0
-    _epoch_cache: tuple = (None, None)
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    step_started: float = 0.0                    # when the current step began (its wall time goes in the log)
 
 
 def rng_state() -> dict:
-    py = random.getstate()
-    npy = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": [py[0], list(py[1]), py[2]],
-            # numpy arrays do not pass torch.load(weights_only=True): store the MT19937 key as a tensor
-            "numpy": [npy[0], torch.from_numpy(npy[1].astype(np.int64)), npy[2], npy[3], npy[4]]}
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npy = state["numpy"]
-    np.random.set_state((npy[0], npy[1].numpy().astype(np.uint32), npy[2], npy[3], npy[4]))
 
 
-def _adapter_to_float32(model, ckpt: dict | None = None):
-    """Keep the trained adapter in float32 whatever the base dtype; re-copy checkpoint weights exactly."""
-    params = lora_parameters(model, "default")
-    for p in params:
-        p.data = p.data.float()
-    if ckpt is not None:  # load_adapter copied them into base-dtype tensors first: undo any rounding
-        layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A")}
-        with torch.no_grad():
-            for key, t in ckpt["adapter"].items():
-                name, ab = key.rsplit(".", 1)
-                getattr(layers[name], ab)["default"].copy_(t)
-    return params
+def finished(ckpt: dict) -> bool:
+    """Whether the checkpoint's run has done all its planned steps (then it is the run's deliverable)."""
+    ts = ckpt.get("train_state") or {}
+    return ts.get("step", 0) >= ts.get("total_steps", math.inf)
+
+
+# Flags that may change between a run and its --resume: where and how often it writes, how far this
+# invocation goes, logging, the device. Any other difference would continue into another run.
+RESUME_MAY_CHANGE = {"resume", "out", "log", "save_every", "stop_after", "locality_every", "device", "grad_checkpointing"}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def resumable(args, method: str) -> dict:
+    """--out's checkpoint, once it is shown to be this method's unfinished run with these very flags."""
+    if not os.path.exists(args.out):
+        raise LoadError(f"--resume: {args.out} does not exist (nothing to resume; drop --resume to start)")
+    ckpt = load_checkpoint(args.out)
+    if ckpt["meta"].get("method") != method:
+        raise LoadError(f"--resume: {args.out} is a {ckpt['meta'].get('method')!r} run, not {method!r}")
+    if finished(ckpt):
+        raise LoadError(f"--resume: {args.out} is a finished run (step {ckpt['train_state']['step']}); nothing to resume")
+    before = ckpt["meta"].get("args", {})
+    for key, value in vars(args).items():
+        if key not in RESUME_MAY_CHANGE and key in before and before[key] != value:
+            raise LoadError(f"--resume: {_flag(key)} is {value!r} here but {before[key]!r} in the run of {args.out}; "
+                            "resume with the run's flags, or drop --resume to start a new run")
+    return ckpt
+
+
+def _check_init(args, ckpt: dict):
+    """--init: the adapter keeps the checkpoint's rank and scale, so flags that ask for others are an error."""
+    for key, name in (("lora_r", "r"), ("lora_alpha", "alpha")):
+        if getattr(args, key) != ckpt["lora"][name]:
+            raise LoadError(f"{_flag(key)} is {getattr(args, key)}, but --init {args.init} holds an adapter with "
+                            f"{name} {ckpt['lora'][name]}: pass {_flag(key)} {ckpt['lora'][name]} to start from it")
 
 
 def setup(args, method: str, meta: dict | None = None) -> Run:
     """Seed, load the base model and tokenizer, attach the adapter (fresh, --init or --resume), build AdamW,
-    and restore optimizer, schedule, RNG and data position when resuming."""
-    seed_everything(args.seed)
+    and restore optimizer, RNG and data position when resuming."""
+    torch.manual_seed(args.seed)   # the LoRA init, and adapter dropout (also seeds every CUDA device)
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
-    if args.out is None:
-        args.out = f"ckpt/{method}.pt"
-    if args.log is None:
-        args.log = os.path.splitext(args.out)[0] + ".jsonl"
+    args.out = output_dir(args.out or f"ckpt/{method}.pt")
+    args.log = output_dir(args.log or os.path.splitext(args.out)[0] + ".jsonl", "--log")
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    # The trained adapter is float32 whatever the base dtype (AdamW on bf16 LoRA weights would round most
+    # updates away); a loaded one takes the checkpoint's weights, and this run's dropout.
     ckpt = None
-    if args.resume:
-        if not os.path.exists(args.out):
-            raise LoadError(f"--resume: {args.out} does not exist (nothing to resume; drop --resume to start)")
-        ckpt = load_checkpoint(args.out)
-        ts = ckpt.get("train_state") or {}
-        if ckpt["meta"].get("method") != method:
-            raise LoadError(f"--resume: {args.out} is a {ckpt['meta'].get('method')!r} run, not {method!r}")
-        if "optimizer" not in ts:
-            raise LoadError(f"--resume: {args.out} is a finished run (step {ts.get('step')}); nothing to resume")
-        load_adapter(model, ckpt)
-    elif args.init:
-        ckpt = load_adapter(model, args.init)
+    if args.resume or args.init:
+        ckpt = resumable(args, method) if args.resume else load_checkpoint(args.init)
+        if args.init:
+            _check_init(args, ckpt)
+        load_adapter(model, ckpt, dtype=torch.float32, dropout=args.lora_dropout)
     else:
-        add_lora(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
-    params = _adapter_to_float32(model, ckpt)
+        add_lora(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), dtype=torch.float32)
+    params = lora_parameters(model)
     model.gradient_checkpointing = args.grad_checkpointing
     cuda = args.device.startswith("cuda")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **({"fused": True} if cuda else {}))
@@ -208,10 +216,10 @@ def setup(args, method: str, meta: dict | None = None) -> Run:
     if args.resume:
         ts = ckpt["train_state"]
         optimizer.load_state_dict(ts["optimizer"])
-        run.step = run.saved_step = run._start_step = ts["step"]
+        run.step = run.saved_step = ts["step"]
         run.data = dict(ts["data"])
-        run.resumed = ts
-        set_rng_state(ts["rng"])   # last: adapter creation above consumed RNG that the original run did not
+        run.resumed = ckpt
+        set_rng_state(ts["rng"])
         _truncate_log(args.log, run.step)
     elif os.path.exists(args.log):
         os.remove(args.log)        # a new run starts a new log
@@ -247,9 +255,57 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def train_examples(args) -> list[dict]:
-    """GSM8K train as [{question, answer}], the first --limit examples (all with --limit 0)."""
-    return load_gsm8k("train", args.data_dir)[:args.limit or None]
+def train_examples(run: Run) -> list[dict]:
+    """GSM8K train as [{question, answer}], the first --limit examples (all with --limit 0). Their hash goes
+    into the checkpoint, and a resumed run must find the same examples (its data position counts in them)."""
+    examples = load_gsm8k("train", run.args.data_dir)[:run.args.limit or None]
+    digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:16]
+    if run.resumed and run.resumed["meta"].get("data_sha256", digest) != digest:
+        raise LoadError(f"--resume: the training examples are not those of the run in {run.args.out} "
+                        f"(--data-dir {run.args.data_dir}, --limit {run.args.limit})")
+    run.meta["data_sha256"] = digest
+    return examples
+
+
+def gold_solutions(tok, examples, max_len: int) -> list[tuple]:
+    """(prompt ids, gold answer ids + EOS) per example, tokenized apart so that the boundary between the prompt
+    and the dataset's states is exact; at most max_len tokens in all (the answer is cut at its end)."""
+    prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
+    answers = tok.encode_batch([" " + ex["answer"] for ex in examples])
+    eos = tok.eos_ids[:1]   # one EOS, so the model learns to stop
+    return [(p[:max_len - 1], (a + eos)[:max(1, max_len - len(p))]) for p, a in zip(prompts, answers)]
+
+
+def through_eos(tokens, eos_ids) -> list:
+    """The tokens up to and including the first EOS: nothing after it is a state or a target. (The sampler ends
+    a rollout there already; this holds for any trajectory, whatever wrote it.)"""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return list(tokens[:i + 1])
+    return list(tokens)
+
+
+def pad_rows(rows, device) -> tuple:
+    """A right-padded micro-batch of rows (prompt, states, targets), each three token lists laid end to end.
+
+    Returns ids and attn [B, T] and two masks over them (training.py's convention): `target`, the target
+    tokens, which the loss scores; `state`, the state tokens of the states where supervision applies, whose
+    base NLL is state locality. A row whose states are None has its targets' own prefixes as states, i.e.
+    the targets but the last (SFT's gold answer, GRPO's completion); OPD's continuation rows name theirs:
+    the rollout prefix y_<t before the teacher's tokens.
+    """
+    T = max(len(x) + len(s or ()) + len(c) for x, s, c in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    attn, target, state = (torch.zeros(len(rows), T, dtype=torch.bool) for _ in range(3))
+    for b, (x, s, c) in enumerate(rows):
+        own = s is None                                  # the targets' own prefixes are the states
+        s = [] if own else s
+        n = len(x) + len(s) + len(c)
+        ids[b, :n] = torch.tensor([*x, *s, *c])
+        attn[b, :n] = True
+        target[b, len(x) + len(s):n] = True
+        state[b, len(x):n - 1 if own else len(x) + len(s)] = True
+    return ids.to(device), attn.to(device), target.to(device), state.to(device)
 
 
 def plan_steps(args, batches_per_epoch: int) -> int:
@@ -261,16 +317,12 @@ def plan_steps(args, batches_per_epoch: int) -> int:
 
 def next_batch(run: Run, epoch_batches):
     """The next micro-batch. epoch_batches(epoch) -> list of batches must be deterministic in `epoch` (seed it
-    with args.seed + epoch); the position {epoch, index} lives in run.data and is checkpointed."""
-    epoch, cached = run._epoch_cache
-    if epoch != run.data["epoch"]:
-        cached = epoch_batches(run.data["epoch"])
-        if not cached:
-            raise ValueError("epoch_batches returned no batches (empty training set?)")
-        run._epoch_cache = (run.data["epoch"], cached)
-    batch = cached[run.data["index"]]
+    with args.seed + epoch; decorate it with functools.cache, it is asked at every micro-batch); the position
+    {epoch, index} lives in run.data and is checkpointed."""
+    batches = epoch_batches(run.data["epoch"])
+    batch = batches[run.data["index"]]
     run.data["index"] += 1
-    if run.data["index"] == len(cached):
+    if run.data["index"] == len(batches):
         run.data.update(epoch=run.data["epoch"] + 1, index=0)
     return batch
 
@@ -299,7 +351,8 @@ def token_logprobs(model, input_ids, attention_mask, mask, temperature: float = 
 
     The lm_head runs only on the positions that predict a masked token, `chunk` positions at a time, each
     chunk's logits recomputed in backward instead of kept: on Qwen's 151,936-token vocabulary, float32
-    logits for a GRPO micro-batch would otherwise take tens of GB. Differentiable; logits / temperature.
+    logits for a GRPO micro-batch would otherwise take tens of GB. Differentiable; logits / temperature, as
+    the sampler records them (T = 0, greedy, scores the logits themselves).
     """
     assert not mask[:, 0].any(), "the first token has no prefix to be predicted from"
     hidden = model(input_ids, attention_mask, return_hidden=True)
@@ -315,7 +368,7 @@ def token_logprobs(model, input_ids, attention_mask, mask, temperature: float = 
 
 def _logprobs(lm_head, h, targets, temperature: float):
     logits = lm_head(h).float()
-    if temperature != 1.0:
+    if temperature not in (0, 1):
         logits = logits / temperature
     return -F.cross_entropy(logits, targets, reduction="none")
 
@@ -324,21 +377,26 @@ def _logprobs(lm_head, h, targets, temperature: float):
 def state_locality(model, input_ids, attention_mask, state_mask, target_logprobs=None, base_logprobs=None) -> dict:
     """How far from the base policy the step's states are, and how well the learner fits its targets.
 
-    state_nll_base: mean NLL of input_ids[state_mask] under the frozen base (adapter off), i.e. how
-    surprising the supervised states' own tokens are to the policy training started from.
-    target_nll: mean of -target_logprobs (the learner's log-probs of its supervision targets, taken from the
+    state_nll_base: NLL of input_ids[state_mask] under the frozen base (adapter off), i.e. how surprising
+    the supervised states' own tokens are to the policy training started from.
+    target_nll: -target_logprobs (the learner's log-probs of its supervision targets, taken from the
     training forward). base_logprobs: precomputed base log-probs of the state tokens (saves a forward when
-    the trainer already has them, e.g. GRPO's KL reference at temperature 1).
+    the trainer already has them, e.g. GRPO's KL reference at temperature 1). Both as figures (sum, count).
     """
     out = {}
     if base_logprobs is None and state_mask.any():
         with use_adapter(model, None), autocast(model):
             base_logprobs = token_logprobs(model, input_ids, attention_mask, state_mask)
     if base_logprobs is not None and base_logprobs.numel():
-        out["state_nll_base"] = -base_logprobs.float().mean().item()
+        out["state_nll_base"] = total(-base_logprobs)
     if target_logprobs is not None and target_logprobs.numel():
-        out["target_nll"] = -target_logprobs.detach().float().mean().item()
+        out["target_nll"] = total(-target_logprobs)
     return out
+
+
+def total(values: torch.Tensor) -> tuple:
+    """A figure as (sum, count) over a tensor's elements: the step's log shows sum / count over its micro-batches."""
+    return values.detach().float().sum().item(), values.numel()
 
 
 def wants_locality(run: Run) -> bool:
@@ -349,12 +407,11 @@ def wants_locality(run: Run) -> bool:
 
 def train_step(run: Run, micro_batches, loss_fn) -> dict:
     """One optimizer step: loss_fn on each micro-batch under autocast, backward, NaN/inf check, gradient
-    clipping, the scheduled lr, AdamW. Returns {loss, lr, grad_norm, **mean figures}."""
+    clipping, the scheduled lr, AdamW. Returns {loss, lr, grad_norm, **figures}, each figure its sum over the
+    micro-batches divided by its count."""
     model, args = run.model, run.args
     model.train()
-    for p in run.params:  # lora.add_lora (e.g. loading OPD's teacher) freezes every other adapter, ours included
-        p.requires_grad_(True)
-    loss_sum, figures = 0.0, defaultdict(list)
+    loss_sum, sums, counts = 0.0, defaultdict(float), defaultdict(int)
     try:
         for mb in micro_batches:
             with autocast(model):
@@ -364,8 +421,9 @@ def train_step(run: Run, micro_batches, loss_fn) -> dict:
                 raise NonFiniteLoss(f"loss is {value} at step {run.step + 1}: {_kept(run)}")
             loss.backward()
             loss_sum += value
-            for k, v in figs.items():
-                figures[k].append(float(v))
+            for k, (value_sum, count) in figs.items():
+                sums[k] += value_sum
+                counts[k] += count
     finally:
         model.eval()
     grads = [p for p in run.params if p.grad is not None]
@@ -379,7 +437,7 @@ def train_step(run: Run, micro_batches, loss_fn) -> dict:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **{k: sum(v) / len(v) for k, v in figures.items()}}
+    return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **{k: sums[k] / counts[k] for k in sums if counts[k]}}
 
 
 def _kept(run: Run) -> str:
@@ -393,27 +451,51 @@ def _kept(run: Run) -> str:
 
 
 def steps(run: Run, total: int):
-    """Yield once per optimizer step still to do (total in all), with a progress bar; --stop-after ends early."""
-    if run.resumed and run.resumed.get("total_steps") not in (None, total):
-        raise LoadError(f"--resume: the checkpoint's run planned {run.resumed['total_steps']} steps, these flags plan {total}")
+    """Yield once per optimizer step still to do (total in all), with a progress bar; --stop-after ends early.
+
+    Ctrl-C or SIGTERM (a scheduler's pre-emption) lets the current step finish, then writes a checkpoint and
+    exits 130 or 143 with one line saying how to continue; a second signal stops at once (the last checkpoint
+    on disk is whole: checkpoints are written atomically)."""
+    planned = run.resumed["train_state"]["total_steps"] if run.resumed else total
+    if planned != total:
+        raise LoadError(f"--resume: the checkpoint's run planned {planned} steps, these flags plan {total}")
     run.total_steps = total
     from tqdm import tqdm
     run.bar = tqdm(total=total, initial=run.step, desc=run.method, dynamic_ncols=True, disable=None)
-    run._clock = time.perf_counter()
+    start, stop = run.step, []       # stop: the signal that asked this run to stop, once one has
+
+    def request_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    main_thread = threading.current_thread() is threading.main_thread()   # only it may take signals
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         while run.step < total:
-            if run.args.stop_after and run.step - run._start_step >= run.args.stop_after:
+            if stop:
+                interrupted(run, stop[0])
+            if run.args.stop_after and run.step - start >= run.args.stop_after:
                 break
+            run.step_started = time.perf_counter()
             yield run.step
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         run.bar.close()
+
+
+def interrupted(run: Run, signum: int):
+    """Checkpoint the steps done and exit 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+    if run.saved_step != run.step:
+        save(run)
+    run.bar.close()
+    print(f"interrupted at step {run.step}; checkpoint {run.args.out}; continue with --resume", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def end_step(run: Run, stats: dict):
     """Append the step's metrics to the JSONL log, update the bar, checkpoint every --save-every steps.
     stats["tokens"] (tokens processed this step) becomes tokens_per_s."""
-    now = time.perf_counter()
-    dt, run._clock = now - run._clock, now
+    dt = time.perf_counter() - run.step_started
     tokens = stats.pop("tokens", None)
     record = {"step": run.step, **stats, "step_s": dt}
     if tokens is not None:
@@ -430,24 +512,23 @@ def end_step(run: Run, stats: dict):
         save(run)
 
 
-def save(run: Run, final: bool = False):
-    """Checkpoint to --out atomically: adapter + meta (+ everything --resume needs unless final)."""
+def save(run: Run):
+    """Checkpoint to --out atomically: adapter + meta, and everything --resume needs unless the run is finished
+    (then the checkpoint is the deliverable, and resuming has nothing to do)."""
     args = run.args
     meta = {"method": run.method, "data_dir": args.data_dir, "args": vars(args), "step": run.step,
             "total_steps": run.total_steps, **run.meta}
-    state = {"step": run.step, "total_steps": run.total_steps, "finished": final}
-    if not final:
-        state.update(optimizer=run.optimizer.state_dict(), data=dict(run.data), rng=rng_state(),
-                     schedule={"lr": args.lr, "warmup": args.warmup, "shape": "linear warmup, cosine to 0"})
+    state = {"step": run.step, "total_steps": run.total_steps}
+    if not finished({"train_state": state}):
+        state.update(optimizer=run.optimizer.state_dict(), data=dict(run.data), rng=rng_state())
     save_checkpoint(args.out, run.model, meta, train_state=state)
     run.saved_step = run.step
 
 
 def finish(run: Run):
     """The last checkpoint: the deliverable when the run is done, a resumable one after --stop-after."""
-    done = run.step >= run.total_steps
-    if run.saved_step != run.step or done:
-        save(run, final=done)
+    if run.saved_step != run.step:
+        save(run)
     print(f"{run.method}: step {run.step}/{run.total_steps} -> {run.args.out} (log {run.args.log})", file=sys.stderr)
 
 

@@ -34,6 +34,13 @@ def make_hf_model(path, vocab_size=1000, seed=0, **overrides):
     return model
 
 
+def reference_logprobs(model, ids, attention_mask=None, temperature: float = 1.0):
+    """log p(ids[:, t+1] | ids[:, :t+1]) -> [B, T-1], straight from the model's full logits: the plain reference
+    that the sampler's recorded log-probs, score() and the trainers' token log-probs are checked against."""
+    logits = model(ids, attention_mask)[:, :-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
 def write_byte_tokenizer(path, vocab_size=1000):
     """A tiny byte-level BPE tokenizer.json (ids < vocab_size), eos = pad = id 1."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers

@@ -178,7 +178,7 @@ def random_adapter_checkpoint(model, path, seed):
 
 
 def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, monkeypatch):
-    import generate
+    import evaluate
     import lora
     from model import load_model
     data = tmp_path / "data" / "gsm8k"
@@ -191,8 +191,8 @@ def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, mo
     random_adapter_checkpoint(model, str(tmp_path / "b.pt"), seed=2)
 
     calls = []
-    real_generate = generate.generate
-    monkeypatch.setattr(generate, "generate", lambda *a, **k: calls.append(len(a[2])) or real_generate(*a, **k))
+    real_generate = evaluate.generate   # evaluate.gsm8k_rollouts samples drift's state sets
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: calls.append(len(a[2])) or real_generate(*a, **k))
     argv = ["--checkpoint", str(tmp_path / "a.pt"), "--baseline-checkpoint", str(tmp_path / "b.pt"),
             "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "rollouts"),
             "--prompts", "3", "--samples-per-prompt", "2", "--max-new-tokens", "12", "--state-stride", "4",
@@ -217,3 +217,23 @@ def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, mo
     assert second["policy"]["cache"] == first["policy"]["cache"]
     assert second["policy"]["states"] == first["policy"]["states"] and second["jaccard"] == first["jaccard"]
     assert len(os.listdir(tmp_path / "rollouts")) == 2
+
+
+def test_rollout_cache_is_keyed_by_batch_size(tiny_dir, tmp_path):
+    import lora
+    from model import load_model
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    (data / "test.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in GSM8K_LINES))
+    model, _ = load_model(tiny_dir)
+    lora.add_lora(model, lora.LoraConfig(r=4, alpha=8, dropout=0.0))
+    random_adapter_checkpoint(model, str(tmp_path / "a.pt"), seed=1)
+    argv = ["--checkpoint", str(tmp_path / "a.pt"), "--data-dir", str(tmp_path / "data"),
+            "--cache-dir", str(tmp_path / "rollouts"), "--out", str(tmp_path / "d.json"), "--prompts", "2",
+            "--samples-per-prompt", "2", "--max-new-tokens", "6", "--bootstrap", "0", "--projections", "4",
+            "--device", "cpu"]
+    # batching changes the random stream and the padding, so another batch size may sample other rollouts
+    one, two = (drift.main(argv + ["--batch-size", b])["policy"] for b in ("1", "4"))
+    assert one["sampled"] and two["sampled"] and one["cache"] != two["cache"]
+    again = drift.main(argv + ["--batch-size", "4"])["policy"]
+    assert not again["sampled"] and again["cache"] == two["cache"]

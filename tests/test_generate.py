@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from generate import generate, score, sequence_logprobs
+from conftest import reference_logprobs
+from generate import generate, score
 from model import load_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
@@ -52,13 +53,24 @@ def test_seeded_sampling_repeats_exactly_and_seeds_differ(model_and_tok):
     assert [r.tokens for r in a] != [r.tokens for r in c]
 
 
+def test_unseeded_sampling_leaves_the_callers_random_numbers_alone(model_and_tok):
+    model, tok = model_and_tok
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = generate(model, tok, PROMPTS, max_new_tokens=20, temperature=1.0, seed=None)
+    assert torch.equal(torch.rand(3), expected)    # seed=None seeds the sampler's own generator, not torch's
+    b = generate(model, tok, PROMPTS, max_new_tokens=20, temperature=1.0, seed=None)
+    assert [r.tokens for r in a] != [r.tokens for r in b]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
 def test_recorded_logprobs_are_the_sampling_policy(model_and_tok, temperature):
     model, tok = model_and_tok
     for r in generate(model, tok, PROMPTS, max_new_tokens=12, temperature=temperature, seed=1):
         ids = torch.tensor([r.prompt_ids + r.tokens])
         with torch.no_grad():
-            lp = sequence_logprobs(model, ids, temperature=temperature or 1.0)[0, len(r.prompt_ids) - 1:]
+            lp = reference_logprobs(model, ids, temperature=temperature or 1.0)[0, len(r.prompt_ids) - 1:]
         torch.testing.assert_close(torch.tensor(r.logprobs), lp, atol=1e-5, rtol=1e-5)
 
 
@@ -122,8 +134,27 @@ def test_score_equals_full_forward_and_shares_each_context(model_and_tok):
         for c, lp in zip(conts, got):
             ids = torch.tensor([ctx + c])
             with torch.no_grad():
-                ref = sequence_logprobs(model, ids)[0, len(ctx) - 1:]
+                ref = reference_logprobs(model, ids)[0, len(ctx) - 1:]
             torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_stop_triggers_belong_to_their_tokenizer_even_when_its_id_is_reused(monkeypatch):
+    """CPython gives a new object the id of a freed one; a cache keyed by id would hand the new tokenizer the old
+    one's trigger mask. Here every object has the same id, so the reuse happens on every call, not by chance."""
+    import generate as sampler
+
+    class Vocab:   # tokenizer-like: token i is texts[i]
+        def __init__(self, texts):
+            self.texts, self.vocab_size = texts, len(texts)
+
+        def decode_batch(self, seqs):
+            return ["".join(self.texts[i] for i in s) for s in seqs]
+
+    monkeypatch.setattr(sampler, "id", lambda obj: 0, raising=False)
+    first = Vocab(["a", ":", "b"])
+    assert sampler.stop_triggers(first, ["Q:"], 3, "cpu").tolist() == [False, True, False]
+    del first
+    assert sampler.stop_triggers(Vocab([":", "a", "b"]), ["Q:"], 3, "cpu").tolist() == [True, False, False]
 
 
 def test_stop_strings_on_real_qwen_tokenizer_gsm8k_format():

@@ -1,12 +1,10 @@
 """lora.py: a fresh adapter is a no-op, merging is exact, the base is the reference, checkpoints round-trip."""
-from contextlib import nullcontext
-
 import pytest
 import torch
 
 from lora import (LoraConfig, add_lora, export_merged, export_peft, load_adapter, load_checkpoint, lora_parameters,
                   merged, save_checkpoint, use_adapter)
-from model import LoadError, load_model, stacked_qkv
+from model import LoadError, load_model
 
 IDS = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -48,20 +46,6 @@ def test_merged_equals_unmerged_and_unmerge_restores_base_exactly(tiny_dir):
     torch.testing.assert_close(merged_logits, unmerged, atol=1e-5, rtol=1e-5)
     assert torch.equal(after, unmerged)
     assert torch.equal(model.layers[0].self_attn.q_proj.base.weight, base_w)
-
-
-def test_stacked_qkv_applies_what_each_projection_applies(tiny_dir):
-    model, _ = load_model(tiny_dir)
-    trained_adapter(model)
-    attn = model.layers[0].self_attn
-    with torch.no_grad():
-        for adapter, merge in (("default", False), ("default", True), (None, False)):
-            with use_adapter(model, adapter), merged(model) if merge else nullcontext():
-                three = model(IDS)
-                with stacked_qkv(model):
-                    # an active adapter left unmerged is no single matrix: that layer keeps three matmuls
-                    assert attn.stacked != (adapter is not None and not merge)
-                    torch.testing.assert_close(model(IDS), three, atol=1e-6, rtol=1e-6)
 
 
 def test_disabled_adapter_is_the_base_policy(tiny_dir):
@@ -137,3 +121,30 @@ def test_merged_export_is_a_transformers_model_with_equal_logits(tiny_dir, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, model(IDS), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours(IDS), model(IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_new_adapter_layers_take_the_models_mode(tiny_dir, tmp_path):
+    model, _ = load_model(tiny_dir)                     # eval mode
+    trained_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.5))
+    save_checkpoint(str(tmp_path / "x.pt"), model, {"method": "sft"})
+    with torch.no_grad():
+        assert torch.equal(model(IDS), model(IDS))      # no adapter dropout on an eval-mode model
+    fresh, _ = load_model(tiny_dir)
+    load_adapter(fresh, str(tmp_path / "x.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS), model(IDS), atol=0, rtol=0)
+    training, _ = load_model(tiny_dir)
+    add_lora(training.train(), LoraConfig(r=4))
+    assert all(m.training for m in training.modules())
+
+
+def test_merged_export_of_adapters_with_different_targets(tiny_dir, tmp_path):
+    from transformers import Qwen3ForCausalLM
+    model, _ = load_model(tiny_dir)
+    trained_adapter(model)                                                      # all seven projections
+    trained_adapter(model, LoraConfig(r=2, alpha=4, dropout=0.0, targets=("q_proj", "v_proj")), "teacher", seed=1)
+    for name in ("default", "teacher"):
+        export_merged(model, tiny_dir, str(tmp_path / name), name=name)
+        hf = Qwen3ForCausalLM.from_pretrained(str(tmp_path / name)).eval()
+        with torch.no_grad(), use_adapter(model, name):
+            torch.testing.assert_close(hf(IDS).logits, model(IDS), atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, TOKENIZER_DIR, write_byte_tokenizer
-from model import KVCache, LoadError, load_model, load_tokenizer, stacked_qkv
+from model import KVCache, LoadError, load_model, load_tokenizer
 
 IDS = torch.randint(0, 1000, (3, 19), generator=torch.Generator().manual_seed(0))
 
@@ -16,24 +16,7 @@ def test_float32_logits_match_transformers(hf_models, name):
     path, hf = hf_models[name]
     model, _ = load_model(path)
     with torch.no_grad():
-        ref = hf(IDS).logits
-        torch.testing.assert_close(model(IDS), ref, atol=1e-5, rtol=1e-5)
-        with stacked_qkv(model):   # q, k, v in one matmul, as the sampler runs it
-            assert model.layers[0].self_attn.stacked
-            torch.testing.assert_close(model(IDS), ref, atol=1e-5, rtol=1e-5)
-    assert not model.layers[0].self_attn.stacked
-
-
-def test_stacked_qkv_takes_the_weights_of_each_entry(hf_models):
-    model, _ = load_model(hf_models["gqa_tied"][0])
-    attn = model.layers[1].self_attn
-    with torch.no_grad():
-        for changed in (None, attn.v_proj.weight, attn.k_norm.weight, attn.q_norm.weight):
-            if changed is not None:   # changed between two entries: the next entry must use the new weight
-                changed.mul_(1.5)
-            three = model(IDS)
-            with stacked_qkv(model):
-                torch.testing.assert_close(model(IDS), three, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(IDS), hf(IDS).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -93,6 +76,27 @@ def test_unpadded_batch_skips_the_mask_and_gets_the_same_numbers(hf_models):
             outs.append((model(IDS, mask), torch.cat(steps, 1)))
     for unmasked, masked in zip(*outs):
         assert torch.equal(unmasked[:2], masked[:2])
+
+
+def test_graph_step_over_the_whole_cache_equals_a_decode_step(hf_models):
+    """Qwen3.graph_step, the step a CUDA graph replays, attends to every slot of the cache (the unwritten ones
+    masked) and writes at a slot given as a tensor; it must compute what the plain decode step computes."""
+    model, _ = load_model(hf_models["gqa_tied"][0])
+    mask = torch.ones_like(IDS, dtype=torch.bool)
+    mask[1, :4] = False
+    with torch.no_grad():
+        plain, graph = (KVCache.empty(model.config, 3, IDS.shape[1], "cpu", torch.float32) for _ in range(2))
+        for cache in (plain, graph):
+            model(IDS[:, :10], mask[:, :10], cache=cache)
+        positions = mask[:, :10].sum(-1, keepdim=True)
+        for t in range(10, IDS.shape[1]):
+            want = model(IDS[:, t:t + 1], cache=plain, positions=positions)[:, -1]
+            got = model.graph_step(IDS[:, t:t + 1], positions, graph, torch.tensor([graph.length]))
+            graph.length += 1
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+            positions = positions + 1
+    assert torch.equal(graph.valid, plain.valid)
+    torch.testing.assert_close(graph.k[1], plain.k[1], atol=1e-6, rtol=1e-6)   # a wider softmax rounds differently
 
 
 def test_rope_theta_is_read_from_both_config_spellings(tmp_path, hf_models):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import reproduce
+import training
 
 
 def ms(mean, std=0.0):
@@ -88,7 +89,7 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
     first = reproduce.main(stop)
     assert "stopped before its last step" in first["models"]["sft_mild"]["runs"][0]["failed"]
     ckpt = torch.load(first["models"]["sft_mild"]["runs"][0]["checkpoint"], weights_only=True)
-    assert ckpt["train_state"]["step"] == 2 and not ckpt["train_state"]["finished"]
+    assert ckpt["train_state"]["step"] == 2 and not training.finished(ckpt)
     second = reproduce.main([a.replace(" --stop-after 2", "") for a in stop])
     run = second["models"]["sft_mild"]["runs"][0]
     assert "--resume" in run["argv"] and "failed" not in run
@@ -103,3 +104,17 @@ def test_only_refuses_unknown_runs_and_students_without_their_teacher(tmp_path):
     with pytest.raises(reproduce.LoadError, match="opd_stress learns from sft_stress"):
         reproduce.main(base + ["opd_stress"])
     assert not os.path.exists(os.path.join(tmp_path, "eval"))   # refused before any stage ran
+
+
+def test_a_checkpoint_written_on_a_gpu_is_read_on_a_cpu_only_machine(tiny_dir, tmp_path, monkeypatch):
+    from lora import LoraConfig, add_lora, save_checkpoint
+    from model import load_model
+    model, _ = load_model(tiny_dir)
+    add_lora(model, LoraConfig(r=2))
+    path = str(tmp_path / "gpu.pt")
+    with monkeypatch.context() as m:   # what torch.save writes for tensors that live on a GPU (the optimizer's state)
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        save_checkpoint(path, model, {"method": "sft"}, train_state={"step": 2, "total_steps": 4,
+                                                                      "optimizer": {"exp_avg": torch.ones(3)}})
+    assert not torch.cuda.is_available()
+    assert reproduce._finished(path) is False

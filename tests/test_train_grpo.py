@@ -82,7 +82,8 @@ def test_clipped_ratio_stops_the_gradient_beyond_the_trust_region(tiny_dir):
     batch[4] = old
     loss, figures = train_grpo.pg_loss(model, batch, args, locality=False)
     loss.backward()
-    assert figures["clip_frac"] == 0.5
+    clipped, tokens = figures["clip_frac"]                      # a figure is (sum, count)
+    assert clipped / tokens == 0.5
     # only the negative-advantage row (unclipped, since min() picks ρ·A < clip(ρ)·A there) moves the adapter
     grad_norm = sum(p.grad.norm() for p in model.parameters() if p.grad is not None)
     assert grad_norm > 0
@@ -91,3 +92,10 @@ def test_clipped_ratio_stops_the_gradient_beyond_the_trust_region(tiny_dir):
     loss, _ = train_grpo.pg_loss(model, batch, args, locality=False)
     loss.backward()
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+
+
+def test_zero_temperature_is_refused_at_parsing(capsys):
+    with pytest.raises(SystemExit):
+        train_grpo.parse_args(["--temperature", "0"])
+    assert "argument --temperature: 0 must be greater than 0" in capsys.readouterr().err
+    assert train_grpo.parse_args(["--temperature", "0.7"]).temperature == 0.7

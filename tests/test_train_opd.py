@@ -16,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import evaluate
 import generate as generate_module
 import lora
 import train_opd
+import training
 from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,13 +69,13 @@ def teacher_and_student(world, student=None):
     else:
         lora.add_lora(model, lora.LoraConfig(r=4, alpha=8, dropout=0.0))
     lora.load_adapter(model, world.teacher, name="teacher")
-    return model.eval(), tok      # the LoRA layers add_lora just created start in training mode (adapter dropout on)
+    return model, tok
 
 
 def fake_run(model, tok, **args):
     defaults = dict(signal="kl", kl="forward", states="student", logit_chunk=1024, device="cpu", cuts=2,
                     continuation_tokens=4, teacher_temperature=0.0, temperature=1.0, max_new_tokens=16,
-                    sample_batch_size=64)
+                    sample_batch_size=64, max_len=1024)
     return SimpleNamespace(model=model, tok=tok, args=SimpleNamespace(**{**defaults, **args}))
 
 
@@ -86,7 +88,7 @@ def kl_on_student_states(model, tok, n=8, seed=1234):
     h_student = train_opd.supervised_hidden(model, sup)
     with train_opd.as_teacher(model):
         h_teacher = train_opd.supervised_hidden(model, sup)
-    return train_opd.divergences(h_student, h_teacher, sup.ids[sup.target], model.lm_head)[:, 0].mean().item()
+    return train_opd.divergences(h_student, h_teacher, model.lm_head)[:, 0].mean().item()
 
 
 def direct_kl(model, trajectories, reverse=False):
@@ -152,7 +154,7 @@ def test_state_source_decides_who_samples_the_states(world, tmp_path, monkeypatc
         calls.append(dict(policy=lora.active_adapter(model), merged=merged, rollouts=rollouts, **kw))
         return rollouts
 
-    monkeypatch.setattr(train_opd, "generate", recording_generate)
+    monkeypatch.setattr(evaluate, "generate", recording_generate)   # evaluate.gsm8k_rollouts samples every state
     train_opd.main(["--teacher", world.teacher, "--states", states, "--out", str(tmp_path / "s.pt"),
                     "--max-steps", "2", "--batch-size", "3", "--max-new-tokens", "12", "--continuation-tokens", "4",
                     "--save-every", "0", "--locality-every", "0"])
@@ -184,8 +186,15 @@ def test_data_states_are_the_gold_solutions(world):
 
 
 def test_nothing_after_eos_is_a_state():
-    assert train_opd.through_eos([5, 6, 1, 7, 8], [1]) == [5, 6, 1]
-    assert train_opd.through_eos([5, 6, 7], [1]) == [5, 6, 7]
+    assert training.through_eos([5, 6, 1, 7, 8], [1]) == [5, 6, 1]
+    assert training.through_eos([5, 6, 7], [1]) == [5, 6, 7]
+
+
+def test_loading_the_teacher_leaves_the_student_trainable_and_the_teacher_frozen(world):
+    model, _ = teacher_and_student(world)
+    assert all(p.requires_grad for p in lora.lora_parameters(model, "default"))
+    assert not any(p.requires_grad for p in lora.lora_parameters(model, "teacher"))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)   # the base
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -195,8 +204,6 @@ def test_exact_kl_matches_a_direct_computation(world, direction):
     with torch.no_grad():                           # a student that differs from the base and from the teacher
         for p in lora.lora_parameters(model):
             p.normal_(0, 0.1)
-    for p in lora.lora_parameters(model):          # loading the teacher froze every adapter; training.py unfreezes ours
-        p.requires_grad_(True)
     # Two lengths in one batch: the short row is padded, and padding must not become states.
     trajectories = [train_opd.Trajectory([3, 40, 41, 42], [50, 51, 52, 53, 54, 1]),
                     train_opd.Trajectory([3, 60], [70, 71, 1])]
@@ -208,8 +215,8 @@ def test_exact_kl_matches_a_direct_computation(world, direction):
     reference = direct_kl(model, trajectories, reverse=direction == "reverse")
     other = direct_kl(model, trajectories, reverse=direction == "forward")
     assert loss.item() == pytest.approx(reference.mean().item(), rel=1e-4, abs=1e-6)
-    logged = figures["kl_forward" if direction == "forward" else "kl_reverse"]
-    assert logged == pytest.approx(reference.mean().item(), rel=1e-4)
+    kl_sum, states = figures["kl_forward" if direction == "forward" else "kl_reverse"]   # a figure is (sum, count)
+    assert states == 9 and kl_sum / states == pytest.approx(reference.mean().item(), rel=1e-4)
     assert abs(reference.mean() - other.mean()) > 1e-3          # the two directions are different objectives
     loss.backward()
     grads = [p.grad for p in lora.lora_parameters(model) if p.grad is not None]

@@ -3,11 +3,17 @@ import pytest
 import torch
 
 import train_sft
+import training
+from conftest import reference_logprobs
 from evaluate import load_gsm8k
-from generate import sequence_logprobs
 from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters
 from model import load_model
 from trainer_helpers import gsm8k_dir, learnable_dir, one_thread, read_log, run_cli  # noqa: F401 (fixtures)
+
+
+def rows(pairs):
+    """SFT's micro-batch of (prompt, gold answer) pairs: the answer tokens are the targets, their prefixes the states."""
+    return training.pad_rows([(prompt, None, answer) for prompt, answer in pairs], "cpu")
 
 
 def test_cli_runs_end_to_end_and_writes_a_loadable_checkpoint(tiny_dir, tmp_path):
@@ -21,7 +27,7 @@ def test_cli_runs_end_to_end_and_writes_a_loadable_checkpoint(tiny_dir, tmp_path
     assert meta["base_model"] == tiny_dir and meta["data_dir"] == data
     assert meta["args"]["lr"] == 5e-4 and meta["args"]["lora_alpha"] == 128  # from the preset ...
     assert ckpt["lora"]["r"] == 4                                               # ... unless given explicitly
-    assert ckpt["train_state"]["finished"] and "optimizer" not in ckpt["train_state"]
+    assert training.finished(ckpt) and "optimizer" not in ckpt["train_state"]
     model, _ = load_model(tiny_dir)
     load_adapter(model, out)
     log = read_log(str(tmp_path / "sft.jsonl"))
@@ -52,15 +58,15 @@ def test_sft_drives_the_loss_on_a_handful_of_examples_toward_zero(learnable_dir,
 
 def test_prompt_tokens_carry_no_loss(tiny_dir, tmp_path):
     model, tok = load_model(tiny_dir)
-    pairs = train_sft.encode(tok, load_gsm8k("train", gsm8k_dir(str(tmp_path / "data"), n=3)), max_len=1024)
-    ids, attn, target, state = train_sft.collate(pairs, "cpu")
+    pairs = training.gold_solutions(tok, load_gsm8k("train", gsm8k_dir(str(tmp_path / "data"), n=3)), max_len=1024)
+    ids, attn, target, state = rows(pairs)
     for row, (prompt, answer) in enumerate(pairs):
         assert target[row].nonzero().flatten().tolist() == list(range(len(prompt), len(prompt) + len(answer)))
         assert answer[-1] == tok.eos_ids[0]
     loss, _ = train_sft.sft_loss(model, (ids, attn, target, state), normalizer=int(target.sum()), locality=False)
     # the same number by brute force: every token's full-vocabulary log-prob, averaged over answer tokens only
     with torch.no_grad():
-        logp = sequence_logprobs(model, ids, attn)
+        logp = reference_logprobs(model, ids, attn)
     expected = -(logp * target[:, 1:]).sum() / target.sum()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
 
@@ -71,7 +77,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_dir, tmp_path):
     with torch.no_grad():
         for p in lora_parameters(model):
             p.normal_(0, 0.1)
-    pairs = train_sft.encode(tok, load_gsm8k("train", gsm8k_dir(str(tmp_path / "data"), n=4)), max_len=1024)
+    pairs = training.gold_solutions(tok, load_gsm8k("train", gsm8k_dir(str(tmp_path / "data"), n=4)), max_len=1024)
     pairs[0] = (pairs[0][0], pairs[0][1][:3])  # unequal answer lengths: a per-micro-batch mean would differ
 
     def grads(micro):
@@ -81,6 +87,6 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_dir, tmp_path):
         g = torch.cat([p.grad.flatten() for p in lora_parameters(model)])
         model.zero_grad()
         return g
-    whole = grads([train_sft.collate(pairs, "cpu")])
-    split = grads([train_sft.collate(pairs[:1], "cpu"), train_sft.collate(pairs[1:], "cpu")])
+    whole = grads([rows(pairs)])
+    split = grads([rows(pairs[:1]), rows(pairs[1:])])
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-6)

@@ -7,9 +7,9 @@ import torch
 import train_grpo
 import train_sft
 import training
-from generate import sequence_logprobs
-from lora import LoraConfig, add_lora, load_checkpoint, lora_parameters, save_checkpoint
-from model import load_model
+from conftest import reference_logprobs
+from lora import LoraConfig, add_lora, load_checkpoint, lora_layers, lora_parameters, save_checkpoint
+from model import LoadError, load_model
 from test_train_grpo import low_token_fraction
 from trainer_helpers import gsm8k_dir, learnable_dir, one_thread, read_log  # noqa: F401 (fixtures)
 
@@ -109,7 +109,7 @@ def test_token_logprobs_are_the_full_sequence_logprobs_at_the_masked_tokens(tiny
     mask = torch.zeros(3, 9, dtype=torch.bool)
     mask[0, 4:], mask[1, 1:3], mask[2, 3:6] = True, True, True
     with torch.no_grad():
-        full = sequence_logprobs(model, ids, attn, temperature=temperature)
+        full = reference_logprobs(model, ids, attn, temperature=temperature)
         ours = training.token_logprobs(model, ids, attn, mask, temperature=temperature)
     torch.testing.assert_close(ours, full[mask[:, 1:]], rtol=1e-5, atol=1e-5)
 
@@ -152,14 +152,15 @@ def test_state_locality_scores_states_under_the_base_whatever_the_adapter(tiny_d
     state = torch.zeros_like(attn)
     state[:, 3:7] = True
     with torch.no_grad():
-        base = -sequence_logprobs(model, ids, attn)[state[:, 1:]].mean().item()
+        base = -reference_logprobs(model, ids, attn)[state[:, 1:]].mean().item()
     add_lora(model, LoraConfig(r=4))
     with torch.no_grad():
         for p in lora_parameters(model):
             p.normal_(0, 0.2)
     target_lp = torch.tensor([-1.0, -3.0])
-    got = training.state_locality(model, ids, attn, state, target_logprobs=target_lp)
-    assert got["state_nll_base"] == pytest.approx(base, rel=1e-5) and got["target_nll"] == 2.0
+    got = training.state_locality(model, ids, attn, state, target_logprobs=target_lp)   # figures: (sum, count)
+    (nll_sum, n), target_nll = got["state_nll_base"], got["target_nll"]
+    assert n == 8 and nll_sum / n == pytest.approx(base, rel=1e-5) and target_nll == (4.0, 2)
 
 
 def test_init_from_a_checkpoint_keeps_a_float32_adapter_exactly_on_a_bf16_base(tiny_dir, tmp_path):
@@ -170,10 +171,75 @@ def test_init_from_a_checkpoint_keeps_a_float32_adapter_exactly_on_a_bf16_base(t
             p.normal_(0, 0.1)
     save_checkpoint(str(tmp_path / "init.pt"), model, {"method": "sft"})
     args = train_sft.parse_args(["--model", tiny_dir, "--init", str(tmp_path / "init.pt"), "--dtype", "bfloat16",
-                                 "--device", "cpu", "--out", str(tmp_path / "x.pt")])
+                                 "--lora-r", "4", "--device", "cpu", "--out", str(tmp_path / "x.pt")])
     run = training.setup(args, "sft")
     assert run.model.embed_tokens.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 and p.requires_grad for p in run.params)
     saved = load_checkpoint(str(tmp_path / "init.pt"))["adapter"]
     for (name, t), p in zip(saved.items(), run.params):
         assert torch.equal(t, p.detach()), name  # lora_parameters and the checkpoint list tensors in one order
+
+
+def test_init_keeps_the_checkpoints_weights_with_this_runs_dropout_and_refuses_another_rank(tiny_dir, tmp_path):
+    model, _ = load_model(tiny_dir)
+    add_lora(model, LoraConfig(r=16, alpha=32, dropout=0.05))   # an SFT adapter, trained with dropout
+    init = str(tmp_path / "sft.pt")
+    save_checkpoint(init, model, {"method": "sft"})
+    argv = ["--model", tiny_dir, "--init", init, "--device", "cpu", "--out", str(tmp_path / "grpo.pt")]
+    # GRPO's premise (the learner scores tokens with the function that sampled them) needs its own dropout, 0
+    run = training.setup(train_grpo.parse_args(argv), "grpo")
+    assert {layer.dropout["default"] for layer in lora_layers(run.model).values()} == {0.0}
+    training.save(run)
+    ckpt = load_checkpoint(run.args.out)
+    assert ckpt["lora"]["dropout"] == 0.0 and ckpt["meta"]["args"]["lora_dropout"] == 0.0   # what ran
+    with pytest.raises(LoadError, match=r"--lora-r is 8, but --init .*sft.pt holds an adapter with r 16"):
+        training.setup(train_grpo.parse_args(argv + ["--lora-r", "8"]), "grpo")
+
+
+def test_logged_figures_weigh_every_token_of_the_step_alike(tiny_dir, tmp_path):
+    run = training.setup(train_sft.parse_args(["--model", tiny_dir, "--device", "cpu", "--lora-r", "2",
+                                               "--out", str(tmp_path / "x.pt")]), "sft")
+    run.total_steps = 10
+    ids = torch.randint(2, 1000, (2, 8), generator=torch.Generator().manual_seed(4))
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    state = torch.zeros_like(attn)
+    state[0, 3], state[1, 1:7] = True, True          # micro-batches of 1 and of 6 state tokens
+    with torch.no_grad():
+        expected = -reference_logprobs(run.model, ids, attn)[state[:, 1:]].mean().item()
+
+    def loss_fn(row):
+        zero = sum(p.sum() for p in run.params) * 0.0
+        return zero, training.state_locality(run.model, ids[row:row + 1], attn[row:row + 1], state[row:row + 1])
+    stats = training.train_step(run, [0, 1], loss_fn)
+    assert stats["state_nll_base"] == pytest.approx(expected, rel=1e-5)   # not the mean of the two micro-batch means
+
+
+def test_resume_refuses_flags_or_data_that_differ_from_the_run(tiny_dir, tmp_path):
+    data, out = gsm8k_dir(str(tmp_path / "data")), str(tmp_path / "sft.pt")
+    argv = ["--model", tiny_dir, "--data-dir", data, "--out", out, "--lora-r", "2", "--batch-size", "2",
+            "--max-steps", "4", "--device", "cpu"]
+    train_sft.main(argv + ["--stop-after", "2"])
+    for flag, value in (("--lr", "3e-4"), ("--seed", "1"), ("--grad-accum", "2"), ("--limit", "6")):
+        with pytest.raises(LoadError, match=f"--resume: {flag} is"):
+            train_sft.main(argv + ["--resume", flag, value])
+    with open(f"{data}/gsm8k/train.jsonl") as f:
+        lines = f.readlines()
+    with open(f"{data}/gsm8k/train.jsonl", "w") as f:   # the same count of examples, in another order
+        f.writelines(lines[::-1])
+    with pytest.raises(LoadError, match="the training examples are not those of the run"):
+        train_sft.main(argv + ["--resume"])
+    with open(f"{data}/gsm8k/train.jsonl", "w") as f:
+        f.writelines(lines)
+    assert train_sft.main(argv + ["--resume", "--save-every", "1"]).step == 4   # where and how often it saves may change
+
+
+def test_token_logprobs_at_temperature_zero_are_what_the_greedy_sampler_records(tiny_dir):
+    from generate import generate
+    model, tok = load_model(tiny_dir)
+    [r] = generate(model, tok, [[5, 6, 7, 8]], max_new_tokens=6, temperature=0)
+    ids = torch.tensor([r.prompt_ids + r.tokens])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(r.prompt_ids):] = True
+    with torch.no_grad():
+        ours = training.token_logprobs(model, ids, torch.ones_like(mask), mask, temperature=0)
+    torch.testing.assert_close(ours, torch.tensor(r.logprobs), rtol=1e-5, atol=1e-5)
