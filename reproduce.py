@@ -48,7 +48,7 @@ import train_grpo
 import train_opd
 import train_sft
 from lora import load_checkpoint
-from model import SIZE, FlagParser, LoadError, cli, write_text
+from model import SIZE, FlagParser, LoadError, cli, output_dir, write_text
 from training import NonFiniteLoss, finished
 
 SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py": train_opd}
@@ -515,7 +515,7 @@ def check_only(args, only: set):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    output_dir(os.path.join(args.out, "results.json"))
     only = set(args.only.split(",")) if args.only else None
     if only:
         check_only(args, only)

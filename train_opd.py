@@ -163,12 +163,12 @@ def teacher_signal(run, trajectories, seed: int, sampled: int = 0) -> Supervisio
 
 
 @contextmanager
-def as_teacher(model):
-    """The teacher's policy: its adapter active, no adapter dropout."""
+def as_policy(model, adapter: str):
+    """Adapter `adapter`'s policy as it samples: that adapter active, no adapter dropout."""
     was_training = model.training
     model.eval()
     try:
-        with lora.use_adapter(model, "teacher"):
+        with lora.use_adapter(model, adapter):
             yield model
     finally:
         model.train(was_training)
@@ -197,9 +197,10 @@ def divergences(h_student, h_teacher, lm_head, chunk: int = 1024):
 
 
 def teacher_divergences(model, sup: Supervision, chunk: int):
-    """Per supervised state [N, 3]: divergences() of the student (differentiable when grad is on) and the teacher."""
+    """Per supervised state [N, 3]: divergences() of the student as it is (training: differentiable, with its
+    adapter dropout) and of the teacher."""
     h_student = supervised_hidden(model, sup)
-    with torch.no_grad(), as_teacher(model):
+    with torch.no_grad(), as_policy(model, "teacher"):
         h_teacher = supervised_hidden(model, sup)
     return divergences(h_student, h_teacher, model.lm_head, chunk)
 
@@ -213,7 +214,7 @@ def opd_loss(run, sup: Supervision, normalizer: float, locality: bool):
         loss = -logp.sum() / normalizer             # Eq. 7: SFT's loss (Eq. 5), at the learner's states
         if not locality:
             return loss, {}
-        with torch.no_grad():                       # the teacher's whole distribution, for the logged KLs only
+        with torch.no_grad(), as_policy(model, "default"):   # both whole distributions, for the logged KLs only
             forward, reverse, _ = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
         target_logprobs = logp
     else:

@@ -197,14 +197,13 @@ def setup(args, method: str, meta: dict | None = None) -> Run:
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
     args.out = output_dir(args.out or f"ckpt/{method}.pt")
     args.log = output_dir(args.log or os.path.splitext(args.out)[0] + ".jsonl", "--log")
+    ckpt = resumable(args, method) if args.resume else load_checkpoint(args.init) if args.init else None
+    if args.init:
+        _check_init(args, ckpt)
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     # The trained adapter is float32 whatever the base dtype (AdamW on bf16 LoRA weights would round most
     # updates away); a loaded one takes the checkpoint's weights, and this run's dropout.
-    ckpt = None
-    if args.resume or args.init:
-        ckpt = resumable(args, method) if args.resume else load_checkpoint(args.init)
-        if args.init:
-            _check_init(args, ckpt)
+    if ckpt is not None:
         load_adapter(model, ckpt, dtype=torch.float32, dropout=args.lora_dropout)
     else:
         add_lora(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), dtype=torch.float32)

@@ -86,7 +86,7 @@ def kl_on_student_states(model, tok, n=8, seed=1234):
     prompts = [{"question": f"Sam has {i} pens and gets {i + 2} more. How many pens?"} for i in range(n)]
     sup = train_opd.teacher_signal(run, train_opd.collect_states(run, prompts, seed), seed)
     h_student = train_opd.supervised_hidden(model, sup)
-    with train_opd.as_teacher(model):
+    with train_opd.as_policy(model, "teacher"):
         h_teacher = train_opd.supervised_hidden(model, sup)
     return train_opd.divergences(h_student, h_teacher, model.lm_head)[:, 0].mean().item()
 
@@ -236,3 +236,31 @@ def test_resume_ends_with_the_same_student(world, tmp_path):
     assert parts["meta"]["step"] == 4
     for key, t in whole["adapter"].items():
         assert torch.equal(t, parts["adapter"][key]), key
+
+
+def test_sigterm_checkpoints_the_step_and_resume_ends_with_the_same_student(world, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM in the middle of step 2: the step finishes, its checkpoint is written, the exit code
+    is 143, and --resume ends where an uninterrupted run ends."""
+    import os
+    import signal
+    common = ["--teacher", world.teacher, "--max-steps", "4", "--batch-size", "2", "--max-new-tokens", "8",
+              "--continuation-tokens", "4", "--lr", "1e-2", "--lora-r", "4", "--save-every", "0"]
+    train_opd.main(common + ["--out", str(tmp_path / "whole.pt")])
+    real, calls = train_opd.opd_loss, []
+
+    def loss_then_sigterm(run, *args, **kwargs):
+        calls.append(run.step)
+        if run.step == 1 and calls.count(1) == 1:        # during the second optimizer step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(train_opd, "opd_loss", loss_then_sigterm)
+        with pytest.raises(SystemExit) as stop:
+            train_opd.main(common + ["--out", str(tmp_path / "cut.pt")])
+    assert stop.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"interrupted at step 2; checkpoint {tmp_path / 'cut.pt'}; continue with --resume"
+    assert lora.load_checkpoint(str(tmp_path / "cut.pt"))["train_state"]["step"] == 2
+    train_opd.main(common + ["--out", str(tmp_path / "cut.pt"), "--resume"])
+    whole, cut = (lora.load_checkpoint(str(tmp_path / f"{n}.pt"))["adapter"] for n in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
