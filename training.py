@@ -3,7 +3,7 @@
 train_sft.py, train_grpo.py and train_opd.py differ only in where their states come from and which signal
 they apply there; everything else lives here, as plain functions over one `Run` record:
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=HelpFormatter)        # model.py: one-line errors
     add_common_args(p); p.set_defaults(lr=1e-4, ...)                                # method defaults
     args = p.parse_args(argv)
     run = setup(args, "sft")                      # seeds, model + tokenizer, LoRA (fresh | --init | --resume), AdamW
