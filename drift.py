@@ -17,6 +17,13 @@ Representations (--features):
 - hidden: the base model's final-norm last-layer hidden states, mean-pooled over the state's tokens (prompt
   and y_<t). Always the base model's, so both policies' states are embedded by the same function.
 
+The policy KL (RL's Razor, Shenfeld et al. 2025, found forgetting to track E_x[KL(π0 ‖ π)] on the new task):
+per token, exact over the vocabulary, KL(π0 ‖ π) at every state of the baseline policy's rollouts and
+KL(π ‖ π0) at every state of the policy's own, averaged over a prompt's states, then over prompts. π0 is the
+baseline (the base: all adapters switched off, no second model). Measured on the drift prompts and on the
+retention tasks' contexts (--retention-prompts TruthfulQA and MMLU contexts, one rollout of
+--retention-tokens each: the first state is the context where the answer is scored), where forgetting shows. It does not depend on --features; --no-policy-kl skips it.
+
 Rollouts are cached as JSONL under --cache-dir, keyed by a hash of model, checkpoint contents, prompts and
 sampling settings (batch size, dtype and device included), so each policy is sampled once per study; the
 output JSON records whether each was.
@@ -38,8 +45,10 @@ from tqdm import tqdm
 
 import generate
 import lora
-from evaluate import GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, resolve_data_dir
+from evaluate import (GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, load_mmlu, load_truthfulqa,
+                      mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
 from model import COUNT, NONNEGATIVE, SIZE, FlagParser, LoadError, cli, load_model, number, output_dir, write_text
+from train_opd import divergences
 
 # ----------------------------------------------------------------------------------------------
 # State representations
@@ -189,36 +198,91 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
         boot = mmd2(X, Y, sigma, wx, wy, block).cpu()
         lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         out["mmd2_bootstrap"] = {"resamples": n_bootstrap, "over": "rollouts", "std": boot.std().item(),
-                                 "mean": boot.mean().item(), "ci95": [lo, hi]}
+                                 "mean": boot.mean().item(), "ci95": [lo, hi], "replicates": boot.tolist()}
     out["centroid_l2"] = centroid_distance(X, Y)
     out["sliced_wasserstein"] = sliced_wasserstein(X, Y, n_projections, seed)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
+# The policy KL: how far the post-trained policy's next-token distributions moved, at states (RL's Razor)
+
+
+@torch.no_grad()
+def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: int = 1024) -> torch.Tensor:
+    """[R, 2] float64: per rollout, the mean over its states s_t = (x, y_<t), t = 0 .. |y| - 1, of
+    KL(π0(·|s_t) ‖ π(·|s_t)) and KL(π ‖ π0), exact over the vocabulary. π0 is adapter `reference` (None: the
+    base, every adapter off: no second copy of the model) and π adapter `policy`. NaN for an empty rollout."""
+    device = next(model.parameters()).device
+    rows = []
+    for i in range(0, len(rollouts), batch_size):
+        batch = rollouts[i:i + batch_size]
+        ids, attn = generate.left_pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
+        states = torch.zeros_like(attn)
+        for b, r in enumerate(batch):   # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
+            states[b, ids.shape[1] - len(r["tokens"]):] = len(r["tokens"]) > 0
+        with lora.use_adapter(model, reference):
+            h0 = model(ids, attn, return_hidden=True)[states]
+        with lora.use_adapter(model, policy):
+            h = model(ids, attn, return_hidden=True)[states]
+        kl = divergences(h, h0, model.lm_head, chunk)[:, :2].double()   # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
+        count = states.sum(1)
+        owner = torch.arange(len(batch), device=device).repeat_interleave(count)
+        sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device).index_add_(0, owner, kl)
+        rows.append((sums / count[:, None]).cpu())
+    return torch.cat(rows)
+
+
+def per_prompt(values: torch.Tensor, rollouts) -> list[float]:
+    """The mean of per-rollout values over each prompt's rollouts, in prompt order."""
+    by_prompt = {}
+    for v, r in zip(values.tolist(), rollouts):
+        by_prompt.setdefault(r["prompt_index"], []).append(v)
+    return [sum(v) / len(v) for _, v in sorted(by_prompt.items())]
+
+
+def kl_measures(model, base_rollouts, policy_rollouts, reference, batch_size) -> dict:
+    """KL(π0 ‖ π) at π0's own rollout states and KL(π ‖ π0) at π's, each averaged over a prompt's states and
+    rollouts, then over prompts; per-prompt values too (the same prompts for every model: paired)."""
+    at_base = per_prompt(policy_kl(model, base_rollouts, reference, "policy", batch_size)[:, 0], base_rollouts)
+    at_policy = per_prompt(policy_kl(model, policy_rollouts, reference, "policy", batch_size)[:, 1], policy_rollouts)
+    return {"kl_base_policy": sum(at_base) / len(at_base), "kl_policy_base": sum(at_policy) / len(at_policy),
+            "per_prompt": {"kl_base_policy": at_base, "kl_policy_base": at_policy}}
+
+
+def retention_prompts(data_dir, n: int) -> list[str]:
+    """The retention tasks' contexts as evaluate.py scores them: the first n TruthfulQA questions (with the
+    6-shot preamble) and n MMLU test rows stratified over the subjects (seed 0)."""
+    return ([truthfulqa_prompt(ex["question"]) for ex in load_truthfulqa(data_dir)[:n]] +
+            [mmlu_prompt(ex) for ex in stratified_subset(load_mmlu("test", data_dir), n, 0)])
+
+
+# ----------------------------------------------------------------------------------------------
 # Rollouts and their states
 
 
-def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args):
+def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, max_new_tokens=None, samples=None):
     """(rollouts as dicts, cache path, sampled?) for the policy base + checkpoint, whose weights are the model's
-    adapter `adapter` (checkpoint None: the base itself)."""
+    adapter `adapter` (checkpoint None: the base itself): `samples` per prompt (default --samples-per-prompt)
+    of at most max_new_tokens (default --max-new-tokens)."""
+    max_new_tokens, samples = max_new_tokens or args.max_new_tokens, samples or args.samples_per_prompt
     # Everything that changes what this run would sample: batching changes the random stream and the
     # padding, and dtype and device change the numerics, so each is part of the key.
     param = next(model.parameters())
     key = {"model": model_name, "checkpoint": checkpoint and file_sha256(checkpoint),
            "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
-           "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature,
-           "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP), "seed": args.seed,
+           "samples_per_prompt": samples, "temperature": args.temperature,
+           "max_new_tokens": max_new_tokens, "stop": list(GSM8K_STOP), "seed": args.seed,
            "batch_size": args.batch_size, "dtype": str(param.dtype), "device": param.device.type}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"rollouts_{digest}.jsonl")
     if os.path.exists(path):
         with open(path) as f:
             return [json.loads(line) for line in f], path, False
-    batch = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    out = gsm8k_rollouts(model, tok, batch, adapter if checkpoint else None, args.max_new_tokens, args.temperature,
+    batch = [p for p in prompts for _ in range(samples)]
+    out = gsm8k_rollouts(model, tok, batch, adapter if checkpoint else None, max_new_tokens, args.temperature,
                          args.seed, args.batch_size, progress=True)
-    rollouts = [{"prompt_index": i // args.samples_per_prompt, "prompt_ids": r.prompt_ids, "tokens": r.tokens,
+    rollouts = [{"prompt_index": i // samples, "prompt_ids": r.prompt_ids, "tokens": r.tokens,
                  "text": r.text, "finish": r.finish} for i, r in enumerate(out)]
     os.makedirs(args.cache_dir, exist_ok=True)
     write_text(path, "".join(json.dumps(r) + "\n" for r in rollouts))   # an interrupted run leaves no half cache
@@ -265,6 +329,11 @@ def parse_args(argv=None):
     p.add_argument("--projections", type=SIZE, default=128, help="random directions of the sliced Wasserstein")
     p.add_argument("--block", type=SIZE, default=4096, help="states per kernel tile (memory ~ 3 x block² x 8 bytes)")
     p.add_argument("--batch-size", type=SIZE, default=64, help="sequences per sampling / forward batch")
+    p.add_argument("--no-policy-kl", dest="policy_kl", action="store_false",
+                   help="skip the policy KLs (they do not depend on --features: one run of the two suffices)")
+    p.add_argument("--retention-prompts", type=COUNT, default=32,
+                   help="TruthfulQA and MMLU contexts (this many of each) where the policy KLs are also measured")
+    p.add_argument("--retention-tokens", type=SIZE, default=32, help="length of the one rollout per retention context")
     p.add_argument("--seed", type=number(int), default=0, help="seed of sampling, projections, bandwidth subsample, bootstrap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -278,19 +347,21 @@ def main(argv=None) -> dict:
     model_name = args.model or checkpoints["policy"]["meta"].get("base_model")
     if not model_name:
         raise LoadError(f"{args.checkpoint} does not name its base model; pass --model")
+    # data before the model: a missing file fails at once
+    args.data_dir = resolve_data_dir(model_name, args.data_dir)
+    prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
+    contexts = retention_prompts(args.data_dir, args.retention_prompts) if args.policy_kl and args.retention_prompts else []
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tok = load_model(model_name, device=args.device, dtype=dtype)
     for side, ckpt in checkpoints.items():   # both on the one base, before any sampling: a mismatch fails at once
         lora.load_adapter(model, ckpt, name=side)
-    args.data_dir = resolve_data_dir(model_name, args.data_dir)
-    prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
 
     sides = {}
     for side, ckpt in (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)):
         rollouts, path, sampled = policy_rollouts(model, tok, model_name, ckpt, side, prompts, args)
         lengths, groups = states(rollouts, args.state_stride)
         X, vocab = embed(rollouts, lengths, args, model, tok, prompts)
-        sides[side] = dict(X=X.to(args.device), vocab=vocab, groups=groups, info={
+        sides[side] = dict(X=X.to(args.device), vocab=vocab, groups=groups, rollouts=rollouts, info={
             "checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path, "sampled": sampled,
             "mean_rollout_tokens": sum(len(r["tokens"]) for r in rollouts) / len(rollouts)})
     b, p = sides["baseline"], sides["policy"]
@@ -298,6 +369,15 @@ def main(argv=None) -> dict:
               **drift(p["X"], b["X"], p["groups"], b["groups"], args.bootstrap, args.projections, args.seed, args.block),
               "jaccard": jaccard_distance(p["vocab"], b["vocab"]),
               "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}}
+    if args.policy_kl:
+        reference = "baseline" if args.baseline_checkpoint else None
+        result["policy_kl"] = {"target": kl_measures(model, b["rollouts"], p["rollouts"], reference, args.batch_size)}
+        if contexts:
+            base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args, args.retention_tokens, 1)[0]
+                                for side, ckpt in (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)))
+            result["policy_kl"]["retention"] = kl_measures(model, base_r, policy_r, reference, args.batch_size)
+        print("policy KL " + ", ".join(f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
+                                       for where, v in result["policy_kl"].items()))
     write_text(out, json.dumps(result, indent=2))
     print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std "
           f"{result.get('mmd2_bootstrap', {}).get('std', float('nan')):.5f}), centroid {result['centroid_l2']:.4f}, "

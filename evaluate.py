@@ -18,8 +18,10 @@ Multiple-choice scoring encodes each context once and lets all its choices share
 
 Fixed subsets keep runs comparable: the first 500 GSM8K test and first 200 TruthfulQA questions (what lm-eval's
 --limit takes), and 500 MMLU test rows stratified over the subjects (each subject in proportion to its size,
-fixed seed). `--limit 0` evaluates the full splits. Output: a JSON (score, n, protocol per task, model and
-checkpoint identity, and with --baseline the forgetting/retention of Eq. 12) and a JSONL of every prediction.
+fixed seed). `--limit 0` evaluates the full splits. Output: a JSON (score, n, standard error and protocol per
+task, model and checkpoint identity, and with --baseline the forgetting/retention of Eq. 12) and a JSONL of every
+prediction. The standard error is lm-eval's (sample std / sqrt(n)); `bootstrap` turns the per-item results of
+several models into intervals of their differences, paired over the same items (reproduce.py uses it).
 
 Left out: lm-eval's other metrics (acc_norm, MMLU's per-subject macro averages) and chat templates; the paper
 evaluates base-model prompts only.
@@ -36,6 +38,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -272,7 +275,7 @@ def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=
     records = [{"task": "gsm8k", "id": i, "prediction": extract_answer(r.text), "gold": _normalize(ex["answer"]),
                 "correct": is_correct(r.text, ex["answer"]), "finish": r.finish, "completion": r.text}
                for i, (ex, r) in enumerate(zip(examples, rollouts))]
-    return {"score": sum(r["correct"] for r in records) / max(len(records), 1), "n": len(records)}, records
+    return summary(records), records
 
 
 # lm-eval `truthfulqa_mc1` / `truthfulqa_mc2` (lm_eval/tasks/truthfulqa/truthfulqa_mc1.yaml): a fixed QA primer
@@ -318,9 +321,7 @@ def eval_truthfulqa(model, tok, examples, batch_size=64, progress=True):
                         "gold": ex["mc1"]["choices"][gold], "correct": best == gold,
                         "mc2": mc2_score([ll_of[c] for c in ex["mc2"]["choices"]], ex["mc2"]["labels"]),
                         "mc1_loglikelihoods": [round(x, 4) for x in mc1]})
-    n = max(len(records), 1)
-    return {"score": sum(r["correct"] for r in records) / n, "mc1": sum(r["correct"] for r in records) / n,
-            "mc2": sum(r["mc2"] for r in records) / n, "n": len(records)}, records
+    return summary(records), records
 
 
 def mmlu_prompt(ex: dict, fewshot=()) -> str:
@@ -340,7 +341,90 @@ def eval_mmlu(model, tok, examples, dev_by_subject=None, fewshot=0, batch_size=6
         best = max(range(4), key=ll.__getitem__)
         records.append({"task": "mmlu", "id": ex["id"], "prediction": "ABCD"[best], "gold": "ABCD"[ex["answer"]],
                         "correct": best == ex["answer"], "loglikelihoods": [round(x, 4) for x in ll]})
-    return {"score": sum(r["correct"] for r in records) / max(len(records), 1), "n": len(records)}, records
+    return summary(records), records
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-item scores, their standard errors, and paired bootstrap intervals (Miller 2024, "Adding Error Bars to Evals")
+
+
+def item_scores(records: list[dict]) -> dict:
+    """{task: [n] float array} of per-item scores from a predictions JSONL's records, in item order:
+    gsm8k, truthfulqa (MC1, the task's score), truthfulqa_mc2, mmlu."""
+    out = defaultdict(list)
+    for r in records:
+        out[r["task"]].append(float(r["correct"]))
+        if r["task"] == "truthfulqa":
+            out["truthfulqa_mc2"].append(r["mc2"])
+    return {t: np.array(v) for t, v in out.items()}
+
+
+def stderr(values) -> float:
+    """lm-evaluation-harness's standard error of a mean score: the sample std (n - 1) over sqrt(n)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def summary(records: list[dict]) -> dict:
+    """A task's result: its score (the mean per-item score), n and standard error (and MC2 for TruthfulQA)."""
+    scores = item_scores(records)
+    task = records[0]["task"] if records else "gsm8k"
+    out = {"score": float(scores[task].mean()) if records else 0.0, "stderr": stderr(scores.get(task, [])),
+           "n": len(records)}
+    if task == "truthfulqa" and records:
+        out.update(mc1=out["score"], mc2=float(scores["truthfulqa_mc2"].mean()),
+                   mc2_stderr=stderr(scores["truthfulqa_mc2"]))
+    return out
+
+
+def bootstrap(scores: dict, statistic, resamples: int = 2000, seed: int = 0, paired: bool = True) -> dict:
+    """A 95% percentile interval of statistic(means), resampling items and seeds with replacement (hierarchical).
+
+    scores: {model: {task: [seeds, items] array}}; every model's rows of one task score the same items in the
+    same order. Each resample draws, per task, as many items as there are, with replacement: one draw shared
+    by all models when `paired`, so that how hard an item is cancels out of a difference between models,
+    and one draw per model otherwise. It also draws S of a model's S seeds with replacement, the same seed
+    indices for every model that has S (seed s of a student and seed s of its teacher stay together), so the
+    interval covers seed-to-seed spread as well as item sampling; a model with one row (the base: greedy
+    decoding is deterministic) keeps it. statistic({model: {task: [R] means}}) -> [R] array.
+    Returns {estimate (on all items and seeds), ci95, std, resamples}."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):   # [resamples, n]: how often each of n items is drawn in each resample
+        return rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(float)
+
+    n_items = {t: X.shape[1] for m in scores.values() for t, X in m.items()}
+    shared = {t: draw(n) for t, n in n_items.items()} if paired else {}
+    counts = {(name, t): shared[t] if paired else draw(n_items[t]) for name, m in scores.items() for t in m}
+    seed_draws = {S: rng.integers(0, S, (resamples, S)) for S in sorted({len(X) for m in scores.values() for X in m.values()})
+                  if S > 1}
+
+    def means(weights, seeds):
+        out = {}
+        for name, m in scores.items():
+            out[name] = {}
+            for t, X in m.items():
+                per_seed = X @ weights(name, t).T / X.shape[1]     # [S, R]: each seed's mean on each resample's items
+                rows = seeds.get(len(X))
+                out[name][t] = per_seed.mean(0) if rows is None else np.take_along_axis(per_seed, rows.T, 0).mean(0)
+        return out
+
+    boot = np.asarray(statistic(means(lambda name, t: counts[name, t], seed_draws)), dtype=float)
+    estimate = float(np.asarray(statistic(means(lambda name, t: np.ones((1, n_items[t])), {})), dtype=float)[0])
+    boot = boot[np.isfinite(boot)]
+    if not len(boot):
+        return {"estimate": estimate, "ci95": [float("nan")] * 2, "std": float("nan"), "resamples": resamples}
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"estimate": estimate, "ci95": [float(lo), float(hi)], "std": float(boot.std(ddof=1)),
+            "resamples": resamples}
+
+
+def verdict(interval: dict, direction: int = 1) -> str:
+    """holds: the 95% interval excludes zero on the predicted side (direction +1: above, -1: below);
+    contradicted: it excludes zero on the other side; undecided: it includes zero."""
+    lo, hi = (direction * x for x in interval["ci95"])
+    lo, hi = min(lo, hi), max(lo, hi)
+    return "holds" if lo > 0 else "contradicted" if hi < 0 else "undecided"
 
 
 # ----------------------------------------------------------------------------------------------

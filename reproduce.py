@@ -16,8 +16,13 @@ What it runs, in order (each a call of the script that owns it, with the flags s
      opd_stress_on_data_states         the state-source contrast: opd_stress's signal, other states
 3. evaluate.py on every adapter, with the base as --baseline (forgetting and retention, Eq. 12).
 4. drift.py of every adapter against the base: lexical features (the paper's) and the base model's hidden states.
-5. results.json, results.md (Table 2 with the paper's numbers beside ours, drift, state locality, the paper's
-   predictions P1-P4 checked against our numbers) and two plots (training curves; retention against drift).
+5. results.json, results.md (Table 2 with the paper's numbers beside ours; every difference from the base with a
+   95% interval, paired over items and hierarchical over seeds; drift and the policy KLs, and how each tracks
+   forgetting; state locality; the paper's predictions P1-P4, each decided from the interval of its difference)
+   and plots (training curves; retention against each drift measure).
+With --frontier every run also keeps its adapter after a quarter and half of its steps (train_*.py --snapshots),
+which are evaluated too: frontier.png draws target accuracy against retention along each run, and results.md
+gives each method's retention at the target accuracies the methods share (retention at matched gain).
 
 Everything goes under --out: ckpt/, eval/, drift/, rollouts/ and the report. Rerunning is resumable: a finished
 stage's output is reused (unless its input checkpoint is newer), an interrupted training run continues from its
@@ -38,8 +43,10 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import drift
@@ -49,9 +56,17 @@ import train_opd
 import train_sft
 from lora import load_checkpoint
 from model import SIZE, FlagParser, LoadError, cli, output_dir, write_text
-from training import NonFiniteLoss, finished
+from training import NonFiniteLoss, finished, snapshot_path, snapshot_steps
 
 SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py": train_opd}
+FRONTIER = (0.25, 0.5)    # --frontier: the fractions of every run kept (train_*.py --snapshots) and evaluated
+BOOTSTRAP = 2000          # resamples of every interval
+SIMILAR = 0.25            # P4: "similar drift" = a difference interval around zero narrower than this x the drift
+TASK_KEYS = ("gsm8k", "truthfulqa", "truthfulqa_mc2", "mmlu")
+# the drift measures set against forgetting: MMD² of rollout states, and the policy KLs on target / retention prompts
+MEASURES = {"mmd2_lexical": "MMD² lexical", "mmd2_hidden": "MMD² hidden",
+            "kl_base_policy_target": "KL(π0‖π) target", "kl_policy_base_target": "KL(π‖π0) target",
+            "kl_base_policy_retention": "KL(π0‖π) retention", "kl_policy_base_retention": "KL(π‖π0) retention"}
 
 # The paper's Table 2 (GSM8K, TruthfulQA, MMLU) and the figures its text gives (MMD; the KL-OPD collapse).
 PAPER = {
@@ -108,7 +123,8 @@ PROFILES = {
                               "--save-every", "10"],
             "train_opd.py": ["--max-steps", "30", "--lr", "2e-4", "--save-every", "10"],
         },
-        "evaluate": ["--batch-size", "128"],      # the paper's protocol: 500 / 200 / 500 items, 256 new tokens
+        # every target and retention item (1,319 / 817 / 535: narrower intervals, about 35 s a model); 256 new tokens
+        "evaluate": ["--batch-size", "128", "--limit", "0"],
         "drift": ["--batch-size", "128", "--prompts", "64"],   # 64 prompts x 4 rollouts, a state every 16 tokens
     },
     "quick": {
@@ -134,6 +150,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=SIZE, default=1, help="repeat every trained run with seeds 0..N-1")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps and examples per stage")
     p.add_argument("--only", default=None, help="comma-separated trained runs to do (default: all)")
+    p.add_argument("--frontier", action="store_true", help="also evaluate every run after "
+                   f"{' and '.join(map(str, FRONTIER))} of its steps: retention against target accuracy, at matched gain")
     p.add_argument("--features", default="lexical,hidden", help="drift representations (drift.py --features)")
     p.add_argument("--extra", action="append", default=[], metavar='SCRIPT="FLAGS"',
                    help='flags appended to every call of a script, e.g. --extra train_grpo.py="--max-steps 50"')
@@ -190,7 +208,8 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
     # OPD takes the base model and data from its teacher's checkpoint, as a user would run it.
     base = ["--teacher", ckpt_path(args, stage.teacher, seed)] if stage.teacher else ["--model", args.model] + _data_flag(args)
     argv = (base + stage.flags + prof.get(stage.script, []) + prof.get(stage.name, []) + args.extra.get(stage.script, []) +
-            ["--seed", str(seed), "--out", out, "--device", args.device] + (["--resume"] if os.path.exists(out) else []))
+            ["--seed", str(seed), "--out", out, "--device", args.device] + (["--resume"] if os.path.exists(out) else []) +
+            (["--snapshots", ",".join(map(str, FRONTIER))] if args.frontier else []))
     status["argv"] = argv
     print(f"\n== {stage.name} (seed {seed}): python {stage.script} {shlex.join(argv)}", flush=True)
     try:
@@ -226,12 +245,29 @@ def evaluate_model(args, name: str, checkpoint: str | None, costs: dict) -> str:
     return out
 
 
+def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
+    """--frontier: {fraction: evaluation} of the run's snapshots (those kept: a run trained without --frontier
+    has none, and is retrained only if its checkpoint is removed)."""
+    total = load_checkpoint(checkpoint)["train_state"]["total_steps"]
+    out = {}
+    for f in FRONTIER:
+        step = snapshot_steps([f], total)[0]
+        path = snapshot_path(checkpoint, step)
+        if os.path.exists(path):
+            out[str(f)] = evaluate_model(args, f"{name}_at{step}", path, costs)
+        else:
+            print(f"--frontier: {path} is missing (trained without --frontier?): no point at {f} of {name}", file=sys.stderr)
+    return out
+
+
 def measure_drift(args, name: str, checkpoint: str, features: str, costs: dict) -> str:
     out = os.path.join(args.out, "drift", f"{name}_{features}.json")
     if _newer(out, [checkpoint]):
         return out
     argv = ["--model", args.model, "--checkpoint", checkpoint, "--out", out, "--features", features, "--device",
             args.device, "--cache-dir", os.path.join(args.out, "rollouts")] + PROFILES[args.profile]["drift"]
+    if features != args.features.split(",")[0]:
+        argv.append("--no-policy-kl")     # the policy KLs do not depend on the features: measured in the first run
     argv += _data_flag(args) + args.extra.get("drift.py", [])
     print(f"\n== drift {name} ({features}): python drift.py {shlex.join(argv)}", flush=True)
     _timed(costs, f"drift/{name}_{features}", lambda: drift.main(argv))
@@ -273,14 +309,39 @@ def locality(log: list[dict]) -> dict:
             "target_nll_end": statistics.fmean(target[-tenth:]) if target else None}
 
 
+def item_scores(paths: list[str]) -> dict:
+    """{task: [seeds, items]} per-item scores of evaluations (their predictions JSONL beside each JSON)."""
+    tables = [evaluate.item_scores(_log(os.path.splitext(p)[0] + ".jsonl")) for p in paths]
+    return {t: np.stack([tb[t] for tb in tables]) for t in TASK_KEYS if all(t in tb for tb in tables)}
+
+
+def drift_measures(drift_paths: list[dict]) -> dict:
+    """{measure: [per seed {value, and replicates (MMD²) or per_prompt (KL)}]} from a run's drift JSONs."""
+    out = {}
+    for paths in drift_paths:
+        for feat, path in paths.items():
+            d = _load(path)
+            if "replicates" in d.get("mmd2_bootstrap", {}):
+                out.setdefault(f"mmd2_{feat}", []).append({"value": d["mmd2"], "replicates": d["mmd2_bootstrap"]["replicates"]})
+            for where, kl in d.get("policy_kl", {}).items():
+                for k in ("kl_base_policy", "kl_policy_base"):
+                    out.setdefault(f"{k}_{where}", []).append({"value": kl[k], "per_prompt": kl["per_prompt"][k]})
+    return {k: out[k] for k in MEASURES if k in out and len(out[k]) == len(drift_paths)}
+
+
 def summarize(args, runs: dict, costs: dict) -> dict:
-    """results.json: per model the scores, forgetting/retention, drift and state locality (mean ± std over seeds)."""
-    base = _load(os.path.join(args.out, "eval", "base.json"))
+    """results.json: per model the scores, forgetting/retention, drift and state locality (mean ± std over seeds),
+    the intervals of every difference from the base, the predictions, the drift measures' correlations with
+    forgetting and, with --frontier, retention along each run."""
+    base_path = os.path.join(args.out, "eval", "base.json")
+    base = _load(base_path)
     data = args.data_dir or ("tiny/data" if args.model == "tiny" else "huggingface hub")
     summary = {"model": args.model, "profile": args.profile, "seeds": args.seeds, "data_dir": data,
                "protocol": {t: v["protocol"] for t, v in base["tasks"].items()}, "models": {}, "costs": costs}
     summary["models"]["base"] = {"label": "Base", **{t: mean_std([base["tasks"][t]["score"]]) for t in evaluate.TASKS},
-                                 "truthfulqa_mc2": mean_std([base["tasks"]["truthfulqa"]["mc2"]])}
+                                 "truthfulqa_mc2": mean_std([base["tasks"]["truthfulqa"]["mc2"]]),
+                                 "stderr": {t: v["stderr"] for t, v in base["tasks"].items()}}
+    scores, measures, points = {"base": item_scores([base_path])}, {}, []
     for stage in stages():
         per_seed = [r for r in runs.get(stage.name, []) if "failed" not in r]
         row = {"label": stage.label, "states": stage.states, "signal": stage.signal,
@@ -300,53 +361,196 @@ def summarize(args, runs: dict, costs: dict) -> dict:
         locs = [locality(_log(r["log"])) for r in per_seed]
         row["locality"] = {k: mean_std([loc[k] for loc in locs]) for k in
                            ("state_nll_base", "target_nll_start", "target_nll_end")}
+        if len(evals) == len(per_seed) and evals:
+            scores[stage.name] = item_scores([r["eval"] for r in per_seed])
+            row["intervals"] = differences(scores, stage.name)
+            for f in FRONTIER:
+                if all(str(f) in r.get("snapshots", {}) for r in per_seed):
+                    scores[f"{stage.name}@{f}"] = item_scores([r["snapshots"][str(f)] for r in per_seed])
+            measures[stage.name] = drift_measures([r.get("drift", {}) for r in per_seed])
+            row["measures"] = {k: mean_std([d["value"] for d in v]) for k, v in measures[stage.name].items()}
+            points += [{"run": stage.name, **{k: v[i]["value"] for k, v in measures[stage.name].items()},
+                        **{k: e["forgetting"]["mean"][k] for k in ("forgetting", "retention")}} for i, e in enumerate(evals)]
         summary["models"][stage.name] = row
-    summary["predictions"] = predictions(summary["models"])
+    summary["predictions"] = predictions(scores, measures)
+    summary["correlations"] = {k: correlation([p[k] for p in points], [p["forgetting"] for p in points])
+                               for k in MEASURES if points and all(k in p for p in points)}
+    summary["points"] = points
+    if args.frontier:
+        summary["frontier"] = frontier(scores, [s.name for s in stages() if s.name in scores])
     return summary
 
 
-def _m(row: dict, key: str, sub: str | None = None):
-    v = row.get(key) if sub is None else (row.get(key) or {}).get(sub)
-    return v["mean"] if v else None
+# ----------------------------------------------------------------------------------------------
+# The study as a test: intervals of differences (paired over items, hierarchical over seeds), the predictions
+# decided from them, drift measures against forgetting, and retention at matched target gain
+
+def eq12(m: dict, name: str):
+    """Mean forgetting F and mean retention R of model `name` (Eq. 12) from per-task means (arrays over resamples)."""
+    F = np.mean([m["base"][t] - m[name][t] for t in evaluate.RETENTION_TASKS], 0)
+    R = np.mean([m[name][t] / m["base"][t] for t in evaluate.RETENTION_TASKS], 0)
+    return F, R
 
 
-def predictions(models: dict) -> dict:
-    """The paper's predictions P1-P4, each checked on our numbers with the criterion stated beside it.
+def interval(scores: dict, names, statistic, tasks=TASK_KEYS) -> dict:
+    """evaluate.bootstrap of statistic over the base and models `names` (only `tasks` resampled)."""
+    chosen = {n: {t: scores[n][t] for t in tasks} for n in dict.fromkeys(["base", *names])}
+    return evaluate.bootstrap(chosen, statistic, BOOTSTRAP)
 
-    'Keeps retention' means a mean retention ratio of at least 0.95 (forgetting under 5% of the base's scores);
-    'loses retention' means below 0.95. Two drifts are 'similar' when their MMD² differ by less than twice the
-    larger bootstrap std; two retentions 'differ' when their ratios differ by more than 0.05."""
-    def get(name, key, sub=None):
-        return _m(models.get(name, {}), key, sub)
 
-    out = {}
-    r_mild, r_stress = get("sft_mild", "retention"), get("sft_stress", "retention")
-    if None not in (r_mild, r_stress):
-        out["P1"] = {"claim": "stress SFT loses retention while mild SFT does not",
-                     "criterion": "retention(stress) < 0.95 <= retention(mild)",
-                     "holds": r_stress < 0.95 <= r_mild, "retention_mild": r_mild, "retention_stress": r_stress}
-    r_grpo, r_opd = get("grpo", "retention"), get("opd_stress", "retention")
-    if None not in (r_grpo, r_opd):
-        out["P2"] = {"claim": "GRPO and OPD keep retention", "criterion": "retention >= 0.95 for both",
-                     "holds": r_grpo >= 0.95 and r_opd >= 0.95, "retention_grpo": r_grpo, "retention_opd": r_opd}
-    g_opd, g_stress = get("opd_stress", "gsm8k"), get("sft_stress", "gsm8k")
-    if None not in (g_opd, g_stress, r_opd, r_stress):
-        out["P3"] = {"claim": "OPD from the degraded stress teacher beats that teacher",
-                     "criterion": "GSM8K(OPD) > GSM8K(stress SFT) and retention(OPD) > retention(stress SFT)",
-                     "holds": g_opd > g_stress and r_opd > r_stress, "gsm8k_opd": g_opd, "gsm8k_stress": g_stress}
-    for feat in ("lexical", "hidden"):
-        m_opd, m_stress = get("opd_stress", f"drift_{feat}", "mmd2"), get("sft_stress", f"drift_{feat}", "mmd2")
-        s_opd = get("opd_stress", f"drift_{feat}", "mmd2_bootstrap_std")
-        s_stress = get("sft_stress", f"drift_{feat}", "mmd2_bootstrap_std")
-        if None in (m_opd, m_stress, s_opd, s_stress, r_opd, r_stress):
-            continue
-        similar = abs(m_opd - m_stress) < 2 * max(s_opd, s_stress)
-        out[f"P4_{feat}"] = {"claim": "similar drift with different retention (stress SFT vs OPD)",
-                             "criterion": "|MMD² difference| < 2 x the larger bootstrap std, "
-                                          "and retention differs by more than 0.05",
-                             "holds": similar and abs(r_opd - r_stress) > 0.05, "mmd2_opd": m_opd,
-                             "mmd2_stress": m_stress, "mmd2_bootstrap_std": max(s_opd, s_stress)}
+def differences(scores: dict, name: str) -> dict:
+    """A model against the base: each task's gain, and F and R of Eq. 12, with their intervals."""
+    out = {f"gain_{t}": interval(scores, [name], lambda m, t=t: m[name][t] - m["base"][t], [t]) for t in TASK_KEYS}
+    out["forgetting"] = interval(scores, [name], lambda m: eq12(m, name)[0], evaluate.RETENTION_TASKS)
+    out["retention"] = interval(scores, [name], lambda m: eq12(m, name)[1], evaluate.RETENTION_TASKS)
     return out
+
+
+def replicate_interval(a: np.ndarray, b: np.ndarray, estimate: float, seed: int = 0) -> dict:
+    """Interval of mean(a) - mean(b) for per-seed bootstrap replicates a, b [seeds, B] of an MMD² (drift.py
+    resamples rollouts with the same draws for every model): each resample draws seeds with replacement and
+    one replicate index, shared by both models."""
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, len(a), (BOOTSTRAP, len(a)))
+    j = rng.integers(0, a.shape[1], (BOOTSTRAP, 1))
+    boot = a[seeds, j].mean(1) - b[seeds, j].mean(1)
+    return {"estimate": estimate, "ci95": np.quantile(boot, [0.025, 0.975]).tolist(), "std": float(boot.std(ddof=1)),
+            "resamples": BOOTSTRAP}
+
+
+def drift_interval(measures: dict, a: str, b: str, key: str) -> dict:
+    """Interval of drift measure `key` of run a minus run b (seed s with seed s)."""
+    if key.startswith("mmd2"):
+        ra, rb = (np.array([d["replicates"] for d in measures[n][key]]) for n in (a, b))
+        est = np.mean([d["value"] for d in measures[a][key]]) - np.mean([d["value"] for d in measures[b][key]])
+        return replicate_interval(ra, rb, float(est))
+    per_prompt = {n: {key: np.array([d["per_prompt"] for d in measures[n][key]])} for n in (a, b)}
+    return evaluate.bootstrap(per_prompt, lambda m: m[a][key] - m[b][key], BOOTSTRAP)
+
+
+def combined(parts: list[dict]) -> str:
+    """A prediction of several parts holds when all hold, is contradicted when any is, else undecided."""
+    verdicts = [p["verdict"] for p in parts]
+    return "contradicted" if "contradicted" in verdicts else "holds" if all(v == "holds" for v in verdicts) else "undecided"
+
+
+def predictions(scores: dict, measures: dict) -> dict:
+    """The paper's predictions P1-P4, each decided from the 95% intervals of the differences it is about.
+
+    A difference predicted positive *holds* when its interval lies above zero, is *contradicted* when it lies
+    below, and is *undecided* when it includes zero; a prediction of several differences holds when all hold
+    and is contradicted when any is. P1: stress SFT forgets (F > 0) and mild SFT keeps more (R mild - R stress
+    > 0). P2: the on-policy runs, GRPO and OPD from the stress teacher, keep more than stress SFT
+    (R - R stress > 0). P3: the OPD student beats its degraded teacher on the target and on retention.
+    P4, per drift measure: stress SFT and OPD have similar drift (the interval of the difference includes zero
+    and its half-width is under a quarter of the larger drift, so a difference that large would have shown)
+    and different retention; a measure whose difference interval excludes zero separates the two runs and
+    contradicts P4 for that measure."""
+    def part(text, iv, digits=3):
+        return {"difference": text, "interval": iv, "verdict": evaluate.verdict(iv), "digits": digits}
+
+    def R_minus(a, b, text):
+        return part(text, interval(scores, [a, b], lambda m: eq12(m, a)[1] - eq12(m, b)[1], evaluate.RETENTION_TASKS))
+
+    claims = {"P1": "stress SFT forgets, mild SFT does not", "P2": "the on-policy runs retain more than stress SFT",
+              "P3": "the OPD student beats its degraded teacher", "P4": "similar drift can come with different retention"}
+    out = {}
+    if {"sft_mild", "sft_stress"} <= set(scores):
+        out["P1"] = [part("F(SFT stress)", interval(scores, ["sft_stress"], lambda m: eq12(m, "sft_stress")[0],
+                                                    evaluate.RETENTION_TASKS)),
+                     R_minus("sft_mild", "sft_stress", "R(SFT mild) - R(SFT stress)")]
+    if {"grpo", "opd_stress", "sft_stress"} <= set(scores):
+        out["P2"] = [R_minus("grpo", "sft_stress", "R(GRPO) - R(SFT stress)"),
+                     R_minus("opd_stress", "sft_stress", "R(OPD) - R(SFT stress)")]
+    if {"opd_stress", "sft_stress"} <= set(scores):
+        out["P3"] = [part("GSM8K(OPD) - GSM8K(SFT stress)", interval(
+                         scores, ["opd_stress", "sft_stress"], lambda m: m["opd_stress"]["gsm8k"] - m["sft_stress"]["gsm8k"],
+                         ["gsm8k"])),
+                     R_minus("opd_stress", "sft_stress", "R(OPD) - R(SFT stress)")]
+    result = {k: {"claim": claims[k], "parts": v, "verdict": combined(v)} for k, v in out.items()}
+    if {"opd_stress", "sft_stress"} <= set(measures):
+        retention = out["P3"][1]
+        for key in measures["sft_stress"]:
+            d = drift_interval(measures, "opd_stress", "sft_stress", key)
+            scale = max(abs(np.mean([x["value"] for x in measures[n][key]])) for n in ("opd_stress", "sft_stress"))
+            width = (d["ci95"][1] - d["ci95"][0]) / 2
+            similar = bool(d["ci95"][0] <= 0 <= d["ci95"][1] and width < SIMILAR * scale)
+            verdict = ("contradicted" if evaluate.verdict(d) != "undecided" else
+                       "holds" if similar and retention["verdict"] != "undecided" else "undecided")
+            result[f"P4 {key}"] = {"claim": claims["P4"], "verdict": verdict, "similar": similar,
+                                   "half_width_over_drift": width / scale if scale else None,
+                                   "parts": [part(f"{MEASURES[key]}(OPD) - {MEASURES[key]}(SFT stress)", d, 5), retention]}
+    return result
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing their mean rank (Spearman's convention)."""
+    r = np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+    for v in np.unique(x)[np.unique(x, return_counts=True)[1] > 1]:
+        r[x == v] = r[x == v].mean()
+    return r
+
+
+def correlation(x, y, seed: int = 0) -> dict:
+    """Pearson and Spearman correlation of x with y, each with a 95% bootstrap interval over the points."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    draws = np.random.default_rng(seed).integers(0, len(x), (BOOTSTRAP, len(x)))
+    out = {"n": len(x)}
+    with warnings.catch_warnings():   # a resample of one repeated point has no correlation: NaN, dropped
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, f in (("pearson", lambda a, b: np.corrcoef(a, b)[0, 1]),
+                        ("spearman", lambda a, b: np.corrcoef(_ranks(a), _ranks(b))[0, 1])):
+            boot = np.array([f(x[d], y[d]) for d in draws])
+            boot = boot[np.isfinite(boot)]
+            out[name] = {"estimate": float(f(x, y)), "ci95": np.quantile(boot, [0.025, 0.975]).tolist() if len(boot)
+                         else [float("nan")] * 2}
+    return out
+
+
+def along(acc: list, ret: list, level: float) -> np.ndarray:
+    """Retention where a curve through points (acc_k, ret_k), k = 0, 1, .. (arrays over resamples) first reaches
+    target accuracy `level`, linear between points; NaN where it never does."""
+    out = np.full(np.shape(acc[0]), np.nan)
+    for a0, a1, r0, r1 in zip(acc, acc[1:], ret, ret[1:]):
+        moved = a0 != a1
+        hit = np.isnan(out) & moved & (np.minimum(a0, a1) <= level) & (level <= np.maximum(a0, a1))
+        w = (level - a0) / np.where(moved, a1 - a0, 1)
+        out = np.where(hit, r0 + w * (r1 - r0), out)
+    return out
+
+
+def frontier(scores: dict, names: list[str]) -> dict:
+    """Each method's trajectory (base, the --frontier snapshots, the final adapter) as target accuracy against
+    mean retention, per seed and in the mean; and each method's retention at the target accuracies at least
+    two methods reach, with intervals (retention at matched target gain)."""
+    curves = {}
+    for name in names:
+        points = [f"{name}@{f}" for f in FRONTIER if f"{name}@{f}" in scores] + [name]
+        if len(points) == 1:
+            continue
+        means = {n: {t: scores[n][t].mean(1) for t in TASK_KEYS} for n in ["base", *points]}   # per seed
+        curves[name] = {"fractions": [0.0] + [float(p.split("@")[1]) for p in points[:-1]] + [1.0], "points": points,
+                        "gsm8k": [float(scores["base"]["gsm8k"].mean())] + [float(means[p]["gsm8k"].mean()) for p in points],
+                        "retention": [1.0] + [float(eq12(means, p)[1].mean()) for p in points],
+                        "per_seed": {"gsm8k": [means[p]["gsm8k"].tolist() for p in points],
+                                     "retention": [eq12(means, p)[1].tolist() for p in points]}}
+    base_acc = float(scores["base"]["gsm8k"].mean())
+    ranges = [(min(c["gsm8k"]), max(c["gsm8k"])) for c in curves.values()]
+    levels = [lv for lv in np.round(np.arange(min([base_acc] + [r[0] for r in ranges]), max([base_acc] + [r[1] for r in ranges]),
+                                              0.01), 2)
+              if abs(lv - base_acc) >= 0.005 and sum(lo <= lv <= hi for lo, hi in ranges) >= 2]
+    levels = [levels[i] for i in np.linspace(0, len(levels) - 1, min(len(levels), 8)).round().astype(int)] if levels else []
+    table = {}
+    for lv in levels:
+        table[f"{lv:.2f}"] = {}
+        for name, c in curves.items():
+            if not min(c["gsm8k"]) <= lv <= max(c["gsm8k"]):
+                continue
+            def statistic(m, c=c, lv=lv):
+                return along([m["base"]["gsm8k"]] + [m[p]["gsm8k"] for p in c["points"]],
+                             [np.ones_like(m["base"]["gsm8k"])] + [eq12(m, p)[1] for p in c["points"]], lv)
+            table[f"{lv:.2f}"][name] = interval(scores, c["points"], statistic, ("gsm8k", *evaluate.RETENTION_TASKS))
+    return {"curves": curves, "base_gsm8k": base_acc, "matched": table}
 
 
 def fmt(v: dict | None, digits: int = 3, signed: bool = False) -> str:
@@ -391,6 +595,7 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
             d = row[key]
             lines.append(f"| {row['label']} | {key[6:]} | {fmt(d['mmd2'], 5)} | {fmt(d['mmd2_bootstrap_std'], 5)} | "
                          f"{fmt(d['centroid_l2'], 4)} | {fmt(d['sliced_wasserstein'], 4)} | {fmt(d['jaccard'], 4)} |")
+    lines += intervals_tables(summary)
     lines += ["", "## State locality (logged by every trainer at every step)", "",
               "state NLL: the mean per-token NLL, under the frozen base policy, of the state tokens where the step "
               "applied supervision (high = off-policy states). target NLL: the learner's NLL of its supervision "
@@ -402,11 +607,14 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
             loc = row["locality"]
             lines.append(f"| {row['label']} | {row['states']} | {row['signal']} | {fmt(loc['state_nll_base'])} | "
                          f"{fmt(loc['target_nll_start'])} | {fmt(loc['target_nll_end'])} |")
-    lines += ["", "## The paper's predictions, checked", "", predictions.__doc__.split("\n\n")[1].strip().replace("\n    ", " "), ""]
+    lines += ["", "## The paper's predictions, decided from intervals", "",
+              predictions.__doc__.split("\n\n")[1].strip().replace("\n    ", " "), ""]
     for key, p in summary["predictions"].items():
-        figures = ", ".join(f"{k} {v:.4g}" for k, v in p.items() if isinstance(v, float))
-        lines.append(f"- **{key}** {p['claim']}: **{'holds' if p['holds'] else 'does not hold'}** "
-                     f"({p['criterion']}; {figures})")
+        width = (f"; half-width {p['half_width_over_drift']:.2f} x the drift" if p.get("half_width_over_drift") is not None
+                 else "")
+        lines.append(f"- **{key}** {p['claim']}: **{p['verdict']}** (" + "; ".join(
+            f"{q['difference']} {ci(q['interval'], q['digits'])}"
+            f" {q['verdict']}" for q in p["parts"]) + width + ")")
     lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     lines += cost_table(summary["costs"])
     path = os.path.join(out_dir, "results.md")
@@ -414,27 +622,81 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
     return path
 
 
+def ci(iv: dict | None, digits: int = 3, signed: bool = True) -> str:
+    """An estimate with its 95% interval: +0.012 [+0.003, +0.021] (a difference), 0.990 [0.981, 0.998] (a ratio)."""
+    if iv is None:
+        return "–"
+    f = f"{'+' if signed else ''}.{digits}f"
+    return f"{iv['estimate']:{f}} [{iv['ci95'][0]:{f}}, {iv['ci95'][1]:{f}}]"
+
+
+def intervals_tables(summary: dict) -> list[str]:
+    """results.md's tables of differences from the base, policy KLs, correlations and retention at matched gain."""
+    models = {k: v for k, v in summary["models"].items() if "intervals" in v}
+    base = summary["models"]["base"]
+    out = ["", "## Differences from the base, with 95% intervals", "",
+           f"Paired over the same items and hierarchical over seeds (evaluate.bootstrap, {BOOTSTRAP} resamples). "
+           "The base's standard errors (lm-evaluation-harness's sample std / √n): " +
+           ", ".join(f"{t} {base[t]['mean']:.3f} ± {v:.3f}" for t, v in base["stderr"].items()) + ".", "",
+           "| model | Δ GSM8K | Δ TruthfulQA MC1 | Δ TruthfulQA MC2 | Δ MMLU | mean forgetting F | mean retention R |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in models.values():
+        iv = row["intervals"]
+        out.append(f"| {row['label']} | " + " | ".join(ci(iv[f"gain_{t}"]) for t in TASK_KEYS) +
+                   f" | {ci(iv['forgetting'])} | {ci(iv['retention'], signed=False)} |")
+    kls = [k for k in MEASURES if k.startswith("kl") and any(k in r.get("measures", {}) for r in models.values())]
+    if kls:
+        out += ["", "## Policy KL (drift.py): per token, exact over the vocabulary, mean over states and prompts", "",
+                "KL(π0‖π) at the base's own rollout states (RL's Razor's quantity), KL(π‖π0) at the post-trained "
+                "policy's; target: the GSM8K drift prompts, retention: TruthfulQA and MMLU contexts.", "",
+                "| model | " + " | ".join(MEASURES[k] for k in kls) + " |", "| --- |" + " --- |" * len(kls)]
+        for row in models.values():
+            out.append(f"| {row['label']} | " + " | ".join(fmt(row["measures"].get(k), 4) for k in kls) + " |")
+    if summary["correlations"]:
+        out += ["", "## Which drift measure tracks forgetting", "",
+                f"Correlation of each measure with the mean forgetting F across all trained runs and seeds "
+                f"({len(summary['points'])} points), 95% bootstrap intervals over the points.", "",
+                "| measure | Pearson r | Spearman ρ |", "| --- | --- | --- |"]
+        for k, c in summary["correlations"].items():
+            out.append(f"| {MEASURES[k]} | {ci(c['pearson'], 2)} | {ci(c['spearman'], 2)} |")
+    fr = summary.get("frontier")
+    if fr and fr["matched"]:
+        names = list(fr["curves"])
+        out += ["", "## Retention at matched target gain (--frontier)", "",
+                f"Each method's mean retention R where its trajectory (base, {', '.join(map(str, FRONTIER))} and all of "
+                f"its steps; the mean over seeds) reaches a GSM8K accuracy, linear between points; base accuracy "
+                f"{fr['base_gsm8k']:.3f}. Intervals resample items and seeds; – where the method does not reach it.", "",
+                "| GSM8K accuracy | " + " | ".join(summary["models"][n]["label"] for n in names) + " |",
+                "| --- |" + " --- |" * len(names)]
+        for level, cells in fr["matched"].items():
+            out.append(f"| {level} | " + " | ".join(ci(cells[n], signed=False) if n in cells else "–" for n in names) + " |")
+    return out
+
+
 def cost_table(costs: dict) -> list[str]:
     """Seconds per run and stage kind (per seed, averaged), and the peak GPU memory: what a study costs."""
     seconds, memory = costs["seconds"], costs["peak_gpu_gib"]
     if not seconds:
-        return ["", "Every stage was reused from an earlier invocation: no costs measured this time."]
+        return ["", "No stage's cost was measured (each was reused from a study without a results.json)."]
     total, seeds, peak = {}, {}, {}
     for key, sec in seconds.items():
-        kind, name = key.split("/", 1)            # train/grpo_s0, evaluate/grpo_s0, drift/grpo_s0_lexical
+        kind, name = key.split("/", 1)     # train/grpo_s0, evaluate/grpo_s0, evaluate/grpo_s0_at10, drift/grpo_s0_lexical
         if kind == "drift":
             name = name.rsplit("_", 1)[0]
+        elif "_at" in name:                # a --frontier snapshot
+            kind, name = "frontier", name.rsplit("_at", 1)[0]
         run, _, seed = name.rpartition("_s") if name != "base" else ("base", "", "0")
         total[(run, kind)] = total.get((run, kind), 0.0) + sec
         seeds.setdefault(run, set()).add(seed)
         peak[run] = max(peak.get(run, 0.0), memory.get(key, 0.0))
-    out = ["", f"## Cost (this invocation: {sum(seconds.values()) / 60:.1f} min of stages)", "",
-           "Wall seconds per seed (drift: all feature sets)" + ("; peak GPU memory, GiB." if memory else "."), "",
-           "| run | train s | evaluate s | drift s |" + (" peak GPU GiB |" if memory else ""),
-           "| --- | --- | --- | --- |" + (" --- |" if memory else "")]
+    kinds = ["train", "evaluate", "drift"] + (["frontier"] if any(k == "frontier" for _, k in total) else [])
+    out = ["", f"## Cost ({sum(seconds.values()) / 60:.1f} min of stages, each measured when it ran)", "",
+           "Wall seconds per seed (drift: all feature sets; frontier: evaluating the run's snapshots)" +
+           ("; peak GPU memory, GiB." if memory else "."), "",
+           "| run | " + " | ".join(f"{k} s" for k in kinds) + " |" + (" peak GPU GiB |" if memory else ""),
+           "| --- |" + " --- |" * len(kinds) + (" --- |" if memory else "")]
     for run in seeds:
-        cells = [f"{total[(run, k)] / len(seeds[run]):.0f}" if (run, k) in total else "–"
-                 for k in ("train", "evaluate", "drift")]
+        cells = [f"{total[(run, k)] / len(seeds[run]):.0f}" if (run, k) in total else "–" for k in kinds]
         out.append(f"| {run} | " + " | ".join(cells) + " |" + (f" {peak[run]:.1f} |" if memory else ""))
     return out
 
@@ -478,23 +740,48 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     fig.savefig(os.path.join(out_dir, curves), dpi=110)
     plt.close(fig)
 
-    feats = [f for f in ("lexical", "hidden") if any(f"drift_{f}" in r for r in trained.values())]
-    fig, axes = plt.subplots(1, len(feats), figsize=(6 * len(feats), 4.5), squeeze=False)
-    for ax, feat in zip(axes[0], feats):
-        for (name, row), marker in zip(trained.items(), "osD^v<>p"):
-            x, y = row.get(f"drift_{feat}", {}).get("mmd2"), row.get("retention")
-            if x and y:
-                ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=marker, capsize=3, label=row["label"])
+    keys = [k for k in MEASURES if k in summary["correlations"]]
+    cols = min(3, len(keys)) or 1
+    fig, axes = plt.subplots(-(-len(keys) // cols) or 1, cols, figsize=(5.5 * cols, 4.2 * (-(-len(keys) // cols) or 1)),
+                             squeeze=False)
+    runs = list(dict.fromkeys(p["run"] for p in summary["points"]))
+    for ax, key in zip(axes.flat, keys):
+        for name, marker in zip(runs, "osD^v<>p"):
+            pts = [p for p in summary["points"] if p["run"] == name]
+            ax.plot([p[key] for p in pts], [p["retention"] for p in pts], marker, alpha=0.8, label=summary["models"][name]["label"])
+        c = summary["correlations"][key]["pearson"]
+        ax.set_title(f"{MEASURES[key]}: Pearson r with F {c['estimate']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]",
+                     fontsize=9)
         ax.axhline(1.0, color="grey", lw=0.5)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.set_xlabel(f"drift: MMD² of rollout states vs base ({feat})")
+        ax.set_xlabel(MEASURES[key] + (" (nats per token)" if key.startswith("kl") else ""))
         ax.set_ylabel("mean retention ratio (post / base)")
+    if keys:
+        axes.flat[0].legend(fontsize=6)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
     fig.tight_layout()
     scatter = "retention_vs_drift.png"
     fig.savefig(os.path.join(out_dir, scatter), dpi=110)
     plt.close(fig)
-    return [curves, scatter]
+    plots = [curves, scatter]
+    if summary.get("frontier", {}).get("curves"):
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        for (name, c), color in zip(summary["frontier"]["curves"].items(), [f"C{i}" for i in range(10)]):
+            for acc, ret in zip(c["per_seed"]["gsm8k"], c["per_seed"]["retention"]):
+                ax.plot(acc, ret, "o", color=color, alpha=0.3, ms=4)
+            ax.plot(c["gsm8k"], c["retention"], "-o", color=color, lw=1.5, ms=5, label=summary["models"][name]["label"])
+        ax.axvline(summary["frontier"]["base_gsm8k"], color="grey", lw=0.5)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xlabel("GSM8K accuracy (target)")
+        ax.set_ylabel("mean retention ratio (post / base)")
+        ax.set_title(f"Each run after {', '.join(map(str, FRONTIER))} and all of its steps (faint: one seed; line: "
+                     "the mean, from the base)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "frontier.png"), dpi=110)
+        plt.close(fig)
+        plots.append("frontier.png")
+    return plots
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +806,8 @@ def main(argv=None) -> dict:
     only = set(args.only.split(",")) if args.only else None
     if only:
         check_only(args, only)
-    costs = {"seconds": {}, "peak_gpu_gib": {}}   # per stage, this invocation
+    previous = os.path.join(args.out, "results.json")   # a reused stage keeps the cost measured when it ran
+    costs = _load(previous)["costs"] if os.path.exists(previous) else {"seconds": {}, "peak_gpu_gib": {}}
     evaluate_model(args, "base", None, costs)
     runs = {}
     for seed in range(args.seeds):
@@ -534,12 +822,14 @@ def main(argv=None) -> dict:
                 status["eval"] = evaluate_model(args, f"{stage.name}_s{seed}", status["checkpoint"], costs)
                 status["drift"] = {f: measure_drift(args, f"{stage.name}_s{seed}", status["checkpoint"], f, costs)
                                    for f in args.features.split(",")}
+                if args.frontier:
+                    status["snapshots"] = snapshots(args, f"{stage.name}_s{seed}", status["checkpoint"], costs)
             runs.setdefault(stage.name, []).append(status)
     summary = summarize(args, runs, costs)
     plots = plot(summary, args.out)
     write_text(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1))
     path = report(summary, args.out, plots)
-    print(f"\nstudy done in {sum(costs['seconds'].values()) / 60:.1f} min of stages -> {path}")
+    print(f"\nstudy done: {sum(costs['seconds'].values()) / 60:.1f} min of stages in all -> {path}")
     return summary
 
 

@@ -23,7 +23,7 @@ Functions a trainer calls inside its loss:
 and around the loop: train_examples(run) -> GSM8K train; gold_solutions(tok, examples, max_len) -> (prompt, answer)
 token ids; through_eos(tokens, eos_ids); pad_rows(rows, device) -> a padded micro-batch with its target and state masks; plan_steps(args,
 batches_per_epoch) -> total steps; length_grouped_batches(lengths, batch_size, seed) -> shuffled batches of similar
-lengths; save(run) for an extra checkpoint; finished(ckpt); lr_at(...).
+lengths; save(run) for an extra checkpoint; finished(ckpt); lr_at(...); snapshot_steps / snapshot_path.
 
 Contracts:
 - `loss_fn(micro_batch) -> (loss, figures)`: the step's loss is the SUM of the micro-batch losses, so a
@@ -46,6 +46,8 @@ Contracts:
   AdamW's state, torch's RNG states (CPU and CUDA: adapter dropout; the samplers and the data order have
   seeded generators of their own) and the data position, so `--resume` continues the run and ends with the
   same adapter as an uninterrupted one. --resume refuses flags or data that differ from the run's.
+  --snapshots F,F also keeps the adapter after those fractions of the run (snapshot_path: <out>_at<step>.pt),
+  the points of a run's trajectory that reproduce.py --frontier evaluates.
 - A non-finite loss or gradient norm raises NonFiniteLoss before the optimizer moves: the last checkpoint
   on disk is the last good one and is left untouched.
 """
@@ -83,6 +85,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help keeps the module docstring's layout and states every flag's default."""
 
 
+def fractions(text: str) -> list[float]:
+    """--snapshots: comma-separated fractions of a run, each in (0, 1)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.25,0.5, got {text!r}")
+    if not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"each fraction must lie strictly between 0 and 1, got {text!r}")
+    return values
+
+
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags every trainer shares, with the same names. Methods change defaults with p.set_defaults()."""
     cuda = torch.cuda.is_available()
@@ -113,6 +126,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--save-every", type=COUNT, default=100, help="checkpoint every N steps (0 = only at the end)")
     g.add_argument("--stop-after", type=COUNT, default=0, help="stop (with a checkpoint) after N steps of this invocation; --resume continues")
+    g.add_argument("--snapshots", type=fractions, default=[], metavar="F,F,..",
+                   help="also keep the adapter after these fractions of the run (e.g. 0.25,0.5): <out>_at<step>.pt")
     g.add_argument("--locality-every", type=COUNT, default=1, help="log state locality every N steps (0 = never; costs one base forward)")
     return p
 
@@ -158,7 +173,7 @@ def finished(ckpt: dict) -> bool:
 
 # Flags that may change between a run and its --resume: where and how often it writes, how far this
 # invocation goes, logging, the device. Any other difference would continue into another run.
-RESUME_MAY_CHANGE = {"resume", "out", "log", "save_every", "stop_after", "locality_every", "device", "grad_checkpointing"}
+RESUME_MAY_CHANGE = {"resume", "out", "log", "save_every", "snapshots", "stop_after", "locality_every", "device", "grad_checkpointing"}
 
 
 def _flag(key: str) -> str:
@@ -509,15 +524,31 @@ def end_step(run: Run, stats: dict):
         run.bar.update(1)
     if run.args.save_every and run.step % run.args.save_every == 0 and run.step < run.total_steps:
         save(run)
+    if run.step in snapshot_steps(run.args.snapshots, run.total_steps):
+        save(run, snapshot=True)
 
 
-def save(run: Run):
+def snapshot_steps(fractions: list[float], total: int) -> list[int]:
+    """The steps --snapshots keeps: each fraction of the run, rounded, at least step 1."""
+    return sorted({max(1, round(f * total)) for f in fractions})
+
+
+def snapshot_path(out: str, step: int) -> str:
+    """Where the adapter after `step` steps is kept: ckpt/grpo_s0.pt -> ckpt/grpo_s0_at10.pt."""
+    return f"{os.path.splitext(out)[0]}_at{step}.pt"
+
+
+def save(run: Run, snapshot: bool = False):
     """Checkpoint to --out atomically: adapter + meta, and everything --resume needs unless the run is finished
-    (then the checkpoint is the deliverable, and resuming has nothing to do)."""
+    (then the checkpoint is the deliverable, and resuming has nothing to do). A snapshot is the adapter alone,
+    beside --out (snapshot_path): a point of the run's trajectory, not a place to resume from."""
     args = run.args
     meta = {"method": run.method, "data_dir": args.data_dir, "args": vars(args), "step": run.step,
             "total_steps": run.total_steps, **run.meta}
     state = {"step": run.step, "total_steps": run.total_steps}
+    if snapshot:
+        save_checkpoint(snapshot_path(args.out, run.step), run.model, meta, train_state=state)
+        return
     if not finished({"train_state": state}):
         state.update(optimizer=run.optimizer.state_dict(), data=dict(run.data), rng=rng_state())
     save_checkpoint(args.out, run.model, meta, train_state=state)

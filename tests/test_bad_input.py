@@ -73,7 +73,7 @@ def world(tiny_dir, tmp_path_factory):
 SFT = ["train_sft.py", "--model", "{model}", "--data-dir", "{data}", "--max-steps", "1", "--lora-r", "2"]
 GRPO = ["train_grpo.py", "--model", "{model}", "--data-dir", "{data}", "--max-steps", "1"]
 EVAL = ["evaluate.py", "--model", "{model}", "--data-dir", "{data}", "--tasks", "gsm8k", "--limit", "2"]
-DRIFT = ["drift.py", "--model", "{model}", "--data-dir", "{data}", "--prompts", "2"]
+DRIFT = ["drift.py", "--model", "{model}", "--data-dir", "{data}", "--prompts", "2", "--retention-prompts", "0"]
 
 # name: (command line, a fragment of the one error line). {out} is a fresh directory that must stay empty.
 CASES = {
@@ -101,6 +101,9 @@ CASES = {
                                "argument --samples-per-prompt: 0 is below 1"),
     "not an integer": (SFT + ["--max-steps", "ten"], "argument --max-steps: 'ten' is not an integer"),
     "zero seeds": (["reproduce.py", "--seeds", "0"], "argument --seeds: 0 is below 1"),
+    "a snapshot at the end": (SFT + ["--snapshots", "0.5,1"], "argument --snapshots: each fraction must lie strictly"),
+    "drift without retention data": (DRIFT + ["--checkpoint", "{sft_finished}", "--retention-prompts", "4"],
+                                     "truthfulqa/mc_task.json does not exist"),
     "unknown task": (EVAL + ["--tasks", "gsm8k,arc"], "unknown task(s) arc"),
     "an --out that cannot be made": (SFT + ["--out", "{a_file}/sub/sft.pt"], "cannot make its directory"),
 }

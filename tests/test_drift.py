@@ -178,11 +178,14 @@ def random_adapter_checkpoint(model, path, seed):
 
 
 def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, monkeypatch):
+    import shutil
     import evaluate
     import lora
     from model import load_model
     data = tmp_path / "data" / "gsm8k"
     data.mkdir(parents=True)
+    for task in ("truthfulqa", "mmlu"):   # the retention contexts of the policy KL
+        shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "eval_data", task), tmp_path / "data" / task)
     for split in ("train", "test"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in GSM8K_LINES))
     model, _ = load_model(tiny_dir)
@@ -197,8 +200,11 @@ def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, mo
             "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "rollouts"),
             "--prompts", "3", "--samples-per-prompt", "2", "--max-new-tokens", "12", "--state-stride", "4",
             "--bootstrap", "20", "--projections", "8", "--device", "cpu"]   # --model comes from the checkpoint
-    first = drift.main(argv + ["--out", str(tmp_path / "first.json")])
-    assert calls == [6, 6]                          # 3 prompts x 2 samples, once per policy
+    first = drift.main(argv + ["--out", str(tmp_path / "first.json"), "--retention-prompts", "2"])
+    assert calls == [6, 6, 4, 4]     # 3 prompts x 2 samples, once per policy; then 2 + 2 retention contexts, 1 each
+    kl = first["policy_kl"]           # against the baseline checkpoint's policy, which is not the policy
+    assert len(kl["target"]["per_prompt"]["kl_base_policy"]) == 3 and len(kl["retention"]["per_prompt"]["kl_policy_base"]) == 4
+    assert all(kl[w][k] > 0 for w in ("target", "retention") for k in ("kl_base_policy", "kl_policy_base"))
     saved = json.loads((tmp_path / "first.json").read_text())
     assert saved["model"] == tiny_dir and saved["features"] == "lexical"
     assert saved["policy"]["sampled"] and saved["baseline"]["sampled"]
@@ -211,12 +217,12 @@ def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, mo
     assert saved["settings"]["state_stride"] == 4
 
     # A second study over the same policies samples nothing, whatever the representation.
-    second = drift.main(argv + ["--features", "hidden", "--out", str(tmp_path / "second.json")])
-    assert calls == [6, 6]
+    second = drift.main(argv + ["--features", "hidden", "--out", str(tmp_path / "second.json"), "--no-policy-kl"])
+    assert calls == [6, 6, 4, 4] and "policy_kl" not in second
     assert not second["policy"]["sampled"] and not second["baseline"]["sampled"]
     assert second["policy"]["cache"] == first["policy"]["cache"]
     assert second["policy"]["states"] == first["policy"]["states"] and second["jaccard"] == first["jaccard"]
-    assert len(os.listdir(tmp_path / "rollouts")) == 2
+    assert len(os.listdir(tmp_path / "rollouts")) == 4
 
 
 def test_rollout_cache_is_keyed_by_batch_size(tiny_dir, tmp_path):
@@ -231,9 +237,38 @@ def test_rollout_cache_is_keyed_by_batch_size(tiny_dir, tmp_path):
     argv = ["--checkpoint", str(tmp_path / "a.pt"), "--data-dir", str(tmp_path / "data"),
             "--cache-dir", str(tmp_path / "rollouts"), "--out", str(tmp_path / "d.json"), "--prompts", "2",
             "--samples-per-prompt", "2", "--max-new-tokens", "6", "--bootstrap", "0", "--projections", "4",
-            "--device", "cpu"]
+            "--device", "cpu", "--no-policy-kl"]
     # batching changes the random stream and the padding, so another batch size may sample other rollouts
     one, two = (drift.main(argv + ["--batch-size", b])["policy"] for b in ("1", "4"))
     assert one["sampled"] and two["sampled"] and one["cache"] != two["cache"]
     again = drift.main(argv + ["--batch-size", "4"])["policy"]
     assert not again["sampled"] and again["cache"] == two["cache"]
+
+
+def test_policy_kl_is_the_full_softmax_kl_at_every_state_and_zero_for_a_fresh_adapter(tiny_dir):
+    import lora
+    from model import load_model
+    model, _ = load_model(tiny_dir)
+    lora.add_lora(model, lora.LoraConfig(r=4, alpha=8, dropout=0.0), name="policy")
+    g = torch.Generator().manual_seed(0)
+    rollouts = [{"prompt_index": i // 2, "prompt_ids": torch.randint(2, 300, (n,), generator=g).tolist(),
+                 "tokens": torch.randint(2, 300, (k,), generator=g).tolist()}
+                for i, (n, k) in enumerate([(5, 7), (3, 4), (6, 1), (4, 9), (2, 0)])]   # left-padded batches of 3
+    fresh = drift.policy_kl(model, rollouts, None, "policy", batch_size=3)
+    assert fresh[:4].abs().max() < 1e-9 and fresh[4].isnan().all()     # B = 0: the base itself; no states: NaN
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B["policy"].copy_(torch.randn(layer.lora_B["policy"].shape, generator=g) * 0.5)
+    kl = drift.policy_kl(model, rollouts, None, "policy", batch_size=3)
+    for r, row in zip(rollouts[:4], kl):
+        ids = torch.tensor([r["prompt_ids"] + r["tokens"]])
+        with torch.no_grad(), lora.use_adapter(model, None):
+            lp0 = model(ids)[0].double().log_softmax(-1)
+        with torch.no_grad(), lora.use_adapter(model, "policy"):
+            lp = model(ids)[0].double().log_softmax(-1)
+        at = slice(len(r["prompt_ids"]) - 1, len(ids[0]) - 1)          # the states s_t, t = 0 .. |y| - 1
+        forward = (lp0.exp() * (lp0 - lp)).sum(-1)[at].mean().item()     # KL(π0 ‖ π)
+        reverse = (lp.exp() * (lp - lp0)).sum(-1)[at].mean().item()      # KL(π ‖ π0)
+        assert forward > 1e-3 and reverse > 1e-3
+        assert row.tolist() == pytest.approx([forward, reverse], rel=1e-4)
+    assert drift.per_prompt(kl[:4, 0], rollouts[:4]) == pytest.approx([kl[:2, 0].mean().item(), kl[2:4, 0].mean().item()])

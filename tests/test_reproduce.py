@@ -3,6 +3,7 @@ an interrupted run; the paper's predictions are judged by the criteria they stat
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,27 +11,74 @@ import reproduce
 import training
 
 
-def ms(mean, std=0.0):
-    return {"mean": mean, "std": std, "n": 1, "values": [mean]}
+def run_scores(base, rng, gain=0.0, loss=0.0, seeds=3):
+    """Per task [seeds, n]: the base's answers, with a fraction `gain` of its wrong GSM8K answers turned right
+    and a fraction `loss` of its right retention answers turned wrong, drawn anew for each seed."""
+    out = {}
+    for task, X in base.items():
+        rows = []
+        for _ in range(seeds):
+            x = X[0].copy()
+            if task == "gsm8k":
+                x[(x == 0) & (rng.random(len(x)) < gain)] = 1
+            else:
+                x[(x > 0.5) & (rng.random(len(x)) < loss)] = 0
+            rows.append(x)
+        out[task] = np.stack(rows)
+    return out
 
 
-def test_predictions_follow_their_stated_criteria():
-    models = {
-        "sft_mild": {"retention": ms(0.99), "gsm8k": ms(0.5)},
-        "sft_stress": {"retention": ms(0.80), "gsm8k": ms(0.40),
-                       "drift_lexical": {"mmd2": ms(0.0110), "mmd2_bootstrap_std": ms(0.0004)}},
-        "opd_stress": {"retention": ms(0.97), "gsm8k": ms(0.46),
-                       "drift_lexical": {"mmd2": ms(0.0109), "mmd2_bootstrap_std": ms(0.0003)}},
-        "grpo": {"retention": ms(1.01), "gsm8k": ms(0.47)},
-    }
-    p = reproduce.predictions(models)
-    assert p["P1"]["holds"] and p["P2"]["holds"] and p["P3"]["holds"] and p["P4_lexical"]["holds"]
-    models["sft_mild"]["retention"] = ms(0.90)        # mild SFT forgets too: P1 fails
-    models["grpo"]["retention"] = ms(0.93)            # GRPO forgets: P2 fails
-    models["opd_stress"]["gsm8k"] = ms(0.39)          # the student stays below its teacher: P3 fails
-    models["opd_stress"]["drift_lexical"]["mmd2"] = ms(0.0200)   # clearly different drift: P4 fails
-    p = reproduce.predictions(models)
-    assert not any(v["holds"] for v in p.values())
+def kl_measure(values_per_prompt):
+    return [{"value": float(np.mean(v)), "per_prompt": list(v)} for v in values_per_prompt]
+
+
+def test_predictions_are_decided_from_intervals_of_their_differences():
+    rng = np.random.default_rng(0)
+    n = 800
+    base = {t: (rng.random(n) < p).astype(float)[None] for t, p in
+            (("gsm8k", 0.4), ("truthfulqa", 0.9), ("truthfulqa_mc2", 0.8), ("mmlu", 0.85))}
+    scores = {"base": base, "sft_mild": run_scores(base, rng, gain=0.15), "sft_stress": run_scores(base, rng, loss=0.15),
+              "grpo": run_scores(base, rng, gain=0.05), "opd_stress": run_scores(base, rng, gain=0.1, loss=0.01)}
+    stress_kl = rng.random((3, 64)) * 0.2
+    measures = {"sft_stress": {"kl_base_policy_target": kl_measure(stress_kl)},
+                "opd_stress": {"kl_base_policy_target": kl_measure(stress_kl + rng.normal(0, 0.001, (3, 64)))}}
+    p = reproduce.predictions(scores, measures)
+    assert [p[k]["verdict"] for k in ("P1", "P2", "P3", "P4 kl_base_policy_target")] == ["holds"] * 4
+    assert p["P4 kl_base_policy_target"]["similar"]
+    assert all(q["interval"]["ci95"][0] > 0 for k in ("P1", "P2", "P3") for q in p[k]["parts"])
+
+    scores["sft_mild"] = scores["sft_stress"]                              # mild forgets as much: undecided
+    scores["opd_stress"] = run_scores(base, rng, loss=0.30)               # the student forgets more than its teacher
+    measures["opd_stress"] = {"kl_base_policy_target": kl_measure(stress_kl * 2)}   # and drifts twice as far
+    p = reproduce.predictions(scores, measures)
+    assert p["P1"]["verdict"] == "undecided" and p["P1"]["parts"][0]["verdict"] == "holds"
+    assert p["P2"]["verdict"] == p["P3"]["verdict"] == p["P4 kl_base_policy_target"]["verdict"] == "contradicted"
+
+
+def test_mmd_difference_resamples_seeds_and_shared_replicates():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.02, 0.002, (3, 200))
+    same = reproduce.replicate_interval(a, a + rng.normal(0, 1e-5, (3, 200)), 0.0)
+    assert same["ci95"][0] < 0 < same["ci95"][1] and same["ci95"][1] - same["ci95"][0] < 1e-4
+    far = reproduce.replicate_interval(a + 0.01, a, 0.01)
+    assert far["ci95"][0] > 0.009
+
+
+def test_retention_along_a_curve_at_a_matched_accuracy():
+    acc, ret = [np.array([0.3]), np.array([0.4]), np.array([0.5])], [np.array([1.0]), np.array([0.9]), np.array([0.7])]
+    assert reproduce.along(acc, ret, 0.45)[0] == pytest.approx(0.8)
+    assert reproduce.along(acc, ret, 0.4)[0] == pytest.approx(0.9)
+    assert np.isnan(reproduce.along(acc, ret, 0.6)[0])
+    down = reproduce.along([np.array([0.3, 0.3]), np.array([0.2, 0.3])], [np.array([1.0, 1.0]), np.array([0.9, 0.8])], 0.25)
+    assert down[0] == pytest.approx(0.95) and np.isnan(down[1])             # the second curve never moves
+
+
+def test_correlations_pearson_and_spearman():
+    x = np.arange(10.0)
+    c = reproduce.correlation(x, x ** 3)
+    assert c["spearman"]["estimate"] == pytest.approx(1.0) and 0.8 < c["pearson"]["estimate"] < 1.0
+    assert reproduce.correlation(x, -2 * x)["pearson"]["estimate"] == pytest.approx(-1.0)
+    assert list(reproduce._ranks(np.array([3.0, 1.0, 3.0, 2.0]))) == [2.5, 0.0, 2.5, 1.0]
 
 
 def test_mean_std_over_seeds_skips_missing_values():
@@ -46,7 +94,7 @@ def quick_study(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)   # the CI machine has two cores
     try:
-        summary = reproduce.main(["--model", "tiny", "--quick", "--out", out, "--device", "cpu"])
+        summary = reproduce.main(["--model", "tiny", "--quick", "--frontier", "--out", out, "--device", "cpu"])
     finally:
         torch.set_num_threads(n)
     return out, summary
@@ -68,6 +116,18 @@ def test_quick_study_writes_table_2_with_every_model(quick_study):
     assert "## Table 2" in md and "(0.448)" in md and "OPD signal on teacher states" in md
     assert os.path.exists(os.path.join(out, "training_curves.png"))
     assert os.path.exists(os.path.join(out, "retention_vs_drift.png"))
+    # the intervals, the policy KLs and their correlations with forgetting, the frontier
+    for name in names[1:]:
+        iv = summary["models"][name]["intervals"]
+        assert all(iv[k]["ci95"][0] <= iv[k]["ci95"][1] for k in ("gain_gsm8k", "gain_mmlu", "forgetting", "retention"))
+        assert set(summary["models"][name]["measures"]) == set(reproduce.MEASURES)
+        curve = summary["frontier"]["curves"][name]
+        assert curve["fractions"] == [0.0, *reproduce.FRONTIER, 1.0] and len(curve["retention"]) == 4
+    assert set(summary["correlations"]) == set(reproduce.MEASURES) and len(summary["points"]) == len(names) - 1
+    assert os.path.exists(os.path.join(out, "ckpt", "sft_stress_s0_at2.pt"))   # --snapshots 0.25,0.5 of 3 steps: 1, 2
+    assert {p["verdict"] for p in summary["predictions"].values()} <= {"holds", "contradicted", "undecided"}
+    assert "## Differences from the base" in md and "## Policy KL" in md and "**P3**" in md
+    assert os.path.exists(os.path.join(out, "frontier.png"))
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["models"]["sft_stress"]["label"] == "SFT stress"
     # OPD was called with nothing but its teacher's checkpoint (base model and data from its metadata)
@@ -77,8 +137,10 @@ def test_quick_study_writes_table_2_with_every_model(quick_study):
 
 def test_a_second_invocation_reuses_every_finished_stage(quick_study):
     out, first = quick_study
-    again = reproduce.main(["--model", "tiny", "--quick", "--out", out, "--device", "cpu"])
-    assert again["costs"]["seconds"] == {}
+    ckpt = os.path.join(out, "ckpt", "grpo_s0.pt")
+    mtime = os.path.getmtime(ckpt)
+    again = reproduce.main(["--model", "tiny", "--quick", "--frontier", "--out", out, "--device", "cpu"])
+    assert again["costs"] == first["costs"] and os.path.getmtime(ckpt) == mtime   # nothing ran; costs as measured
     assert again["models"]["grpo"]["gsm8k"] == first["models"]["grpo"]["gsm8k"]
 
 

@@ -61,7 +61,7 @@ def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(method, learn
     main = module.main if method == "sft" else (lambda argv: train_grpo.main(argv, reward_fn=low_token_fraction))
     data = gsm8k_dir(str(tmp_path / "data"))
     whole = str(tmp_path / "whole.pt")
-    main(trainer_argv(method, learnable_dir, data, whole))
+    main(trainer_argv(method, learnable_dir, data, whole) + ["--snapshots", "0.67"])   # keeps step 4 of 6
 
     cut = str(tmp_path / "cut.pt")
     with monkeypatch.context() as m:
@@ -69,6 +69,9 @@ def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(method, learn
         with pytest.raises(Crash):
             main(trainer_argv(method, learnable_dir, data, cut))
     assert load_checkpoint(cut)["meta"]["step"] == 4
+    snapshot = load_checkpoint(training.snapshot_path(whole, 4))     # the whole run's adapter after step 4
+    assert snapshot["train_state"] == {"step": 4, "total_steps": 6} and not training.finished(snapshot)
+    assert all(torch.equal(t, load_checkpoint(cut)["adapter"][k]) for k, t in snapshot["adapter"].items())
     main(trainer_argv(method, learnable_dir, data, cut) + ["--resume"])
 
     a, b = load_checkpoint(whole), load_checkpoint(cut)
