@@ -309,7 +309,7 @@ def locality(log: list[dict]) -> dict:
             "target_nll_end": statistics.fmean(target[-tenth:]) if target else None}
 
 
-def item_scores(paths: list[str]) -> dict:
+def seed_scores(paths: list[str]) -> dict:
     """{task: [seeds, items]} per-item scores of evaluations (their predictions JSONL beside each JSON)."""
     tables = [evaluate.item_scores(_log(os.path.splitext(p)[0] + ".jsonl")) for p in paths]
     return {t: np.stack([tb[t] for tb in tables]) for t in TASK_KEYS if all(t in tb for tb in tables)}
@@ -341,7 +341,7 @@ def summarize(args, runs: dict, costs: dict) -> dict:
     summary["models"]["base"] = {"label": "Base", **{t: mean_std([base["tasks"][t]["score"]]) for t in evaluate.TASKS},
                                  "truthfulqa_mc2": mean_std([base["tasks"]["truthfulqa"]["mc2"]]),
                                  "stderr": {t: v["stderr"] for t, v in base["tasks"].items()}}
-    scores, measures, points = {"base": item_scores([base_path])}, {}, []
+    scores, measures, points = {"base": seed_scores([base_path])}, {}, []
     for stage in stages():
         per_seed = [r for r in runs.get(stage.name, []) if "failed" not in r]
         row = {"label": stage.label, "states": stage.states, "signal": stage.signal,
@@ -362,11 +362,11 @@ def summarize(args, runs: dict, costs: dict) -> dict:
         row["locality"] = {k: mean_std([loc[k] for loc in locs]) for k in
                            ("state_nll_base", "target_nll_start", "target_nll_end")}
         if len(evals) == len(per_seed) and evals:
-            scores[stage.name] = item_scores([r["eval"] for r in per_seed])
+            scores[stage.name] = seed_scores([r["eval"] for r in per_seed])
             row["intervals"] = differences(scores, stage.name)
             for f in FRONTIER:
                 if all(str(f) in r.get("snapshots", {}) for r in per_seed):
-                    scores[f"{stage.name}@{f}"] = item_scores([r["snapshots"][str(f)] for r in per_seed])
+                    scores[f"{stage.name}@{f}"] = seed_scores([r["snapshots"][str(f)] for r in per_seed])
             measures[stage.name] = drift_measures([r.get("drift", {}) for r in per_seed])
             row["measures"] = {k: mean_std([d["value"] for d in v]) for k, v in measures[stage.name].items()}
             points += [{"run": stage.name, **{k: v[i]["value"] for k, v in measures[stage.name].items()},
