@@ -9,6 +9,9 @@ reference readers compare against; task names cited where each protocol is imple
 1. GSM8K (`gsm8k`): "Question: {q}\\nAnswer:", 0-shot by default, greedy, 256 new tokens, stop at EOS or
    "Question:". The answer is lm-eval's strict-match ("#### N") if present, else its flexible-extract (the
    last number), compared numerically with the gold "#### N". GRPO imports the same `is_correct` as its reward.
+   `--samples n --temperature T` adds pass@k for k = 1, 2, 4, .. <= n from n sampled completions per problem,
+   by Chen et al. (2021)'s unbiased estimator 1 - C(n - c, k) / C(n, k) (c of the n correct), averaged over
+   problems: what the policy can reach in k tries, beside the greedy accuracy, which stays the task's score.
 2. TruthfulQA MC1/MC2 (`truthfulqa_mc1`, `truthfulqa_mc2`): the fixed six-shot QA preamble, each choice scored
    by log p(" " + choice | "...Q: {q}\\nA:"). MC1 (the task's score) = the true choice is the most likely;
    MC2 = the normalized probability mass on the true choices.
@@ -44,7 +47,7 @@ from tqdm import tqdm
 
 import lora
 from generate import generate, score
-from model import COUNT, SIZE, TINY_DIR, FlagParser, LoadError, cli, load_model, number, output_dir, write_text
+from model import COUNT, RATE, SIZE, TINY_DIR, FlagParser, LoadError, cli, load_model, number, output_dir, write_text
 
 TASKS = ("gsm8k", "truthfulqa", "mmlu")
 RETENTION_TASKS = ("truthfulqa", "mmlu")
@@ -268,13 +271,31 @@ def gsm8k_rollouts(model, tok, prompts, policy="default", max_new_tokens=256, te
                         seed=seed, batch_size=batch_size, progress=progress)
 
 
-def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True):
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The probability that at least one of k of the n samples is correct when c are (Chen et al. 2021, Eq. 1):
+    1 - C(n - c, k) / C(n, k), unbiased for the policy's pass@k."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def ks(n: int) -> list[int]:
+    """The k of pass@k reported for n samples: 1, 2, 4, .. up to n."""
+    return [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
+
+
+def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True, samples=0,
+               temperature=1.0, seed=0):
     prompts = [gsm8k_prompt(ex["question"], fewshot) for ex in examples]
     rollouts = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=GSM8K_STOP,
                         batch_size=batch_size, progress=progress)
     records = [{"task": "gsm8k", "id": i, "prediction": extract_answer(r.text), "gold": _normalize(ex["answer"]),
                 "correct": is_correct(r.text, ex["answer"]), "finish": r.finish, "completion": r.text}
                for i, (ex, r) in enumerate(zip(examples, rollouts))]
+    if samples:    # pass@k: n completions per problem at temperature T (one seeded stream)
+        sampled = generate(model, tok, [p for p in prompts for _ in range(samples)], max_new_tokens=max_new_tokens,
+                           temperature=temperature, stop=GSM8K_STOP, seed=seed, batch_size=batch_size, progress=progress)
+        for i, (ex, rec) in enumerate(zip(examples, records)):
+            rec.update(samples=samples, samples_correct=sum(is_correct(r.text, ex["answer"])
+                                                            for r in sampled[i * samples:(i + 1) * samples]))
     return summary(records), records
 
 
@@ -350,12 +371,14 @@ def eval_mmlu(model, tok, examples, dev_by_subject=None, fewshot=0, batch_size=6
 
 def item_scores(records: list[dict]) -> dict:
     """{task: [n] float array} of per-item scores from a predictions JSONL's records, in item order:
-    gsm8k, truthfulqa (MC1, the task's score), truthfulqa_mc2, mmlu."""
+    gsm8k, truthfulqa (MC1, the task's score), truthfulqa_mc2, mmlu, and with --samples gsm8k_pass@k."""
     out = defaultdict(list)
     for r in records:
         out[r["task"]].append(float(r["correct"]))
         if r["task"] == "truthfulqa":
             out["truthfulqa_mc2"].append(r["mc2"])
+        for k in ks(r.get("samples", 0)):       # gsm8k with --samples: each problem's pass@k estimate
+            out[f"gsm8k_pass@{k}"].append(pass_at_k(r["samples"], r["samples_correct"], k))
     return {t: np.array(v) for t, v in out.items()}
 
 
@@ -374,6 +397,9 @@ def summary(records: list[dict]) -> dict:
     if task == "truthfulqa" and records:
         out.update(mc1=out["score"], mc2=float(scores["truthfulqa_mc2"].mean()),
                    mc2_stderr=stderr(scores["truthfulqa_mc2"]))
+    passes = {key.split("@")[1]: v for key, v in scores.items() if key.startswith("gsm8k_pass@")}
+    if passes:
+        out["pass_at_k"] = {k: {"score": float(v.mean()), "stderr": stderr(v)} for k, v in passes.items()}
     return out
 
 
@@ -479,7 +505,9 @@ def main(argv=None) -> dict:
     p.add_argument("--fewshot", type=COUNT, default=0, help="exemplars for GSM8K (first k of train) and MMLU "
                    "(first k of the subject's dev split); TruthfulQA always uses its fixed 6-shot preamble")
     p.add_argument("--max-new-tokens", type=SIZE, default=256, help="GSM8K generation length limit")
-    p.add_argument("--seed", type=number(int), default=0, help="seed of the stratified MMLU subset")
+    p.add_argument("--samples", type=COUNT, default=0, help="GSM8K pass@k: completions sampled per problem (0 = none)")
+    p.add_argument("--temperature", type=RATE, default=1.0, help="GSM8K pass@k: sampling temperature")
+    p.add_argument("--seed", type=number(int), default=0, help="seed of the stratified MMLU subset and of the samples")
     p.add_argument("--batch-size", type=SIZE, default=64, help="prompts per generation / contexts per scoring batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
@@ -531,11 +559,15 @@ def main(argv=None) -> dict:
             n = limits[task]
             examples, extra = data[task]
             if task == "gsm8k":
-                res, recs = eval_gsm8k(model, tok, examples, extra, args.max_new_tokens, args.batch_size)
+                res, recs = eval_gsm8k(model, tok, examples, extra, args.max_new_tokens, args.batch_size,
+                                       samples=args.samples, temperature=args.temperature, seed=args.seed)
                 protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
                             "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
                             "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
                             "extraction": "strict-match, else flexible-extract (last number); numeric comparison"}
+                if args.samples:
+                    protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed,
+                                             "estimator": "1 - C(n-c, k) / C(n, k) (Chen et al. 2021)"}
             elif task == "truthfulqa":
                 res, recs = eval_truthfulqa(model, tok, examples, args.batch_size)
                 protocol = {"lm_eval_task": "truthfulqa_mc1, truthfulqa_mc2", "prompt": "6-shot QA preamble + "
@@ -565,7 +597,8 @@ def main(argv=None) -> dict:
     # Each file whole or not at all, the predictions first: reproduce.py takes an existing result JSON as done.
     write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
     write_text(out_path, json.dumps(result, indent=2, default=str))
-    parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") + f" n={v['n']}"
+    parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") +
+             "".join(f" pass@{k} {p['score']:.3f}" for k, p in v.get("pass_at_k", {}).items()) + f" n={v['n']}"
              for t, v in result["tasks"].items()]
     if "forgetting" in result:
         m = result["forgetting"]["mean"]

@@ -10,15 +10,20 @@ What it runs, in order (each a call of the script that owns it, with the flags s
 2. The trained runs, each a LoRA adapter on the base:
      sft_mild, sft_stress            train_sft.py --preset mild | stress         dataset states, gold tokens
      grpo                            train_grpo.py                                learner states, reward
+     sft_learner                     train_sft.py --states learner               learner states, own correct samples
      opd_stress, opd_mild            train_opd.py --teacher sft_stress | sft_mild learner states, teacher continuation
      opd_kl                          train_opd.py --teacher sft_stress --signal kl   one-step exact KL (collapsed in the paper)
+     opd_sampled_kl                  train_opd.py --teacher sft_stress --signal sampled-kl   the sampled KL as a
+                                                                   per-token advantage (OPD as the field runs it)
      opd_stress_on_teacher_states,   train_opd.py --teacher sft_stress --states teacher | data:
      opd_stress_on_data_states         the state-source contrast: opd_stress's signal, other states
-3. evaluate.py on every adapter, with the base as --baseline (forgetting and retention, Eq. 12).
+3. evaluate.py on every adapter, with the base as --baseline (forgetting and retention, Eq. 12), and GSM8K pass@k
+   of every model from 8 samples per problem (evaluate.py --samples 8, eval/<model>_passk.json).
 4. drift.py of every adapter against the base: lexical features (the paper's) and the base model's hidden states.
 5. results.json, results.md (Table 2 with the paper's numbers beside ours; every difference from the base with a
    95% interval, paired over items and hierarchical over seeds; drift and the policy KLs, and how each tracks
-   forgetting; state locality; the paper's predictions P1-P4, each decided from the interval of its difference)
+   forgetting; pass@k; the state-source x signal grid and state locality; the paper's predictions P1-P4, each
+   decided from the interval of its difference)
    and plots (training curves; retention against each drift measure).
 With --frontier every run also keeps its adapter after a quarter and half of its steps (train_*.py --snapshots),
 which are evaluated too: frontier.png draws target accuracy against retention along each run, and results.md
@@ -68,6 +73,9 @@ MEASURES = {"mmd2_lexical": "MMD² lexical", "mmd2_hidden": "MMD² hidden",
             "kl_base_policy_target": "KL(π0‖π) target", "kl_policy_base_target": "KL(π‖π0) target",
             "kl_base_policy_retention": "KL(π0‖π) retention", "kl_policy_base_retention": "KL(π‖π0) retention"}
 
+CURVE_LABELS = {"loss": "loss (nats per supervised token)", "reward": "mean exact-answer reward",
+                "accepted": "fraction of samples correct", "reverse_kl_sampled": "sampled reverse KL per token"}
+
 # The paper's Table 2 (GSM8K, TruthfulQA, MMLU) and the figures its text gives (MMD; the KL-OPD collapse).
 PAPER = {
     "base": {"gsm8k": 0.448, "truthfulqa": 0.300, "mmlu": 0.436},
@@ -89,6 +97,7 @@ class Stage:
     states: str                     # state source
     signal: str
     teacher: str | None = None      # train_opd.py --teacher: that run's checkpoint of the same seed
+    curve: str = "loss"             # the log's figure training_curves.png draws
 
 
 def stages() -> list[Stage]:
@@ -96,11 +105,15 @@ def stages() -> list[Stage]:
     return [
         Stage("sft_mild", "train_sft.py", ["--preset", "mild"], "SFT mild", "dataset", "gold tokens"),
         Stage("sft_stress", "train_sft.py", ["--preset", "stress"], "SFT stress", "dataset", "gold tokens"),
-        Stage("grpo", "train_grpo.py", [], "GRPO", "learner", "exact-answer reward"),
+        Stage("grpo", "train_grpo.py", [], "GRPO", "learner", "exact-answer reward", curve="reward"),
+        Stage("sft_learner", "train_sft.py", ["--states", "learner"], "SFT on own correct samples (RFT)", "learner",
+              "own correct samples", curve="accepted"),
         Stage("opd_stress", "train_opd.py", [], "OPD (stress teacher)", "learner", "teacher continuation", "sft_stress"),
         Stage("opd_mild", "train_opd.py", [], "OPD (mild teacher)", "learner", "teacher continuation", "sft_mild"),
         Stage("opd_kl", "train_opd.py", ["--signal", "kl"], "OPD one-step KL (stress teacher)", "learner",
-              "teacher distribution (KL)", "sft_stress"),
+              "exact KL", "sft_stress"),
+        Stage("opd_sampled_kl", "train_opd.py", ["--signal", "sampled-kl"], "OPD sampled KL (stress teacher)", "learner",
+              "sampled KL", "sft_stress", curve="reverse_kl_sampled"),
         Stage("opd_stress_on_teacher_states", "train_opd.py", ["--states", "teacher"], "OPD signal on teacher states",
               "teacher", "teacher continuation", "sft_stress"),
         Stage("opd_stress_on_data_states", "train_opd.py", ["--states", "data"], "OPD signal on dataset states",
@@ -111,7 +124,7 @@ def stages() -> list[Stage]:
 # Per-setting flags added to the scripts' defaults. "paper": none (the scripts' defaults are the paper's).
 # "tiny": the tiny world on 2 CPU cores, about a quarter of an hour in all; "quick": a smoke run.
 PROFILES = {
-    "paper": {"train": {}, "evaluate": [], "drift": []},
+    "paper": {"train": {}, "evaluate": [], "drift": [], "passk": ["--samples", "8"]},
     "tiny": {
         # The SFT presets unchanged (mild: 1 epoch, lr 1e-4, r 16; stress: 5 epochs, lr 5e-4, r 64) on the first
         # 1,000 train problems in batches of 8 (125 and 625 steps). GRPO: 40 steps of 8 prompts x 8 samples; OPD:
@@ -126,6 +139,7 @@ PROFILES = {
         # every target and retention item (1,319 / 817 / 535: narrower intervals, about 35 s a model); 256 new tokens
         "evaluate": ["--batch-size", "128", "--limit", "0"],
         "drift": ["--batch-size", "128", "--prompts", "64"],   # 64 prompts x 4 rollouts, a state every 16 tokens
+        "passk": ["--batch-size", "256", "--limit", "200", "--samples", "8"],   # the first 200 problems x 8 samples
     },
     "quick": {
         "train": {
@@ -134,10 +148,12 @@ PROFILES = {
                               "--max-new-tokens", "64"],
             "train_opd.py": ["--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "24", "--cuts", "2",
                              "--continuation-tokens", "8"],
+            "sft_learner": ["--group-size", "4", "--max-new-tokens", "96"],   # tiny solutions: about 40 tokens
         },
         "evaluate": ["--limit", "12", "--max-new-tokens", "32"],
         "drift": ["--prompts", "4", "--samples-per-prompt", "2", "--max-new-tokens", "24", "--bootstrap", "20",
                   "--state-stride", "4"],
+        "passk": ["--limit", "4", "--samples", "2", "--max-new-tokens", "16"],
     },
 }
 
@@ -231,17 +247,18 @@ def _finished(ckpt: str) -> bool:
     return os.path.exists(ckpt) and finished(load_checkpoint(ckpt))   # read onto the CPU, wherever it was trained
 
 
-def evaluate_model(args, name: str, checkpoint: str | None, costs: dict) -> str:
-    out = os.path.join(args.out, "eval", f"{name}.json")
+def evaluate_model(args, name: str, checkpoint: str | None, costs: dict, passk: bool = False) -> str:
+    """evaluate.py on every task with the base as --baseline, or (passk) GSM8K's pass@k from sampled completions."""
+    out = os.path.join(args.out, "eval", f"{name}_passk.json" if passk else f"{name}.json")
     base_json = os.path.join(args.out, "eval", "base.json")
     if _newer(out, [checkpoint] if checkpoint else []):
         return out
-    argv = ["--model", args.model, "--out", out, "--device", args.device] + PROFILES[args.profile]["evaluate"]
-    argv += _data_flag(args)
-    argv += ["--checkpoint", checkpoint, "--baseline", base_json] if checkpoint else []
+    flags = ["--tasks", "gsm8k"] + PROFILES[args.profile]["passk"] if passk else PROFILES[args.profile]["evaluate"]
+    argv = ["--model", args.model, "--out", out, "--device", args.device] + flags + _data_flag(args)
+    argv += ["--checkpoint", checkpoint] + ([] if passk else ["--baseline", base_json]) if checkpoint else []
     argv += args.extra.get("evaluate.py", [])
-    print(f"\n== evaluate {name}: python evaluate.py {shlex.join(argv)}", flush=True)
-    _timed(costs, f"evaluate/{name}", lambda: evaluate.main(argv))
+    print(f"\n== evaluate {name}{' pass@k' * passk}: python evaluate.py {shlex.join(argv)}", flush=True)
+    _timed(costs, f"{'passk' if passk else 'evaluate'}/{name}", lambda: evaluate.main(argv))
     return out
 
 
@@ -309,10 +326,22 @@ def locality(log: list[dict]) -> dict:
             "target_nll_end": statistics.fmean(target[-tenth:]) if target else None}
 
 
-def seed_scores(paths: list[str]) -> dict:
+def seed_scores(paths: list[str], keys=TASK_KEYS) -> dict:
     """{task: [seeds, items]} per-item scores of evaluations (their predictions JSONL beside each JSON)."""
     tables = [evaluate.item_scores(_log(os.path.splitext(p)[0] + ".jsonl")) for p in paths]
-    return {t: np.stack([tb[t] for tb in tables]) for t in TASK_KEYS if all(t in tb for tb in tables)}
+    return {t: np.stack([tb[t] for tb in tables]) for t in keys if all(t in tb for tb in tables)}
+
+
+def pass_scores(paths: list[str]) -> dict:
+    """{gsm8k_pass@k: [seeds, items]} from pass@k evaluations."""
+    return seed_scores(paths, [k for k in evaluate.item_scores(_log(os.path.splitext(paths[0])[0] + ".jsonl"))
+                               if k.startswith("gsm8k_pass@")])
+
+
+def pass_at_k(paths: list[str]) -> dict:
+    """{k: mean ± std over seeds} of GSM8K pass@k from pass@k evaluations."""
+    runs = [_load(p)["tasks"]["gsm8k"]["pass_at_k"] for p in paths]
+    return {k: mean_std([r[k]["score"] for r in runs]) for k in runs[0]}
 
 
 def drift_measures(drift_paths: list[dict]) -> dict:
@@ -342,6 +371,12 @@ def summarize(args, runs: dict, costs: dict) -> dict:
                                  "truthfulqa_mc2": mean_std([base["tasks"]["truthfulqa"]["mc2"]]),
                                  "stderr": {t: v["stderr"] for t, v in base["tasks"].items()}}
     scores, measures, points = {"base": seed_scores([base_path])}, {}, []
+    base_pass = os.path.join(args.out, "eval", "base_passk.json")
+    passes = {"base": pass_scores([base_pass])} if os.path.exists(base_pass) else {}
+    if passes:
+        summary["models"]["base"]["pass_at_k"] = pass_at_k([base_pass])
+        gsm8k = _load(base_pass)["tasks"]["gsm8k"]
+        summary["pass_protocol"] = {**gsm8k["protocol"]["pass_at_k"], "problems": gsm8k["n"]}
     for stage in stages():
         per_seed = [r for r in runs.get(stage.name, []) if "failed" not in r]
         row = {"label": stage.label, "states": stage.states, "signal": stage.signal,
@@ -367,6 +402,11 @@ def summarize(args, runs: dict, costs: dict) -> dict:
             for f in FRONTIER:
                 if all(str(f) in r.get("snapshots", {}) for r in per_seed):
                     scores[f"{stage.name}@{f}"] = seed_scores([r["snapshots"][str(f)] for r in per_seed])
+            if passes and all("passk" in r for r in per_seed):
+                row["pass_at_k"] = pass_at_k([r["passk"] for r in per_seed])
+                passes[stage.name] = pass_scores([r["passk"] for r in per_seed])
+                row["pass_intervals"] = {k: interval(passes, [stage.name], lambda m, k=k: m[stage.name][k] - m["base"][k],
+                                                     [k]) for k in passes["base"]}
             measures[stage.name] = drift_measures([r.get("drift", {}) for r in per_seed])
             row["measures"] = {k: mean_std([d["value"] for d in v]) for k, v in measures[stage.name].items()}
             points += [{"run": stage.name, **{k: v[i]["value"] for k, v in measures[stage.name].items()},
@@ -595,7 +635,7 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
             d = row[key]
             lines.append(f"| {row['label']} | {key[6:]} | {fmt(d['mmd2'], 5)} | {fmt(d['mmd2_bootstrap_std'], 5)} | "
                          f"{fmt(d['centroid_l2'], 4)} | {fmt(d['sliced_wasserstein'], 4)} | {fmt(d['jaccard'], 4)} |")
-    lines += intervals_tables(summary)
+    lines += intervals_tables(summary) + pass_table(summary) + grid_table(summary)
     lines += ["", "## State locality (logged by every trainer at every step)", "",
               "state NLL: the mean per-token NLL, under the frozen base policy, of the state tokens where the step "
               "applied supervision (high = off-policy states). target NLL: the learner's NLL of its supervision "
@@ -673,6 +713,47 @@ def intervals_tables(summary: dict) -> list[str]:
     return out
 
 
+def pass_table(summary: dict) -> list[str]:
+    """GSM8K pass@k of every model, and its difference from the base's with a 95% interval (paired over problems)."""
+    models = {k: v for k, v in summary["models"].items() if "pass_at_k" in v}
+    if "base" not in models:
+        return []
+    ks = list(models["base"]["pass_at_k"])
+    p = summary["pass_protocol"]
+    out = ["", "## pass@k on GSM8K (evaluate.py --samples)", "",
+           f"From n = {p['samples']} samples per problem at temperature {p['temperature']} on the first {p['problems']} "
+           "test problems, by Chen et al. (2021)'s unbiased estimator; the greedy accuracy of Table 2 stays the target "
+           "score. A method that teaches new solutions raises pass@k at every k; one that sharpens what the base could "
+           "already sample raises pass@1 and not pass@k at the largest k. Δ: against the base, paired over problems.", "",
+           "| model | " + " | ".join(f"pass@{k}" for k in ks) + " | " + " | ".join(f"Δ pass@{k}" for k in (ks[0], ks[-1])) + " |",
+           "| --- |" + " --- |" * (len(ks) + 2)]
+    for row in models.values():
+        iv = row.get("pass_intervals", {})
+        out.append(f"| {row['label']} | " + " | ".join(fmt(row["pass_at_k"][k]) for k in ks) + " | " +
+                   " | ".join(ci(iv.get(f"gsm8k_pass@{k}")) for k in (ks[0], ks[-1])) + " |")
+    return out
+
+
+def grid_table(summary: dict) -> list[str]:
+    """The paper's two axes: every trained run in its cell of state source x signal, with ΔGSM8K and R."""
+    runs = [(name, row) for name, row in summary["models"].items() if name != "base"]
+    order = ["dataset", "learner", "teacher", "gold tokens", "own correct samples", "teacher continuation", "exact KL",
+             "sampled KL", "exact-answer reward"]            # dense signals first, the sparse reward last
+    rank = lambda x: order.index(x) if x in order else len(order)   # noqa: E731
+    sources = sorted(dict.fromkeys(row["states"] for _, row in runs), key=rank)
+    signals = sorted(dict.fromkeys(row["signal"] for _, row in runs), key=rank)
+
+    def cell(source, signal):
+        return "<br>".join(f"{row['label']}: Δ {row['intervals']['gain_gsm8k']['estimate']:+.3f}, "
+                           f"R {row['intervals']['retention']['estimate']:.3f}" if "intervals" in row else row["label"]
+                           for _, row in runs if row["states"] == source and row["signal"] == signal) or "·"
+    return ["", "## The two axes: state source x signal", "",
+            "Every trained run in its cell, with its GSM8K gain over the base and its mean retention R (the intervals are "
+            "in the tables above); · = a cell no run fills.", "",
+            "| state source \\ signal | " + " | ".join(signals) + " |", "| --- |" + " --- |" * len(signals)] + \
+           [f"| {source} | " + " | ".join(cell(source, signal) for signal in signals) + " |" for source in sources]
+
+
 def cost_table(costs: dict) -> list[str]:
     """Seconds per run and stage kind (per seed, averaged), and the peak GPU memory: what a study costs."""
     seconds, memory = costs["seconds"], costs["peak_gpu_gib"]
@@ -680,7 +761,8 @@ def cost_table(costs: dict) -> list[str]:
         return ["", "No stage's cost was measured (each was reused from a study without a results.json)."]
     total, seeds, peak = {}, {}, {}
     for key, sec in seconds.items():
-        kind, name = key.split("/", 1)     # train/grpo_s0, evaluate/grpo_s0, evaluate/grpo_s0_at10, drift/grpo_s0_lexical
+        kind, name = key.split("/", 1)     # train/grpo_s0, evaluate/grpo_s0, evaluate/grpo_s0_at10, drift/grpo_s0_lexical,
+                                           # passk/grpo_s0
         if kind == "drift":
             name = name.rsplit("_", 1)[0]
         elif "_at" in name:                # a --frontier snapshot
@@ -689,7 +771,7 @@ def cost_table(costs: dict) -> list[str]:
         total[(run, kind)] = total.get((run, kind), 0.0) + sec
         seeds.setdefault(run, set()).add(seed)
         peak[run] = max(peak.get(run, 0.0), memory.get(key, 0.0))
-    kinds = ["train", "evaluate", "drift"] + (["frontier"] if any(k == "frontier" for _, k in total) else [])
+    kinds = ["train", "evaluate", "drift"] + [k for k in ("passk", "frontier") if any(kind == k for _, kind in total)]
     out = ["", f"## Cost ({sum(seconds.values()) / 60:.1f} min of stages, each measured when it ran)", "",
            "Wall seconds per seed (drift: all feature sets; frontier: evaluating the run's snapshots)" +
            ("; peak GPU memory, GiB." if memory else "."), "",
@@ -722,9 +804,13 @@ def plot(summary: dict, out_dir: str) -> list[str]:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return []
     trained = {k: v for k, v in summary["models"].items() if k != "base"}
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    curves = {s.name: s.curve for s in stages()}
+    cols = 4
+    fig, axes = plt.subplots(-(-len(trained) // cols), cols, figsize=(16, 3.5 * -(-len(trained) // cols)), squeeze=False)
+    for ax in list(axes.flat)[len(trained):]:
+        ax.axis("off")
     for ax, (name, row) in zip(axes.flat, trained.items()):
-        key = "reward" if name == "grpo" else "loss"
+        key = curves.get(name, "loss")
         for r, color in zip(row["runs"], ("C0", "C1", "C2", "C3", "C4")):
             log = [x for x in _log(r["log"]) if key in x]
             x, y = [e["step"] for e in log], [e[key] for e in log]
@@ -732,7 +818,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
             ax.plot(x, ema(y), color=color, lw=1.8, label=f"seed {r['seed']}" if "seed" in r else None)
         ax.set_title(row["label"], fontsize=9)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("mean exact-answer reward" if key == "reward" else "loss (nats per supervised token)")
+        ax.set_ylabel(CURVE_LABELS.get(key, key), fontsize=8)
         if len(row["runs"]) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -746,7 +832,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
                              squeeze=False)
     runs = list(dict.fromkeys(p["run"] for p in summary["points"]))
     for ax, key in zip(axes.flat, keys):
-        for name, marker in zip(runs, "osD^v<>p"):
+        for name, marker in zip(runs, "osD^v<>pPX*h"):
             pts = [p for p in summary["points"] if p["run"] == name]
             ax.plot([p[key] for p in pts], [p["retention"] for p in pts], marker, alpha=0.8, label=summary["models"][name]["label"])
         c = summary["correlations"][key]["pearson"]
@@ -809,6 +895,7 @@ def main(argv=None) -> dict:
     previous = os.path.join(args.out, "results.json")   # a reused stage keeps the cost measured when it ran
     costs = _load(previous)["costs"] if os.path.exists(previous) else {"seconds": {}, "peak_gpu_gib": {}}
     evaluate_model(args, "base", None, costs)
+    evaluate_model(args, "base", None, costs, passk=True)
     runs = {}
     for seed in range(args.seeds):
         for stage in stages():
@@ -820,6 +907,7 @@ def main(argv=None) -> dict:
             status["seed"] = seed
             if "failed" not in status:
                 status["eval"] = evaluate_model(args, f"{stage.name}_s{seed}", status["checkpoint"], costs)
+                status["passk"] = evaluate_model(args, f"{stage.name}_s{seed}", status["checkpoint"], costs, passk=True)
                 status["drift"] = {f: measure_drift(args, f"{stage.name}_s{seed}", status["checkpoint"], f, costs)
                                    for f in args.features.split(",")}
                 if args.frontier:

@@ -34,7 +34,6 @@ import torch
 
 import training
 from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
-from lora import use_adapter
 from model import NONNEGATIVE, RATE, SIZE, FlagParser, number
 
 
@@ -89,14 +88,13 @@ def advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tens
 def collate(rollouts, adv, weights, eos_ids, device):
     """A micro-batch of prompt + completion rows (training.pad_rows: the completion tokens up to the first EOS are
     the targets, their own prefixes the states), with the sampler's log-probs, the advantages and the per-token
-    loss weights laid out on the same [B, T] grid."""
+    loss weights laid out on the same [B, T] grid (training.policy_gradient_loss's batch)."""
     completions = [training.through_eos(r.tokens, eos_ids) for r in rollouts]
     ids, attn, target, state = training.pad_rows([(r.prompt_ids, None, c) for r, c in zip(rollouts, completions)],
                                                  device)
-    old = torch.zeros(target.shape, device=device)
-    old[target] = torch.tensor([lp for r, c in zip(rollouts, completions) for lp in r.logprobs[:len(c)]], device=device)
-    per_row = [torch.as_tensor(v, dtype=torch.float32).to(device)[:, None].expand(target.shape) for v in (adv, weights)]
-    return [ids, attn, target, state, old, *per_row]
+    grids = [training.on_targets(v, target) for v in ([r.logprobs for r in rollouts], adv.tolist() if
+                                                      torch.is_tensor(adv) else adv, weights)]
+    return [ids, attn, target, state, *grids]
 
 
 def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int):
@@ -107,33 +105,6 @@ def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int):
     if agg == "seq-mean":
         return [1.0 / (max(n, 1) * n_total) for n in lengths]
     return [1.0 / (n_total * max_new_tokens)] * len(lengths)
-
-
-def pg_loss(model, batch, args, locality: bool):
-    """Clipped policy-gradient loss (+ β k3) of one micro-batch, already weighted for the step's aggregate."""
-    ids, attn, target, state, old_grid, adv_grid, w_grid = batch
-    T = args.temperature
-    new = training.token_logprobs(model, ids, attn, target, temperature=T)
-    old, adv, w = old_grid[target], adv_grid[target], w_grid[target]
-    ratio = torch.exp(new - old)
-    clipped = ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps)
-    per_token = -torch.min(ratio * adv, clipped * adv)
-    figures = {"clip_frac": training.total(((ratio > 1 + args.clip_eps) & (adv > 0)) |
-                                           ((ratio < 1 - args.clip_eps) & (adv < 0)))}
-    ref = None
-    if args.beta > 0 or locality:
-        with torch.no_grad(), use_adapter(model, None):
-            ref = training.token_logprobs(model, ids, attn, target, temperature=T)
-        d = ref - new
-        k3 = torch.exp(d) - d - 1  # unbiased, always >= 0 estimator of KL(π_θ || π_ref) on π_θ's samples
-        figures["kl"] = training.total(k3)
-        if args.beta > 0:
-            per_token = per_token + args.beta * k3
-    loss = (per_token * w).sum()
-    if locality:
-        base = ref[state[target]] if T == 1.0 else None  # the state tokens' base log-probs, if at T = 1
-        figures.update(training.state_locality(model, ids, attn, state, target_logprobs=new, base_logprobs=base))
-    return loss, figures
 
 
 def sample(run, examples, args, seed):
@@ -185,7 +156,8 @@ def main(argv=None, reward_fn=exact_answer_reward):
             }
         t1 = time.perf_counter()
         locality = training.wants_locality(run)
-        stats = training.train_step(run, batch, lambda b: pg_loss(run.model, b, args, locality))
+        stats = training.train_step(run, batch, lambda b: training.policy_gradient_loss(
+            run.model, b, args.temperature, args.clip_eps, args.beta, locality))
         stats.update(rollout_stats, sample_s=t1 - t0, learn_s=time.perf_counter() - t1)
         training.end_step(run, stats)
     training.finish(run)

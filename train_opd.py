@@ -2,6 +2,7 @@
 
     python train_opd.py --teacher ckpt/sft_stress.pt                        # base model and data from the teacher
     python train_opd.py --teacher ckpt/sft_stress.pt --signal kl            # one-step exact KL (the paper's collapse)
+    python train_opd.py --teacher ckpt/sft_stress.pt --signal sampled-kl    # the field's OPD: sampled KL as a reward
     python train_opd.py --teacher ckpt/sft_stress.pt --states teacher       # same signal, the teacher's states
     python train_opd.py --teacher ckpt/sft_stress.pt --states data          # same signal, the dataset's states
     python train_opd.py --teacher ckpt/sft_stress.pt --resume               # continue an interrupted run
@@ -20,6 +21,15 @@ A step has two halves, and they are two functions below:
          L(θ) = Σ_t KL(π_T(·|s_t) || π_θ(·|s_t))          (--kl reverse: KL(π_θ || π_T))
      The paper saw this variant collapse (GSM8K 0.040); it is computed exactly (no sampled estimate) so that
      such a result means the objective, not the estimator.
+   - `sampled-kl` (OPD as tinker-cookbook runs it; TRL's MiniLLM at γ = 0, verl's and slime's OPD): no
+     continuation and no sum over the vocabulary. The teacher scores the student's own sampled tokens, and the
+     per-token sample of the reverse KL (both log-probs from one no-dropout forward each) is a negative advantage
+     for GRPO's clipped policy-gradient loss (training.policy_gradient_loss; the ratio against the sampler's
+     log-probs, one step per batch, no KL term):
+         A_t = -Σ_{k≥t} γ^(k-t) (log π_S(y_k | s_k) - log π_T(y_k | s_k)),   y ~ π_S,  γ = --discount (0)
+     Its expected gradient at γ = 0 is the exact gradient of Σ_t KL(π_S(·|s_t) || π_T(·|s_t)) (`kl --kl
+     reverse`) at the sampled states; logged: reverse_kl_sampled (the per-token estimate, every step) and its
+     mean over 32-token bins of response position (reverse_kl_by_position). Needs --states student.
 Losses are summed over supervised tokens (states, for kl) and divided by their count in the optimizer step.
 
 Teacher and student are ONE base model with two LoRA adapters, "teacher" (frozen, from --teacher) and
@@ -57,6 +67,7 @@ import argparse
 import functools
 import random
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,7 +76,7 @@ from torch.utils.checkpoint import checkpoint
 
 import lora
 import training
-from model import NONNEGATIVE, SIZE, FlagParser, number
+from model import NONNEGATIVE, PROBABILITY, SIZE, FlagParser, number
 from evaluate import gsm8k_prompt, gsm8k_rollouts
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B-Base"
@@ -77,10 +88,13 @@ def parse_args(argv=None):
                    help="the teacher's LoRA checkpoint (.pt); its metadata names the base model and data")
     p.add_argument("--states", choices=["student", "teacher", "data"], default="student",
                    help="state source: the student's rollouts, the teacher's rollouts, or the gold solutions")
-    p.add_argument("--signal", choices=["continuation", "kl"], default="continuation",
-                   help="teacher continuations learned by cross-entropy (Eq. 7), or exact per-state KL")
+    p.add_argument("--signal", choices=["continuation", "kl", "sampled-kl"], default="continuation",
+                   help="teacher continuations learned by cross-entropy (Eq. 7), exact per-state KL, or the "
+                        "sampled reverse KL as a per-token advantage (policy gradient)")
     p.add_argument("--kl", choices=["forward", "reverse"], default="forward",
                    help="kl signal direction: forward KL(teacher||student) or reverse KL(student||teacher)")
+    p.add_argument("--discount", type=PROBABILITY, default=0.0, help="sampled-kl: γ over future tokens' advantages")
+    p.add_argument("--clip-eps", type=NONNEGATIVE, default=0.2, help="sampled-kl: ε of the clipped ratio (GRPO's)")
     p.add_argument("--cuts", type=SIZE, default=4, help="continuation: cut points per trajectory (random, seeded)")
     p.add_argument("--continuation-tokens", type=SIZE, default=32, help="continuation: teacher tokens per cut point")
     p.add_argument("--teacher-temperature", type=NONNEGATIVE, default=0.0,
@@ -95,6 +109,9 @@ def parse_args(argv=None):
     # --model / --data-dir: None = the teacher's. 8 prompts x 4 cuts x 32 tokens per step, 200 steps (1,600 prompts).
     p.set_defaults(model=None, data_dir=None, batch_size=8, max_steps=200, lr=1e-4)
     args = p.parse_args(argv)
+    if args.signal == "sampled-kl" and (args.states != "student" or args.temperature == 0):
+        p.error("--signal sampled-kl is a policy gradient on the student's own samples: it needs --states student "
+                "and --temperature > 0")
     if args.out is None:
         args.out = f"ckpt/opd_{args.signal}_{args.states}.pt"
     return args
@@ -109,6 +126,7 @@ class Trajectory:
     """A prompt x and a response y; its states are (x, y_<t) for t = 0 .. len(y) - 1."""
     prompt: list
     response: list
+    logprobs: list | None = None     # the sampler's log-probs of y (None for the gold solutions)
 
 
 def collect_states(run, examples, seed: int) -> list:
@@ -119,7 +137,8 @@ def collect_states(run, examples, seed: int) -> list:
     prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
     rollouts = gsm8k_rollouts(model, tok, prompts, "default" if args.states == "student" else "teacher",
                               args.max_new_tokens, args.temperature, seed, args.sample_batch_size)
-    return [Trajectory(p, training.through_eos(r.tokens, tok.eos_ids)) for p, r in zip(prompts, rollouts)]
+    responses = [training.through_eos(r.tokens, tok.eos_ids) for r in rollouts]
+    return [Trajectory(p, y, r.logprobs[:len(y)]) for p, y, r in zip(prompts, responses, rollouts)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,12 +154,27 @@ class Supervision:
     target: torch.Tensor   # supervised tokens: each is predicted from the state just before it
     state: torch.Tensor    # the state-source tokens of the supervised states (for state locality)
     sampled: int           # tokens the sampler produced for this micro-batch (rollouts + continuations)
+    logprobs: torch.Tensor | None = None     # sampled-kl: the sampler's log π_S(y_t | s_t) at the targets, [B, T]
+    reverse_kl: torch.Tensor | None = None   # sampled-kl: log π_S(y_t | s_t) - log π_T(y_t | s_t) there, [B, T]
 
 
 def teacher_signal(run, trajectories, seed: int, sampled: int = 0) -> Supervision:
     """--signal: the teacher's continuations at random cut points, or every state (its distribution is
     computed in the loss, where the student's is)."""
     args, model, tok = run.args, run.model, run.tok
+    if args.signal == "sampled-kl":
+        # Teacher and student score the student's sampled tokens by the same forward (the student without
+        # dropout), at the sampler's temperature: equal policies give exactly zero. The sampler's own log-probs
+        # (merged weights) are π_old of the ratio only.
+        ids, attn, target, state = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
+        logp = {}
+        for policy in ("default", "teacher"):
+            with torch.no_grad(), as_policy(model, policy), training.autocast(model):
+                logp[policy] = training.token_logprobs(model, ids, attn, target, temperature=args.temperature).float()
+        reverse_kl = torch.zeros(target.shape, device=target.device)
+        reverse_kl[target] = logp["default"] - logp["teacher"]
+        sampler = training.on_targets([tr.logprobs for tr in trajectories], target)
+        return Supervision(ids, attn, target, state, sampled, sampler, reverse_kl)
     if args.signal == "kl":
         # Every state (x, y_<t) supervises the distribution of position t: the targets are all of y, and the
         # states are their own prefixes (the last token of y ends the trajectory without forming a state).
@@ -205,29 +239,58 @@ def teacher_divergences(model, sup: Supervision, chunk: int):
     return divergences(h_student, h_teacher, model.lm_head, chunk)
 
 
+def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Tensor:
+    """A_t = -Σ_{k≥t} γ^(k-t) reverse_kl_k along each row of a [B, T] grid that is zero off the targets (only the
+    targets' A_t are used)."""
+    if discount == 0:
+        return -reverse_kl
+    k = torch.arange(reverse_kl.shape[1], device=reverse_kl.device)
+    lag = k[:, None] - k[None, :]                                   # [k, t]: k - t
+    gamma = torch.where(lag >= 0, discount ** lag.clamp(min=0).float(), 0.0)
+    return -(reverse_kl @ gamma)
+
+
 def opd_loss(run, sup: Supervision, normalizer: float, locality: bool):
-    """The step's loss on one micro-batch: summed per supervised token (continuation) or state (kl), divided
-    by the step's count of them."""
+    """The step's loss on one micro-batch: summed per supervised token (continuation, sampled-kl) or state (kl),
+    divided by the step's count of them."""
     args, model = run.args, run.model
-    if args.signal == "continuation":
-        logp = training.token_logprobs(model, sup.ids, sup.attn, sup.target)
-        loss = -logp.sum() / normalizer             # Eq. 7: SFT's loss (Eq. 5), at the learner's states
+    if args.signal in ("continuation", "sampled-kl"):
+        if args.signal == "continuation":
+            logp = training.token_logprobs(model, sup.ids, sup.attn, sup.target)
+            loss, figures = -logp.sum() / normalizer, {}   # Eq. 7: SFT's loss (Eq. 5), at the learner's states
+        else:
+            batch = [sup.ids, sup.attn, sup.target, sup.state, sup.logprobs,
+                     sampled_kl_advantage(sup.reverse_kl, args.discount), sup.target.float() / normalizer]
+            loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps, 0.0, locality)
+            figures["reverse_kl_sampled"] = training.total(sup.reverse_kl[sup.target])
         if not locality:
-            return loss, {}
+            return loss, figures
         with torch.no_grad(), as_policy(model, "default"):   # both whole distributions, for the logged KLs only
             forward, reverse, _ = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
-        target_logprobs = logp
-    else:
-        forward, reverse, cross = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
-        loss = (forward if args.kl == "forward" else reverse).sum() / normalizer
-        target_logprobs = -cross               # the target is π_T: the student's expected NLL of the teacher's samples
+        figures.update(kl_forward=training.total(forward), kl_reverse=training.total(reverse))
+        if args.signal == "continuation":
+            figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=logp))
+        return loss, figures
+    forward, reverse, cross = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
+    loss = (forward if args.kl == "forward" else reverse).sum() / normalizer
     figures = {"kl_forward": training.total(forward), "kl_reverse": training.total(reverse)}
-    if locality:
-        figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=target_logprobs))
+    if locality:   # the target is π_T: the student's expected NLL of the teacher's samples
+        figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=-cross))
     return loss, figures
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def by_position(micro: list, width: int = 32) -> list:
+    """The step's sampled reverse KL per token, averaged in bins of `width` response positions (0-31, 32-63, ..)."""
+    sums, counts = defaultdict(float), defaultdict(int)
+    for sup in micro:
+        position = (sup.target.cumsum(1) - 1)[sup.target] // width
+        for b, v in zip(position.tolist(), sup.reverse_kl[sup.target].tolist()):
+            sums[b] += v
+            counts[b] += 1
+    return [round(sums[b] / counts[b], 5) if counts[b] else None for b in range(max(counts, default=-1) + 1)]
 
 
 def load_teacher(args) -> dict:
@@ -273,6 +336,8 @@ def main(argv=None):
         stats["response_len"] = sum(responses) / len(responses)
         stats["sample_s"], stats["learn_s"] = t1 - t0, time.perf_counter() - t1
         stats["tokens"] = sum(s.sampled + int(s.attn.sum()) for s in micro)
+        if args.signal == "sampled-kl":
+            stats["reverse_kl_by_position"] = by_position(micro)
         training.end_step(run, stats)
     training.finish(run)
     return run

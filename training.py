@@ -19,6 +19,8 @@ Functions a trainer calls inside its loss:
     token_logprobs(model, input_ids, attention_mask, mask, temperature=1.0) -> [N]  log p of input_ids[mask]
     state_locality(model, input_ids, attention_mask, state_mask, target_logprobs=None, base_logprobs=None) -> dict
     wants_locality(run) -> bool                    whether this step logs state locality (--locality-every)
+    policy_gradient_loss(model, batch, temperature, clip_eps, beta, locality)   the clipped PG loss (GRPO, OPD sampled-kl)
+    on_targets(values, target) -> [B, T]           per-row numbers or per-token lists laid on the target positions
     autocast(model)                                bf16 autocast on CUDA (and for bf16 weights on CPU)
 and around the loop: train_examples(run) -> GSM8K train; gold_solutions(tok, examples, max_len) -> (prompt, answer)
 token ids; through_eos(tokens, eos_ids); pad_rows(rows, device) -> a padded micro-batch with its target and state masks; plan_steps(args,
@@ -406,6 +408,55 @@ def state_locality(model, input_ids, attention_mask, state_mask, target_logprobs
     if target_logprobs is not None and target_logprobs.numel():
         out["target_nll"] = total(-target_logprobs)
     return out
+
+
+def on_targets(values, target: torch.Tensor) -> torch.Tensor:
+    """Per-row values laid on a [B, T] float grid at the row's target positions, zero elsewhere. values[b] is one
+    number (the same for all of row b's targets: GRPO's advantage) or a sequence with at least one value per
+    target of row b (the sampler's log-probs of its tokens), of which the first are taken."""
+    counts = target.sum(1).tolist()
+    flat = [float(v) for vs, n in zip(values, counts)
+            for v in (list(vs)[:n] if hasattr(vs, "__len__") else [vs] * n)]
+    grid = torch.zeros(target.shape, device=target.device)
+    grid[target] = torch.tensor(flat, device=target.device)
+    return grid
+
+
+def clipped_objective(new, old, adv, clip_eps: float):
+    """Per token -min(ρ A, clip(ρ, 1 - ε, 1 + ε) A), ρ = exp(new - old), and where the clip stops the gradient."""
+    ratio = torch.exp(new - old)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    return per_token, ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+
+
+def policy_gradient_loss(model, batch, temperature: float, clip_eps: float, beta: float, locality: bool):
+    """The clipped policy-gradient loss (+ β k3) of one micro-batch, already weighted for the step's aggregate:
+
+        ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t),   L = Σ_t w_t [ -min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) + β k3_t ]
+
+    (GRPO's Eq. 6, where A_t is the completion's group-relative advantage; OPD's sampled-KL signal, where A_t is
+    the per-token teacher advantage). batch = [ids, attn, target, state, old, advantage, weight]: pad_rows' four,
+    then three on_targets grids: the sampler's log-probs π_old, A_t and w_t. Both log-probs at logits /
+    temperature. k3_t = π_ref/π_θ - log(π_ref/π_θ) - 1, π_ref = the base policy (adapter off)."""
+    ids, attn, target, state, old_grid, adv_grid, w_grid = batch
+    new = token_logprobs(model, ids, attn, target, temperature=temperature)
+    old, adv, w = old_grid[target], adv_grid[target], w_grid[target]
+    per_token, clip = clipped_objective(new, old, adv, clip_eps)
+    figures = {"clip_frac": total(clip)}
+    ref = None
+    if beta > 0 or locality:
+        with torch.no_grad(), use_adapter(model, None):
+            ref = token_logprobs(model, ids, attn, target, temperature=temperature)
+        d = ref - new
+        k3 = torch.exp(d) - d - 1  # unbiased, always >= 0 estimator of KL(π_θ || π_ref) on π_θ's samples
+        figures["kl"] = total(k3)
+        if beta > 0:
+            per_token = per_token + beta * k3
+    loss = (per_token * w).sum()
+    if locality:
+        base = ref[state[target]] if temperature == 1.0 else None  # the state tokens' base log-probs, if at T = 1
+        figures.update(state_locality(model, ids, attn, state, target_logprobs=new, base_logprobs=base))
+    return loss, figures
 
 
 def total(values: torch.Tensor) -> tuple:

@@ -280,3 +280,41 @@ def test_hierarchical_bootstrap_widens_with_seed_to_seed_spread():
     wide = E.bootstrap({"base": {"t": base}, "m": {"t": spread}}, difference("m", "base"), resamples=1000)
     assert wide["std"] > 1.5 * narrow["std"]
     assert E.verdict({"ci95": [-0.01, 0.02]}) == "undecided"
+
+
+# ----------------------------------------------------------------------------------------------
+# pass@k
+
+
+def test_pass_at_k_is_the_closed_form_and_the_share_of_k_subsets_with_a_correct_sample():
+    import itertools
+    assert E.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert E.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)        # 1 - C(3,2)/C(5,2)
+    assert E.pass_at_k(5, 2, 4) == 1.0 and E.pass_at_k(5, 0, 4) == 0.0
+    assert E.ks(8) == [1, 2, 4, 8] and E.ks(6) == [1, 2, 4] and E.ks(0) == []
+    for n in range(1, 9):
+        for c in range(n + 1):
+            draws = [1] * c + [0] * (n - c)
+            values = []
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(draws, k))
+                assert E.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets))
+                values.append(E.pass_at_k(n, c, k))
+            assert values == sorted(values)                              # monotone in k
+
+
+def test_samples_add_pass_at_k_per_item_and_per_task(tiny_dir, tmp_path):
+    out = tmp_path / "passk.json"
+    run_cli("--model", tiny_dir, "--data-dir", DATA, "--tasks", "gsm8k", "--limit", "3", "--max-new-tokens", "8",
+            "--samples", "4", "--temperature", "1.5", "--out", str(out))
+    result = json.loads(out.read_text())["tasks"]["gsm8k"]
+    assert set(result["pass_at_k"]) == {"1", "2", "4"} and result["protocol"]["pass_at_k"]["samples"] == 4
+    records = [json.loads(line) for line in (tmp_path / "passk.jsonl").read_text().splitlines()]
+    assert all(r["samples"] == 4 and 0 <= r["samples_correct"] <= 4 for r in records)
+    # hand-made records: the per-task figure is the mean of the per-item estimates
+    records = [dict(r, samples=4, samples_correct=c) for r, c in zip(records, (0, 1, 4))]
+    s = E.summary(records)
+    assert s["pass_at_k"]["1"]["score"] == pytest.approx((0 + 0.25 + 1) / 3)
+    assert s["pass_at_k"]["2"]["score"] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert s["pass_at_k"]["4"]["score"] == pytest.approx(2 / 3)
+    assert list(E.item_scores(records)["gsm8k_pass@2"]) == pytest.approx([0, 0.5, 1])

@@ -127,6 +127,10 @@ def test_quick_study_writes_table_2_with_every_model(quick_study):
     assert os.path.exists(os.path.join(out, "ckpt", "sft_stress_s0_at2.pt"))   # --snapshots 0.25,0.5 of 3 steps: 1, 2
     assert {p["verdict"] for p in summary["predictions"].values()} <= {"holds", "contradicted", "undecided"}
     assert "## Differences from the base" in md and "## Policy KL" in md and "**P3**" in md
+    # pass@k of every model (2 samples: k = 1, 2) with the difference from the base; the state-source x signal grid
+    assert set(summary["models"]["base"]["pass_at_k"]) == {"1", "2"} and "## pass@k on GSM8K" in md
+    assert all(set(summary["models"][n]["pass_intervals"]) == {"gsm8k_pass@1", "gsm8k_pass@2"} for n in names[1:])
+    assert "## The two axes: state source x signal" in md and "| learner |" in md and "sampled KL" in md
     assert os.path.exists(os.path.join(out, "frontier.png"))
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["models"]["sft_stress"]["label"] == "SFT stress"

@@ -80,7 +80,7 @@ def test_clipped_ratio_stops_the_gradient_beyond_the_trust_region(tiny_dir):
     old = torch.zeros_like(batch[4])
     old[target] = new - 1.0  # ratio = e: beyond 1 + ε, so the positive-advantage row is clipped
     batch[4] = old
-    loss, figures = train_grpo.pg_loss(model, batch, args, locality=False)
+    loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps, args.beta, False)
     loss.backward()
     clipped, tokens = figures["clip_frac"]                      # a figure is (sum, count)
     assert clipped / tokens == 0.5
@@ -89,7 +89,7 @@ def test_clipped_ratio_stops_the_gradient_beyond_the_trust_region(tiny_dir):
     assert grad_norm > 0
     model.zero_grad()
     batch[5] = batch[5].clamp(min=0)  # keep only the positive (clipped) row's advantage
-    loss, _ = train_grpo.pg_loss(model, batch, args, locality=False)
+    loss, _ = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps, args.beta, False)
     loss.backward()
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
 

@@ -126,7 +126,7 @@ def test_cli_needs_only_the_teacher(world, tmp_path):
         assert key in record, key
 
 
-@pytest.mark.parametrize("signal", ["kl", "continuation"])
+@pytest.mark.parametrize("signal", ["kl", "continuation", "sampled-kl"])
 def test_opd_lowers_kl_on_the_students_own_states(world, tmp_path, signal):
     model, tok = teacher_and_student(world)
     before = kl_on_student_states(model, tok)
@@ -264,3 +264,71 @@ def test_sigterm_checkpoints_the_step_and_resume_ends_with_the_same_student(worl
     train_opd.main(common + ["--out", str(tmp_path / "cut.pt"), "--resume"])
     whole, cut = (lora.load_checkpoint(str(tmp_path / f"{n}.pt"))["adapter"] for n in ("whole", "cut"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+# ----------------------------------------------------------------------------------------------
+# --signal sampled-kl: the reverse KL sampled on the student's own tokens, as a per-token advantage
+
+
+def test_sampled_kl_of_a_student_equal_to_its_teacher_has_zero_advantage_and_zero_gradient(world, tmp_path):
+    out = str(tmp_path / "same.pt")
+    train_opd.main(["--teacher", world.teacher, "--init", world.teacher, "--signal", "sampled-kl", "--out", out,
+                    "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "16", "--lora-r", "4",
+                    "--lora-alpha", "8", "--lora-dropout", "0", "--save-every", "0"])
+    log = [json.loads(line) for line in open(str(tmp_path / "same.jsonl"))]
+    for row in log:   # the sampler runs merged weights, the scorer unmerged ones: equal up to float32 rounding
+        assert abs(row["reverse_kl_sampled"]) < 1e-5 and row["grad_norm"] < 1e-5, row
+        assert row["kl_reverse"] < 1e-6 and all(abs(v) < 1e-5 for v in row["reverse_kl_by_position"])
+    a, b = lora.load_checkpoint(out)["adapter"], lora.load_checkpoint(world.teacher)["adapter"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+
+
+def test_sampled_kl_expected_gradient_is_the_exact_reverse_kl_gradient():
+    """On a 6-token vocabulary: the mean policy-gradient (training.clipped_objective at ρ = 1) with advantage
+    -(log π_S(y) - log π_T(y)), y ~ π_S, is a Monte Carlo estimate of ∇ KL(π_S || π_T)."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(6, generator=gen, dtype=torch.float64).log_softmax(-1)
+    logp = theta.log_softmax(-1)
+    (exact,) = torch.autograd.grad((logp.exp() * (logp - teacher)).sum(), theta)
+
+    n = 400_000
+    y = torch.multinomial(logp.exp().detach(), n, replacement=True, generator=gen)
+    grid = torch.zeros(n, 2, dtype=torch.float64)
+    target = torch.zeros(n, 2, dtype=torch.bool)
+    target[:, 1] = True                                        # one sampled token per row
+    grid[target] = (logp[y] - teacher[y]).detach()
+    adv = train_opd.sampled_kl_advantage(grid, discount=0.0)[target]
+    new = theta.log_softmax(-1)[y]
+    per_token, clipped = training.clipped_objective(new, new.detach(), adv, clip_eps=0.2)
+    assert not clipped.any()
+    (estimate,) = torch.autograd.grad(per_token.mean(), theta)
+    # tolerance: 5 standard errors of the mean, from the per-sample gradients -A (onehot(y) - π_S)
+    p = logp.exp().detach()
+    per_sample = -adv[:, None] * (torch.nn.functional.one_hot(y, 6).double() - p)
+    tolerance = 5 * per_sample.std(0).max().item() / n ** 0.5
+    assert torch.allclose(estimate, exact, atol=tolerance), (estimate, exact, tolerance)
+    assert exact.abs().max() > 10 * tolerance                  # the test can tell a wrong gradient apart
+
+
+def test_discounted_advantage_sums_each_rows_future_tokens_only():
+    rkl = torch.tensor([[0.0, 1.0, 2.0, 4.0, 0.0], [0.0, 0.0, 8.0, 16.0, 0.0]])
+    target = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    adv = train_opd.sampled_kl_advantage(rkl, discount=0.5)
+    torch.testing.assert_close(adv[target], -torch.tensor([1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4, 8 + 0.5 * 16, 16]))
+    assert torch.equal(train_opd.sampled_kl_advantage(rkl, 0.0), -rkl)
+
+
+def test_sampled_kl_runs_from_the_command_line_and_needs_the_students_states(world, tmp_path):
+    out = str(tmp_path / "skl.pt")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_opd.py"), "--teacher", world.teacher, "--signal",
+                        "sampled-kl", "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "12", "--out", out],
+                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(open(str(tmp_path / "skl.jsonl")).readline())
+    for key in ("loss", "reverse_kl_sampled", "reverse_kl_by_position", "kl_reverse", "clip_frac", "state_nll_base"):
+        assert key in record, key
+    assert record["reverse_kl_sampled"] > 0 and lora.load_checkpoint(out)["meta"]["signal"] == "sampled-kl"
+    with pytest.raises(SystemExit):
+        train_opd.parse_args(["--teacher", world.teacher, "--signal", "sampled-kl", "--states", "teacher"])

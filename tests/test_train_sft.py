@@ -6,6 +6,7 @@ import train_sft
 import training
 from conftest import reference_logprobs
 from evaluate import load_gsm8k
+from generate import Rollout
 from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters
 from model import load_model
 from trainer_helpers import gsm8k_dir, learnable_dir, one_thread, read_log, run_cli  # noqa: F401 (fixtures)
@@ -90,3 +91,83 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_dir, tmp_path):
     whole = grads([rows(pairs)])
     split = grads([rows(pairs[:1]), rows(pairs[1:])])
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# --states learner: Eq. 5 on the learner's own accepted completions (rejection-sampling fine-tuning)
+
+
+def scripted_sampler(tok, examples, correct_copies):
+    """A stand-in for the learner's sampler: copy j of each prompt's G answers "#### gold" when j is in
+    correct_copies(prompt index), else "#### -1"; the rollouts end with EOS, as sampled ones do."""
+    index = {tuple(p): i for i, p in enumerate(tok.encode_batch([train_sft.gsm8k_prompt(ex["question"]) for ex in examples]))}
+
+    def sample(model, tok_, prompts, policy, max_new_tokens, temperature, seed, batch_size):
+        seen, out = {}, []
+        for p in prompts:
+            i = index[tuple(p)]
+            j = seen[i] = seen.get(i, -1) + 1
+            gold = examples[i]["answer"].split("#### ")[1]
+            text = f" so #{i}.{j} #### {gold if j in correct_copies(i) else -1}"
+            out.append(Rollout(list(p), tok.encode(text) + tok.eos_ids[:1], text, [0.0] * 99, "eos"))
+        return out
+    return sample
+
+
+def trained_texts(tok, monkeypatch):
+    """Record the target tokens of every micro-batch sft_loss sees, decoded per row."""
+    seen, real = [], train_sft.sft_loss
+
+    def recording(model, batch, *a, **k):
+        ids, _, target, _ = batch
+        seen.extend(tok.decode([t for t, m in zip(row.tolist(), mask.tolist()) if m]) for row, mask in zip(ids, target))
+        return real(model, batch, *a, **k)
+    monkeypatch.setattr(train_sft, "sft_loss", recording)
+    return seen
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_learner_states_train_only_on_accepted_completions(tiny_dir, tmp_path, monkeypatch, keep, one_thread):
+    data = gsm8k_dir(str(tmp_path / "data"), n=4)
+    examples = load_gsm8k("train", data)
+    _, tok = load_model(tiny_dir)
+    # prompt i: copies 1 and 3 of 4 correct for even i; none for odd i
+    monkeypatch.setattr(train_sft, "gsm8k_rollouts", scripted_sampler(tok, examples, lambda i: {1, 3} if i % 2 == 0 else set()))
+    seen = trained_texts(tok, monkeypatch)
+    run = train_sft.main(["--model", tiny_dir, "--data-dir", data, "--out", str(tmp_path / "rft.pt"), "--states", "learner",
+                          "--group-size", "4", "--keep", str(keep), "--batch-size", "4", "--max-steps", "1",
+                          "--save-every", "0"])
+    expected = sorted(f" so #{i}.{j} #### {examples[i]['answer'].split('#### ')[1]}<|endoftext|>"
+                      for i in (0, 2) for j in (1, 3)[:keep])
+    assert sorted(s.replace(tok.decode(tok.eos_ids[:1]), "<|endoftext|>") for s in seen) == expected
+    log = read_log(run.args.log)[0]
+    assert log["accepted"] == 4 / 16 and log["kept"] == 2 * keep / 16 and log["prompts_solved"] == 0.5
+    assert log["state_nll_base"] > 0 and log["grad_norm"] > 0
+
+
+def test_learner_states_with_nothing_accepted_make_no_update(tiny_dir, tmp_path, monkeypatch, one_thread):
+    data = gsm8k_dir(str(tmp_path / "data"), n=4)
+    examples = load_gsm8k("train", data)
+    _, tok = load_model(tiny_dir)
+    monkeypatch.setattr(train_sft, "gsm8k_rollouts", scripted_sampler(tok, examples, lambda i: set()))
+    seen, real, moved = trained_texts(tok, monkeypatch), training.train_step, []
+
+    def watched(run, micro, loss_fn):
+        before = [p.detach().clone() for p in run.params]
+        stats = real(run, micro, loss_fn)
+        moved.append(any(not torch.equal(a, p) for a, p in zip(before, run.params)) or bool(run.optimizer.state))
+        return stats
+    monkeypatch.setattr(training, "train_step", watched)
+    run = train_sft.main(["--model", tiny_dir, "--data-dir", data, "--out", str(tmp_path / "none.pt"), "--states",
+                          "learner", "--group-size", "2", "--batch-size", "2", "--max-steps", "3", "--save-every", "0"])
+    assert seen == [] and moved == [False] * 3
+    assert [r["kept"] for r in read_log(run.args.log)] == [0.0] * 3 and run.step == 3
+
+
+def test_learner_states_run_from_the_command_line(tiny_dir, tmp_path):
+    data, out = gsm8k_dir(str(tmp_path / "data")), str(tmp_path / "learner.pt")
+    r = run_cli("train_sft.py", "--model", tiny_dir, "--data-dir", data, "--out", out, "--states", "learner",
+                "--group-size", "2", "--max-new-tokens", "8", "--batch-size", "2", "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out)["meta"]["states"] == "learner"
+    assert {"kept", "accepted", "prompts_solved", "loss"} <= set(read_log(str(tmp_path / "learner.jsonl"))[-1])

@@ -57,7 +57,7 @@ def track_step(monkeypatch):
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(method, learnable_dir, tmp_path, monkeypatch,
                                                                     one_thread):
-    module, loss_name = (train_sft, "sft_loss") if method == "sft" else (train_grpo, "pg_loss")
+    module, loss_name = (train_sft, "sft_loss") if method == "sft" else (training, "policy_gradient_loss")
     main = module.main if method == "sft" else (lambda argv: train_grpo.main(argv, reward_fn=low_token_fraction))
     data = gsm8k_dir(str(tmp_path / "data"))
     whole = str(tmp_path / "whole.pt")
