@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 import generate
+import distributed
 import lora
 from evaluate import (GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, load_mmlu, load_truthfulqa,
                       mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
@@ -244,8 +245,11 @@ def per_prompt(values: torch.Tensor, rollouts) -> list[float]:
 def kl_measures(model, base_rollouts, policy_rollouts, reference, batch_size) -> dict:
     """KL(π0 ‖ π) at π0's own rollout states and KL(π ‖ π0) at π's, each averaged over a prompt's states and
     rollouts, then over prompts; per-prompt values too (the same prompts for every model: paired)."""
-    at_base = per_prompt(policy_kl(model, base_rollouts, reference, "policy", batch_size)[:, 0], base_rollouts)
-    at_policy = per_prompt(policy_kl(model, policy_rollouts, reference, "policy", batch_size)[:, 1], policy_rollouts)
+    def kl(rollouts):   # under torchrun each rank scores its share of the rollouts
+        return torch.tensor(distributed.gather(policy_kl(model, distributed.share(rollouts), reference, "policy",
+                                                         batch_size).tolist())).view(-1, 2)
+    at_base = per_prompt(kl(base_rollouts)[:, 0], base_rollouts)
+    at_policy = per_prompt(kl(policy_rollouts)[:, 1], policy_rollouts)
     return {"kl_base_policy": sum(at_base) / len(at_base), "kl_policy_base": sum(at_policy) / len(at_policy),
             "per_prompt": {"kl_base_policy": at_base, "kl_policy_base": at_policy}}
 
@@ -273,19 +277,22 @@ def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, 
            "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
            "samples_per_prompt": samples, "temperature": args.temperature,
            "max_new_tokens": max_new_tokens, "stop": list(GSM8K_STOP), "seed": args.seed,
-           "batch_size": args.batch_size, "dtype": str(param.dtype), "device": param.device.type}
+           "batch_size": args.batch_size, "dtype": str(param.dtype), "device": param.device.type,
+           **({"ranks": distributed.world()} if distributed.world() > 1 else {})}   # ranks sample other streams
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"rollouts_{digest}.jsonl")
     if os.path.exists(path):
         with open(path) as f:
             return [json.loads(line) for line in f], path, False
-    batch = [p for p in prompts for _ in range(samples)]
-    out = gsm8k_rollouts(model, tok, batch, adapter if checkpoint else None, max_new_tokens, args.temperature,
-                         args.seed, args.batch_size, progress=True)
-    rollouts = [{"prompt_index": i // samples, "prompt_ids": r.prompt_ids, "tokens": r.tokens,
-                 "text": r.text, "finish": r.finish} for i, r in enumerate(out)]
-    os.makedirs(args.cache_dir, exist_ok=True)
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rollouts))   # an interrupted run leaves no half cache
+    index = distributed.share(list(range(len(prompts) * samples)))   # this rank's share of prompt x sample
+    out = gsm8k_rollouts(model, tok, [prompts[i // samples] for i in index], adapter if checkpoint else None,
+                         max_new_tokens, args.temperature, distributed.seed(args.seed), args.batch_size,
+                         progress=distributed.main_rank())
+    rollouts = distributed.gather([{"prompt_index": i // samples, "prompt_ids": r.prompt_ids, "tokens": r.tokens,
+                                    "text": r.text, "finish": r.finish} for i, r in zip(index, out)])
+    if distributed.main_rank():
+        os.makedirs(args.cache_dir, exist_ok=True)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rollouts))   # an interrupted run leaves no half cache
     return rollouts, path, True
 
 
@@ -341,6 +348,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.device = distributed.init(args.device)   # under torchrun: rollouts and policy KLs split over the ranks
     out = output_dir(args.out or os.path.join("results", f"drift_{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json"))
     checkpoints = {side: lora.load_checkpoint(path) for side, path in
                    (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)) if path}
@@ -376,9 +384,14 @@ def main(argv=None) -> dict:
             base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args, args.retention_tokens, 1)[0]
                                 for side, ckpt in (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)))
             result["policy_kl"]["retention"] = kl_measures(model, base_r, policy_r, reference, args.batch_size)
-        print("policy KL " + ", ".join(f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
-                                       for where, v in result["policy_kl"].items()))
-    write_text(out, json.dumps(result, indent=2))
+        if distributed.main_rank():
+            print("policy KL " + ", ".join(f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
+                                           for where, v in result["policy_kl"].items()))
+    if distributed.main_rank():
+        write_text(out, json.dumps(result, indent=2))
+    distributed.barrier()
+    if not distributed.main_rank():
+        return result
     print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std "
           f"{result.get('mmd2_bootstrap', {}).get('std', float('nan')):.5f}), centroid {result['centroid_l2']:.4f}, "
           f"SW {result['sliced_wasserstein']:.4f}, Jaccard {result['jaccard']:.4f} -> {out}")

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import lora
 from generate import generate, score
 from model import COUNT, RATE, SIZE, TINY_DIR, FlagParser, LoadError, cli, load_model, number, output_dir, write_text
@@ -513,6 +514,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    choices=["float32", "bfloat16", "float16"], help="the base model's weights")
     args = p.parse_args(argv)
+    args.device = distributed.init(args.device)    # under torchrun: each rank scores its share of every task
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if set(tasks) - set(TASKS):
@@ -558,9 +560,10 @@ def main(argv=None) -> dict:
             t0 = time.time()
             n = limits[task]
             examples, extra = data[task]
+            mine, progress = distributed.share(examples), distributed.main_rank()
             if task == "gsm8k":
-                res, recs = eval_gsm8k(model, tok, examples, extra, args.max_new_tokens, args.batch_size,
-                                       samples=args.samples, temperature=args.temperature, seed=args.seed)
+                res, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
+                                       args.samples, args.temperature, distributed.seed(args.seed))
                 protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
                             "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
                             "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
@@ -569,16 +572,21 @@ def main(argv=None) -> dict:
                     protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed,
                                              "estimator": "1 - C(n-c, k) / C(n, k) (Chen et al. 2021)"}
             elif task == "truthfulqa":
-                res, recs = eval_truthfulqa(model, tok, examples, args.batch_size)
+                res, recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)
                 protocol = {"lm_eval_task": "truthfulqa_mc1, truthfulqa_mc2", "prompt": "6-shot QA preamble + "
                             "\n\nQ: {question}\nA:", "continuation": "' ' + choice", "fewshot": 0,
                             "subset": f"validation, first {n}" if n else "validation, all", "score": "mc1"}
             else:
-                res, recs = eval_mmlu(model, tok, examples, extra, args.fewshot, args.batch_size)
+                res, recs = eval_mmlu(model, tok, mine, extra, args.fewshot, args.batch_size, progress)
                 protocol = {"lm_eval_task": "mmlu", "prompt": "subject header + question + A-D lines + Answer:",
                             "continuation": "' A' .. ' D'", "fewshot": args.fewshot, "fewshot_from": "dev, first k",
                             "subset": (f"test, {n} stratified by subject (proportional), seed {args.seed}"
                                        if n else "test, all"), "subjects": len({ex["subject"] for ex in examples})}
+            if distributed.world() > 1:   # every rank's records in item order; GSM8K and TruthfulQA ids are positions
+                recs = distributed.gather(recs)
+                for i, r in enumerate(recs):
+                    r["id"] = r["id"] if task == "mmlu" else i
+                res = summary(recs)
             res["protocol"] = {"limit": n, **protocol}
             res["seconds"] = round(time.time() - t0, 2)
             result["tasks"][task] = res
@@ -595,8 +603,12 @@ def main(argv=None) -> dict:
             print(f"warning: {result['forgetting']['warning']}: the comparison is not like for like")
 
     # Each file whole or not at all, the predictions first: reproduce.py takes an existing result JSON as done.
-    write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
-    write_text(out_path, json.dumps(result, indent=2, default=str))
+    if distributed.main_rank():
+        write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
+        write_text(out_path, json.dumps(result, indent=2, default=str))
+    distributed.barrier()
+    if not distributed.main_rank():
+        return result
     parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") +
              "".join(f" pass@{k} {p['score']:.3f}" for k, p in v.get("pass_at_k", {}).items()) + f" n={v['n']}"
              for t, v in result["tasks"].items()]

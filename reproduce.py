@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import distributed
 import drift
 import evaluate
 import train_grpo
@@ -888,6 +889,7 @@ def check_only(args, only: set):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    distributed.init(args.device)     # under torchrun: join the group before any stage touches a GPU
     output_dir(os.path.join(args.out, "results.json"))
     only = set(args.only.split(",")) if args.only else None
     if only:
@@ -913,6 +915,8 @@ def main(argv=None) -> dict:
                 if args.frontier:
                     status["snapshots"] = snapshots(args, f"{stage.name}_s{seed}", status["checkpoint"], costs)
             runs.setdefault(stage.name, []).append(status)
+    if not distributed.main_rank():   # under torchrun (README: More GPUs) rank 0 writes the report
+        return {}
     summary = summarize(args, runs, costs)
     plots = plot(summary, args.out)
     write_text(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1))

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+import distributed
 import training
 from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
 from model import NONNEGATIVE, RATE, SIZE, FlagParser, number
@@ -97,14 +98,43 @@ def collate(rollouts, adv, weights, eos_ids, device):
     return [ids, attn, target, state, *grids]
 
 
-def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int):
-    """Per-token loss weight of each completion so that the step's loss is the chosen aggregate."""
+def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int, tokens: int | None = None):
+    """Per-token loss weight of each completion so that the step's loss is the chosen aggregate; n_total and
+    tokens: the step's completions and completion tokens (over all ranks; tokens defaults to sum(lengths))."""
     if agg == "token-mean":
-        total = sum(lengths)
+        total = sum(lengths) if tokens is None else tokens
         return [1.0 / max(total, 1)] * len(lengths)
     if agg == "seq-mean":
         return [1.0 / (max(n, 1) * n_total) for n in lengths]
     return [1.0 / (n_total * max_new_tokens)] * len(lengths)
+
+
+def learner_batches(rollouts, group, args, eos, reward_fn):
+    """The step's micro-batches for the learner pass, and the figures of its rollouts. `group` holds this rank's
+    prompts (all of the step's in one process) and `rollouts` their G samples each; the rewards of every rank
+    are gathered, so advantages, normalizers and figures are those of the whole step."""
+    G = args.group_size
+    rewards = torch.tensor([reward_fn(r, group[i // G]) for i, r in enumerate(rollouts)], dtype=torch.float32)
+    grouped = torch.tensor(distributed.gather(rewards.view(-1, G).tolist()), dtype=torch.float32).view(-1, G)
+    mine = grouped[distributed.rank()::distributed.world()]               # this rank's prompts, in its order
+    adv = advantages(grouped.flatten(), G, args.scale_rewards).view(-1, G)[distributed.rank()::distributed.world()].flatten()
+    lengths = [len(training.through_eos(r.tokens, eos)) for r in rollouts]
+    correct = sum(is_correct(r.text, group[i // G]["answer"]) for i, r in enumerate(rollouts))
+    n_total, tokens, correct, truncated = distributed.total(
+        [len(rollouts), sum(lengths), correct, sum(r.finish == "length" for r in rollouts)])
+    weights = token_weights(lengths, args.loss_agg, args.max_new_tokens, int(n_total), int(tokens))
+    zero_signal = (grouped == grouped[:, :1]).all(1)
+    # Zero-advantage completions contribute exactly zero gradient unless the KL term acts on them.
+    flat = (mine == mine[:, :1]).all(1)
+    keep = [i for i in range(len(rollouts)) if args.beta > 0 or not flat[i // G]]
+    keep.sort(key=lambda i: lengths[i])  # similar lengths per micro-batch: less padding
+    size = -(-len(keep) // args.grad_accum) if keep else 1
+    batch = [collate([rollouts[i] for i in part], adv[part], [weights[i] for i in part], eos, args.device)
+             for part in (keep[j:j + size] for j in range(0, len(keep), size))]
+    stats = {"reward": grouped.mean().item(), "accuracy": correct / n_total,
+             "zero_signal_groups": int(zero_signal.sum()), "groups": len(grouped),
+             "completion_len": tokens / n_total, "truncated": truncated / n_total, "tokens": tokens}
+    return batch, stats
 
 
 def sample(run, examples, args, seed):
@@ -133,27 +163,8 @@ def main(argv=None, reward_fn=exact_answer_reward):
         t0 = time.perf_counter()
         if batch is None or run.step % args.mu == 0:  # a fresh batch of rollouts from the current policy
             group = [examples[i] for _ in range(args.grad_accum) for i in training.next_batch(run, epoch_batches)]
-            rollouts = sample(run, group, args, seed=args.seed * 1_000_003 + run.step)
-            rewards = torch.tensor([reward_fn(r, group[i // G]) for i, r in enumerate(rollouts)], dtype=torch.float32)
-            adv = advantages(rewards, G, args.scale_rewards)
-            lengths = [len(training.through_eos(r.tokens, eos)) for r in rollouts]
-            weights = token_weights(lengths, args.loss_agg, args.max_new_tokens, len(rollouts))
-            grouped = rewards.view(-1, G)
-            zero_signal = (grouped == grouped[:, :1]).all(1)
-            # Zero-advantage completions contribute exactly zero gradient unless the KL term acts on them.
-            keep = [i for i in range(len(rollouts)) if args.beta > 0 or not zero_signal[i // G]]
-            keep.sort(key=lambda i: lengths[i])  # similar lengths per micro-batch: less padding
-            size = -(-len(keep) // args.grad_accum) if keep else 1
-            batch = [collate([rollouts[i] for i in part], adv[part], [weights[i] for i in part], eos, args.device)
-                     for part in (keep[j:j + size] for j in range(0, len(keep), size))]
-            rollout_stats = {
-                "reward": rewards.mean().item(),
-                "accuracy": sum(is_correct(r.text, group[i // G]["answer"]) for i, r in enumerate(rollouts)) / len(rollouts),
-                "zero_signal_groups": int(zero_signal.sum()), "groups": len(grouped),
-                "completion_len": sum(lengths) / len(lengths),
-                "truncated": sum(r.finish == "length" for r in rollouts) / len(rollouts),
-                "tokens": sum(lengths),
-            }
+            rollouts = sample(run, group, args, seed=distributed.seed(args.seed * 1_000_003 + run.step))
+            batch, rollout_stats = learner_batches(rollouts, group, args, eos, reward_fn)
         t1 = time.perf_counter()
         locality = training.wants_locality(run)
         stats = training.train_step(run, batch, lambda b: training.policy_gradient_loss(

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+import distributed
 import lora
 import training
 from model import NONNEGATIVE, PROBABILITY, SIZE, FlagParser, number
@@ -323,21 +324,26 @@ def main(argv=None):
         micro, responses = [], []
         for k in range(args.grad_accum):
             batch = [examples[i] for i in training.next_batch(run, epoch_batches)]
-            seed = args.seed * 10**9 + step * 1000 + 2 * k     # states: seed; the teacher's continuations: seed + 1
+            if not batch:      # under torchrun, a micro-batch smaller than the number of ranks
+                continue
+            seed = distributed.seed(args.seed * 10**9 + step * 1000 + 2 * k)   # states: seed; continuations: seed + 1
             trajectories = collect_states(run, batch, seed)
             responses += [len(tr.response) for tr in trajectories]
             sampled = 0 if args.states == "data" else sum(len(tr.response) for tr in trajectories)
             micro.append(teacher_signal(run, trajectories, seed, sampled))
         t1 = time.perf_counter()
-        normalizer = max(1, sum(int(s.target.sum()) for s in micro))
+        supervised, response_tokens, n_responses, tokens = distributed.total(
+            [sum(int(s.target.sum()) for s in micro), sum(responses), len(responses),
+             sum(s.sampled + int(s.attn.sum()) for s in micro)])          # the step's, over all ranks
+        normalizer = max(1, supervised)
         locality = training.wants_locality(run)
         stats = training.train_step(run, micro, lambda s: opd_loss(run, s, normalizer, locality))
         stats["supervised_tokens"] = normalizer
-        stats["response_len"] = sum(responses) / len(responses)
+        stats["response_len"] = response_tokens / n_responses
         stats["sample_s"], stats["learn_s"] = t1 - t0, time.perf_counter() - t1
-        stats["tokens"] = sum(s.sampled + int(s.attn.sum()) for s in micro)
+        stats["tokens"] = tokens
         if args.signal == "sampled-kl":
-            stats["reverse_kl_by_position"] = by_position(micro)
+            stats["reverse_kl_by_position"] = by_position(micro)   # this rank's (rank 0 logs)
         training.end_step(run, stats)
     training.finish(run)
     return run

@@ -36,6 +36,7 @@ padding small instead); examples longer than --max-len tokens are cut at the end
 """
 import functools
 
+import distributed
 import training
 from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
 from model import RATE, SIZE, FlagParser, number
@@ -112,12 +113,13 @@ def main(argv=None):
     n_batches = -(-len(pairs) // args.batch_size)
     for _ in training.steps(run, training.plan_steps(args, n_batches)):
         # The states x + y*_<t are the answer's own prefixes (states None): every answer token is a target.
-        micro = [training.pad_rows([(pairs[i][0], None, pairs[i][1]) for i in training.next_batch(run, epoch_batches)],
-                                   args.device) for _ in range(args.grad_accum)]
-        n_targets = sum(int(b[2].sum()) for b in micro)
+        shares = [training.next_batch(run, epoch_batches) for _ in range(args.grad_accum)]
+        micro = [training.pad_rows([(pairs[i][0], None, pairs[i][1]) for i in share], args.device)
+                 for share in shares if share]
+        n_targets, tokens = distributed.total([sum(int(b[2].sum()) for b in micro), sum(int(b[1].sum()) for b in micro)])
         locality = training.wants_locality(run)
         stats = training.train_step(run, micro, lambda b: sft_loss(run.model, b, n_targets, locality))
-        stats["tokens"] = sum(int(b[1].sum()) for b in micro)
+        stats["tokens"] = tokens
         training.end_step(run, stats)
     training.finish(run)
     return run
@@ -138,18 +140,18 @@ def learner_states(run):
         micro, counts = [], dict.fromkeys(("prompts", "sampled", "accepted", "kept", "solved"), 0)
         for k in range(args.grad_accum):
             batch = [examples[i] for i in training.next_batch(run, epoch_batches)]
-            rows, figures = accepted_samples(run, batch, seed=args.seed * 10**9 + step * 1000 + k)
+            rows, figures = accepted_samples(run, batch, seed=distributed.seed(args.seed * 10**9 + step * 1000 + k))
             counts = {key: counts[key] + figures[key] for key in counts}
             if rows:
                 micro.append(training.pad_rows([(x, s, c[:max(1, args.max_len - len(x))]) for x, s, c in rows],
                                                args.device))
-        n_targets = sum(int(b[2].sum()) for b in micro)
+        counts = dict(zip(counts, distributed.total(list(counts.values()))))   # over all ranks
+        n_targets, tokens = distributed.total([sum(int(b[2].sum()) for b in micro), sum(int(b[1].sum()) for b in micro)])
         locality = training.wants_locality(run)
         # no accepted completion: no micro-batch, no gradient, and AdamW leaves parameters without one alone
         stats = training.train_step(run, micro, lambda b: sft_loss(run.model, b, n_targets, locality))
         stats.update(kept=counts["kept"] / counts["sampled"], accepted=counts["accepted"] / counts["sampled"],
-                     prompts_solved=counts["solved"] / counts["prompts"],
-                     tokens=sum(int(b[1].sum()) for b in micro))
+                     prompts_solved=counts["solved"] / counts["prompts"], tokens=tokens)
         training.end_step(run, stats)
     training.finish(run)
     return run

@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+import distributed
 from evaluate import gsm8k_prompt, load_gsm8k, resolve_data_dir
 from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, save_checkpoint, use_adapter
 from model import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, FlagParser, LoadError, load_model, number, output_dir
@@ -210,7 +211,8 @@ def _check_init(args, ckpt: dict):
 def setup(args, method: str, meta: dict | None = None) -> Run:
     """Seed, load the base model and tokenizer, attach the adapter (fresh, --init or --resume), build AdamW,
     and restore optimizer, RNG and data position when resuming."""
-    torch.manual_seed(args.seed)   # the LoRA init, and adapter dropout (also seeds every CUDA device)
+    args.device = distributed.init(args.device)   # under torchrun: this rank's device
+    torch.manual_seed(args.seed)   # the LoRA init (the same on every rank), and adapter dropout (every CUDA device)
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
     args.out = output_dir(args.out or f"ckpt/{method}.pt")
     args.log = output_dir(args.log or os.path.splitext(args.out)[0] + ".jsonl", "--log")
@@ -236,9 +238,13 @@ def setup(args, method: str, meta: dict | None = None) -> Run:
         run.data = dict(ts["data"])
         run.resumed = ckpt
         set_rng_state(ts["rng"])
-        _truncate_log(args.log, run.step)
-    elif os.path.exists(args.log):
+        if distributed.main_rank():
+            _truncate_log(args.log, run.step)
+    elif os.path.exists(args.log) and distributed.main_rank():
         os.remove(args.log)        # a new run starts a new log
+    if distributed.rank():
+        torch.manual_seed(distributed.seed(args.seed) + run.step)   # other ranks: their own dropout masks
+    distributed.barrier()
     return run
 
 
@@ -332,15 +338,16 @@ def plan_steps(args, batches_per_epoch: int) -> int:
 
 
 def next_batch(run: Run, epoch_batches):
-    """The next micro-batch. epoch_batches(epoch) -> list of batches must be deterministic in `epoch` (seed it
-    with args.seed + epoch; decorate it with functools.cache, it is asked at every micro-batch); the position
-    {epoch, index} lives in run.data and is checkpointed."""
+    """This rank's share of the next micro-batch (under torchrun; all of it in one process). epoch_batches(epoch)
+    -> list of batches must be deterministic in `epoch` (seed it with args.seed + epoch; decorate it with
+    functools.cache, it is asked at every micro-batch); the position {epoch, index} lives in run.data, is the
+    same on every rank, and is checkpointed: a run resumes with any number of ranks."""
     batches = epoch_batches(run.data["epoch"])
     batch = batches[run.data["index"]]
     run.data["index"] += 1
     if run.data["index"] == len(batches):
         run.data.update(epoch=run.data["epoch"] + 1, index=0)
-    return batch
+    return distributed.share(batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,17 +480,19 @@ def wants_locality(run: Run) -> bool:
 def train_step(run: Run, micro_batches, loss_fn) -> dict:
     """One optimizer step: loss_fn on each micro-batch under autocast, backward, NaN/inf check, gradient
     clipping, the scheduled lr, AdamW. Returns {loss, lr, grad_norm, **figures}, each figure its sum over the
-    micro-batches divided by its count."""
+    micro-batches divided by its count. Under torchrun the micro-batches are this rank's share of the step's,
+    and the loss, the figures and the gradients are summed over ranks before anything is decided."""
     model, args = run.model, run.args
     model.train()
-    loss_sum, sums, counts = 0.0, defaultdict(float), defaultdict(int)
+    loss_sum, sums, counts, bad = 0.0, defaultdict(float), defaultdict(int), None
     try:
         for mb in micro_batches:
             with autocast(model):
                 loss, figs = loss_fn(mb)
             value = loss.item()
             if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at step {run.step + 1}: {_kept(run)}")
+                bad = value
+                break
             loss.backward()
             loss_sum += value
             for k, (value_sum, count) in figs.items():
@@ -491,6 +500,15 @@ def train_step(run: Run, micro_batches, loss_fn) -> dict:
                 counts[k] += count
     finally:
         model.eval()
+    if distributed.any_rank(bad is not None):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss is {bad if bad is not None else 'non-finite on another rank'} at step "
+                            f"{run.step + 1}: {_kept(run)}")
+    if distributed.world() > 1:
+        keys = sorted({k for part in distributed.gather([sorted(sums)]) for k in part})   # figures of any rank
+        loss_sum, *flat = distributed.total([loss_sum] + [sums.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys])
+        sums, counts = dict(zip(keys, flat[:len(keys)])), dict(zip(keys, flat[len(keys):]))
+        distributed.sum_gradients(run.params)
     grads = [p for p in run.params if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip if args.clip else float("inf")).item() if grads else 0.0
     if not math.isfinite(grad_norm):
@@ -526,7 +544,8 @@ def steps(run: Run, total: int):
         raise LoadError(f"--resume: the checkpoint's run planned {planned} steps, these flags plan {total}")
     run.total_steps = total
     from tqdm import tqdm
-    run.bar = tqdm(total=total, initial=run.step, desc=run.method, dynamic_ncols=True, disable=None)
+    run.bar = tqdm(total=total, initial=run.step, desc=run.method, dynamic_ncols=True,
+                   disable=None if distributed.main_rank() else True)
     start, stop = run.step, []       # stop: the signal that asked this run to stop, once one has
 
     def request_stop(signum, frame):
@@ -536,8 +555,8 @@ def steps(run: Run, total: int):
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         while run.step < total:
-            if stop:
-                interrupted(run, stop[0])
+            if distributed.any_rank(bool(stop)):     # under torchrun every rank stops at the same step
+                interrupted(run, stop[0] if stop else signal.SIGTERM)
             if run.args.stop_after and run.step - start >= run.args.stop_after:
                 break
             run.step_started = time.perf_counter()
@@ -553,22 +572,24 @@ def interrupted(run: Run, signum: int):
     if run.saved_step != run.step:
         save(run)
     run.bar.close()
-    print(f"interrupted at step {run.step}; checkpoint {run.args.out}; continue with --resume", file=sys.stderr)
+    if distributed.main_rank():
+        print(f"interrupted at step {run.step}; checkpoint {run.args.out}; continue with --resume", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
 def end_step(run: Run, stats: dict):
     """Append the step's metrics to the JSONL log, update the bar, checkpoint every --save-every steps.
-    stats["tokens"] (tokens processed this step) becomes tokens_per_s."""
+    stats["tokens"] (tokens processed this step, by all ranks) becomes tokens_per_s."""
     dt = time.perf_counter() - run.step_started
     tokens = stats.pop("tokens", None)
     record = {"step": run.step, **stats, "step_s": dt}
     if tokens is not None:
         record["tokens_per_s"] = tokens / max(dt, 1e-9)
     record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(run.args.log)), exist_ok=True)
-    with open(run.args.log, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if distributed.main_rank():
+        os.makedirs(os.path.dirname(os.path.abspath(run.args.log)), exist_ok=True)
+        with open(run.args.log, "a") as f:
+            f.write(json.dumps(record) + "\n")
     if run.bar is not None:
         shown = {k: f"{record[k]:.4g}" for k in ("loss", "reward", "state_nll_base") if k in record}
         run.bar.set_postfix(shown, refresh=False)
@@ -592,8 +613,11 @@ def snapshot_path(out: str, step: int) -> str:
 def save(run: Run, snapshot: bool = False):
     """Checkpoint to --out atomically: adapter + meta, and everything --resume needs unless the run is finished
     (then the checkpoint is the deliverable, and resuming has nothing to do). A snapshot is the adapter alone,
-    beside --out (snapshot_path): a point of the run's trajectory, not a place to resume from."""
+    beside --out (snapshot_path): a point of the run's trajectory, not a place to resume from. Rank 0 writes."""
     args = run.args
+    if not distributed.main_rank():
+        run.saved_step = run.saved_step if snapshot else run.step
+        return
     meta = {"method": run.method, "data_dir": args.data_dir, "args": vars(args), "step": run.step,
             "total_steps": run.total_steps, **run.meta}
     state = {"step": run.step, "total_steps": run.total_steps}
@@ -610,7 +634,9 @@ def finish(run: Run):
     """The last checkpoint: the deliverable when the run is done, a resumable one after --stop-after."""
     if run.saved_step != run.step:
         save(run)
-    print(f"{run.method}: step {run.step}/{run.total_steps} -> {run.args.out} (log {run.args.log})", file=sys.stderr)
+    distributed.barrier()   # the checkpoint is on disk before any rank reads it (reproduce.py's next stage)
+    if distributed.main_rank():
+        print(f"{run.method}: step {run.step}/{run.total_steps} -> {run.args.out} (log {run.args.log})", file=sys.stderr)
 
 
 def cli(main):
