@@ -36,7 +36,7 @@ last checkpoint (train_*.py --resume).
 Settings. With a real model every stage runs the scripts' defaults, which are the paper's protocol
 (evaluation on 500 GSM8K / 200 TruthfulQA / 500 MMLU items, the stress preset of 5 epochs at lr 5e-4 with
 LoRA r 64). With `--model tiny` the evaluation and drift protocols stay the same and the trained runs are
-shortened (PROFILES["tiny"]) so that the whole study fits in about a quarter of an hour on two CPU cores.
+shortened (PROFILES["tiny"]) so that the whole study fits in about half an hour on two CPU cores (30 min measured).
 `--quick` shrinks everything to a smoke run (CI runs it as a test). Explicit per-script flags can be appended
 with --extra SCRIPT="FLAGS" (they come last, so they override).
 """
@@ -123,7 +123,7 @@ def stages() -> list[Stage]:
 
 
 # Per-setting flags added to the scripts' defaults. "paper": none (the scripts' defaults are the paper's).
-# "tiny": the tiny world on 2 CPU cores, about a quarter of an hour in all; "quick": a smoke run.
+# "tiny": the tiny world on 2 CPU cores, about half an hour in all; "quick": a smoke run.
 PROFILES = {
     "paper": {"train": {}, "evaluate": [], "drift": [], "passk": ["--samples", "8"]},
     "tiny": {
