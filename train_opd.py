@@ -64,7 +64,6 @@ Honest simplifications:
   all at once.
 """
 import argparse
-import functools
 import random
 import time
 from collections import defaultdict
@@ -312,12 +311,7 @@ def main(argv=None):
                                             "signal": args.signal, "states": args.states})
     lora.load_adapter(run.model, teacher, name="teacher")
     examples = training.train_examples(run)
-    lengths = [len(ex["question"]) for ex in examples]     # characters: close enough to group prompt lengths
-
-    @functools.cache
-    def epoch_batches(epoch):
-        return training.length_grouped_batches(lengths, args.batch_size, seed=args.seed * 1000 + epoch)
-
+    epoch_batches = training.prompt_batches(args, examples)
     n_batches = -(-len(examples) // args.batch_size)
     for step in training.steps(run, training.plan_steps(args, n_batches)):
         t0 = time.perf_counter()

@@ -129,12 +129,7 @@ def learner_states(run):
     """--states learner: each step, Eq. 5 on the learner's own accepted completions of its prompts."""
     args = run.args
     examples = training.train_examples(run)
-    lengths = [len(ex["question"]) for ex in examples]     # characters: close enough to group prompt lengths
-
-    @functools.cache
-    def epoch_batches(epoch):
-        return training.length_grouped_batches(lengths, args.batch_size, seed=args.seed * 1000 + epoch)
-
+    epoch_batches = training.prompt_batches(args, examples)
     n_batches = -(-len(examples) // args.batch_size)
     for step in training.steps(run, training.plan_steps(args, n_batches)):
         micro, counts = [], dict.fromkeys(("prompts", "sampled", "accepted", "kept", "solved"), 0)

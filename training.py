@@ -25,7 +25,7 @@ Functions a trainer calls inside its loss:
 and around the loop: train_examples(run) -> GSM8K train; gold_solutions(tok, examples, max_len) -> (prompt, answer)
 token ids; through_eos(tokens, eos_ids); pad_rows(rows, device) -> a padded micro-batch with its target and state masks; plan_steps(args,
 batches_per_epoch) -> total steps; length_grouped_batches(lengths, batch_size, seed) -> shuffled batches of similar
-lengths; save(run) for an extra checkpoint; finished(ckpt); lr_at(...); snapshot_steps / snapshot_path.
+lengths; prompt_batches(args, examples) -> the same for prompts; save(run) for an extra checkpoint; finished(ckpt); lr_at(...); snapshot_steps / snapshot_path.
 
 Contracts:
 - `loss_fn(micro_batch) -> (loss, figures)`: the step's loss is the SUM of the micro-batch losses, so a
@@ -54,6 +54,7 @@ Contracts:
   on disk is the last good one and is left untouched.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -287,6 +288,17 @@ def train_examples(run: Run) -> list[dict]:
                         f"(--data-dir {run.args.data_dir}, --limit {run.args.limit})")
     run.meta["data_sha256"] = digest
     return examples
+
+
+def prompt_batches(args, examples: list[dict]):
+    """epoch_batches (for next_batch) of a trainer that samples from prompts: batches of --batch-size questions
+    of similar lengths (in characters: close enough to group prompt lengths), shuffled anew each epoch."""
+    lengths = [len(ex["question"]) for ex in examples]
+
+    @functools.cache
+    def epoch_batches(epoch):
+        return length_grouped_batches(lengths, args.batch_size, seed=args.seed * 1000 + epoch)
+    return epoch_batches
 
 
 def gold_solutions(tok, examples, max_len: int) -> list[tuple]:
