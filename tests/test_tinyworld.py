@@ -72,7 +72,7 @@ def test_train_and_test_problems_are_disjoint_and_absent_from_the_corpus(world_d
     assert any(t.startswith("Calculator tape:\n<<") for t in corpus)
 
 
-def test_truthfulqa_items_have_one_true_mc1_choice_that_states_the_world_fact(world_dir):
+def test_truthfulqa_items_list_their_one_true_mc1_choice_first_and_it_states_the_world_fact(world_dir):
     with open(os.path.join(world_dir, "truthfulqa", "mc_task.json")) as f:
         items = json.load(f)
     with open(os.path.join(world_dir, "world.json")) as f:
@@ -81,6 +81,9 @@ def test_truthfulqa_items_have_one_true_mc1_choice_that_states_the_world_fact(wo
     for it in items:
         assert list(it["mc1_targets"].values()).count(1) == 1 and len(it["mc1_targets"]) == 4
         assert sum(it["mc2_targets"].values()) == 2 and len(it["mc2_targets"]) == 8
+        # the real file's layout: the true choices first (lm-eval's truthfulqa_mc1 scores index 0)
+        assert list(it["mc1_targets"].values()) == [1, 0, 0, 0]
+        assert list(it["mc2_targets"].values()) == [1, 1] + [0] * 6
         true = next(c for c, v in it["mc1_targets"].items() if v)
         name = next(n for n in people if it["question"].find(n) >= 0)
         value = people[name][{"Where": "home", "What does": "job", "What pet": "pet"}[

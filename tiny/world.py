@@ -182,6 +182,10 @@ def truthfulqa_item(fact: dict, rng: random.Random) -> dict:
     mc2 = mc1 + [(say(fact, fact["value"], 1), 1)] + [(say(fact, w, 1), 0) for w in wrong]
     rng.shuffle(mc1)
     rng.shuffle(mc2)
+    # The real mc_task.json lists the true choices first (lm-evaluation-harness's truthfulqa_mc1 scores index 0);
+    # a stable sort keeps the shuffled order within the true and the false ones, and the random stream unchanged.
+    mc1.sort(key=lambda choice: -choice[1])
+    mc2.sort(key=lambda choice: -choice[1])
     return {"question": fact["question"], "mc1_targets": dict(mc1), "mc2_targets": dict(mc2)}
 
 
