@@ -182,23 +182,29 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
     reason = torch.zeros(B, dtype=torch.long, device=device)                     # index into FINISH
     step_fn = DecodeGraph(model, cache) if use_graph and max_new_tokens > 1 else None
+    alive = torch.arange(B, device=device)          # the rows still in the decoding batch (logits, cache, positions)
     for t in range(max_new_tokens):
         token, logp = sample_next(logits, temperature, top_p, top_k, generator)
-        tokens[:, t], logps[:, t] = token, logp
-        ended = ~done & torch.isin(token, eos)
-        reason = torch.where(ended, 1, reason)
+        tokens[alive, t], logps[alive, t] = token, logp
+        ended = ~done[alive] & torch.isin(token, eos)
+        reason[alive[ended]] = 1
         if triggers is not None:
-            maybe = (~done & ~ended & triggers[token]).nonzero().flatten().tolist()
+            maybe = (~done[alive] & ~ended & triggers[token]).nonzero().flatten().tolist()
             if maybe:  # rare: decode only these rows and look for a stop string
-                texts = tokenizer.decode_batch(tokens[maybe, :t + 1].tolist())
-                stopped = [b for b, text in zip(maybe, texts) if any(s in text for s in stop)]
+                texts = tokenizer.decode_batch(tokens[alive[maybe], :t + 1].tolist())
+                stopped = [k for k, text in zip(maybe, texts) if any(s in text for s in stop)]
                 if stopped:
                     ended[stopped] = True
-                    reason[stopped] = 2
-        length = torch.where(ended, t + 1, length)
-        done = done | ended
+                    reason[alive[stopped]] = 2
+        length[alive[ended]] = t + 1
+        done[alive[ended]] = True
         if t == max_new_tokens - 1 or bool(done.all()):
             break
+        if step_fn is None and 2 * int((~done[alive]).sum()) <= len(alive):
+            # Half the batch has finished: drop those rows, so one long sample does not hold up the finished
+            # ones (the CUDA graph keeps its fixed batch).
+            keep = (~done[alive]).nonzero().flatten()
+            alive, token, positions, cache = alive[keep], token[keep], positions[keep], cache.select(keep)
         if step_fn is not None:
             logits = step_fn(token, positions, cache.length)
             cache.length += 1

@@ -102,6 +102,28 @@ def test_eos_stops_a_row_by_position_even_when_eos_is_the_pad_id(model_and_tok):
         assert a.tokens == b.tokens[:n]
 
 
+def test_finished_rows_leave_the_batch_and_the_others_still_sample_the_policy(model_and_tok):
+    model, tok = model_and_tok
+    prompts = [list(range(5 + i, 8 + i + i % 4)) for i in range(8)]     # 3 to 6 tokens: positions differ
+    sample = dict(max_new_tokens=12, temperature=1.0, seed=1)
+    free = generate(model, tok, prompts, **sample)
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    old = tok.eos_ids
+    tok.eos_ids = sorted({r.tokens[2] for r in free[:4]})    # as EOS these end rows 0-3 within three steps
+    try:
+        batch = generate(model, tok, prompts, **sample)
+    finally:
+        tok.eos_ids = old
+        hook.remove()
+    assert min(sizes) < len(prompts) and sum(r.finish == "eos" for r in batch) >= 4   # the decoding batch shrank
+    for r in batch:      # and every row, kept or dropped, was sampled from its own context
+        ids = torch.tensor([r.prompt_ids + r.tokens])
+        with torch.no_grad():
+            lp = reference_logprobs(model, ids)[0, len(r.prompt_ids) - 1:]
+        torch.testing.assert_close(torch.tensor(r.logprobs), lp, atol=1e-5, rtol=1e-5)
+
+
 def test_stop_strings_cut_text_and_tokens(model_and_tok):
     model, tok = model_and_tok
     sample = dict(max_new_tokens=24, temperature=1.0, seed=2)
