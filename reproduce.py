@@ -61,7 +61,7 @@ import train_grpo
 import train_opd
 import train_sft
 from lora import load_checkpoint
-from model import SIZE, FlagParser, LoadError, cli, output_dir, write_text
+from model import COUNT, SIZE, FlagParser, LoadError, cli, output_dir, write_text
 from training import NonFiniteLoss, finished, snapshot_path, snapshot_steps
 
 SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py": train_opd}
@@ -127,15 +127,17 @@ def stages() -> list[Stage]:
 PROFILES = {
     "paper": {"train": {}, "evaluate": [], "drift": [], "passk": ["--samples", "8"]},
     "tiny": {
-        # The SFT presets unchanged (mild: 1 epoch, lr 1e-4, r 16; stress: 5 epochs, lr 5e-4, r 64) on the first
-        # 1,000 train problems in batches of 8 (125 and 625 steps). GRPO: 40 steps of 8 prompts x 8 samples; OPD:
-        # 30 steps of 8 prompts; both at lr 2e-4 (the tiny model moves little at the 0.6B defaults of 5e-5 / 1e-4
-        # in so few steps).
+        # The SFT presets unchanged (mild: 1 epoch, lr 1e-4, r 16; stress: 5 epochs, lr 5e-4, r 64) over all 7,473
+        # train problems, as in the paper (mild in batches of 8: 935 steps; stress in batches of 16: 2,340 steps).
+        # RFT: the first 1,000 problems (125 steps of 8 prompts x 8 samples). GRPO: 300 steps of 8 prompts x 8
+        # samples at lr 3e-4; OPD: 50 steps of 8 prompts at lr 2e-4 (tiny/README.md: how these were chosen).
         "train": {
-            "train_sft.py": ["--limit", "1000", "--batch-size", "8", "--save-every", "50"],
-            "train_grpo.py": ["--max-steps", "40", "--batch-size", "4", "--grad-accum", "2", "--lr", "2e-4",
-                              "--save-every", "10"],
-            "train_opd.py": ["--max-steps", "30", "--lr", "2e-4", "--save-every", "10"],
+            "train_sft.py": ["--batch-size", "8", "--save-every", "100"],
+            "sft_stress": ["--batch-size", "16"],
+            "sft_learner": ["--limit", "1000"],
+            "train_grpo.py": ["--max-steps", "300", "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-4",
+                              "--save-every", "50"],
+            "train_opd.py": ["--max-steps", "50", "--lr", "2e-4", "--save-every", "10"],
         },
         # every target and retention item (1,319 / 817 / 535: narrower intervals, about 35 s a model); 256 new tokens
         "evaluate": ["--batch-size", "128", "--limit", "0"],
@@ -165,6 +167,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="local data (default: tiny/data for tiny, else the HF hub)")
     p.add_argument("--out", default=None, help="study directory (default: runs/<model name>)")
     p.add_argument("--seeds", type=SIZE, default=1, help="repeat every trained run with seeds 0..N-1")
+    p.add_argument("--first-seed", type=COUNT, default=0, help="train only seeds K..N-1 (a second process sharing --out "
+                   "takes the last seeds; a final run without it reuses every stage and reports all seeds)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps and examples per stage")
     p.add_argument("--only", default=None, help="comma-separated trained runs to do (default: all)")
     p.add_argument("--frontier", action="store_true", help="also evaluate every run after "
@@ -174,6 +178,8 @@ def parse_args(argv=None):
                    help='flags appended to every call of a script, e.g. --extra train_grpo.py="--max-steps 50"')
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args(argv)
+    if args.first_seed >= args.seeds:
+        p.error(f"--first-seed {args.first_seed}: the seeds are 0..{args.seeds - 1}")
     args.profile = "quick" if args.quick else ("tiny" if args.model == "tiny" else "paper")
     args.out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.model)) +
                                         ("_quick" if args.quick else ""))
@@ -899,7 +905,7 @@ def main(argv=None) -> dict:
     evaluate_model(args, "base", None, costs)
     evaluate_model(args, "base", None, costs, passk=True)
     runs = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for stage in stages():
             if only and stage.name not in only:
                 continue
@@ -917,6 +923,9 @@ def main(argv=None) -> dict:
             runs.setdefault(stage.name, []).append(status)
     if not distributed.main_rank():   # under torchrun (README: More GPUs) rank 0 writes the report
         return {}
+    if os.path.exists(previous):      # stages that another process sharing --out ran in the meantime
+        for kind, measured in _load(previous)["costs"].items():
+            costs[kind] = {**measured, **costs[kind]}
     summary = summarize(args, runs, costs)
     plots = plot(summary, args.out)
     write_text(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1))

@@ -1,5 +1,6 @@
 """reproduce.py: a shortened study on the bundled tiny world writes Table 2, reuses finished stages and resumes
 an interrupted run; the paper's predictions are judged by the criteria they state."""
+import argparse
 import json
 import os
 
@@ -161,6 +162,30 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
     assert "--resume" in run["argv"] and "failed" not in run
     log = reproduce._log(run["log"])
     assert [r["step"] for r in log] == [1, 2, 3, 4]     # steps 1-2 from the first call, 3-4 resumed
+
+
+def test_two_processes_share_a_study_by_seeds_and_a_final_run_reports_both(tmp_path, monkeypatch):
+    base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
+    train, other = reproduce.train, {}
+
+    def concurrently(args, stage, seed, costs):   # the second process (seed 1 only) runs while the first trains
+        if seed == 0 and not other:
+            other["started"] = True
+            other.update(reproduce.main(base + ["--seeds", "2", "--first-seed", "1"]))
+        return train(args, stage, seed, costs)
+
+    monkeypatch.setattr(reproduce, "train", concurrently)
+    first = reproduce.main(base)                                         # seed 0, and it writes its report last
+    monkeypatch.undo()
+    assert [r["seed"] for r in other["models"]["sft_mild"]["runs"]] == [1]
+    assert {"train/sft_mild_s0", "train/sft_mild_s1"} <= set(first["costs"]["seconds"])   # both processes' costs
+    ckpts = [reproduce.ckpt_path(argparse.Namespace(out=str(tmp_path)), "sft_mild", s) for s in (0, 1)]
+    mtimes = [os.path.getmtime(c) for c in ckpts]
+    final = reproduce.main(base + ["--seeds", "2"])
+    assert [os.path.getmtime(c) for c in ckpts] == mtimes                 # nothing retrained
+    assert final["models"]["sft_mild"]["gsm8k"]["n"] == 2 and final["costs"] == first["costs"]
+    with pytest.raises(SystemExit):
+        reproduce.main(base + ["--seeds", "2", "--first-seed", "2"])
 
 
 def test_only_refuses_unknown_runs_and_students_without_their_teacher(tmp_path):
