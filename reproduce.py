@@ -22,8 +22,8 @@ What it runs, in order (each a call of the script that owns it, with the flags s
 4. drift.py of every adapter against the base: lexical features (the paper's) and the base model's hidden states.
 5. results.json, results.md (Table 2 with the paper's numbers beside ours; every difference from the base with a
    95% interval, paired over items and hierarchical over seeds; drift and the policy KLs, and how each tracks
-   forgetting; pass@k; the state-source x signal grid and state locality; the paper's predictions P1-P4, each
-   decided from the interval of its difference)
+   forgetting; pass@k; the state-source x signal grid and state locality; the paper's conditions C1-C4 and
+   predictions P1-P4, each decided from the interval of its difference)
    and plots (training curves; retention against each drift measure).
 With --frontier every run also keeps its adapter after a quarter and half of its steps (train_*.py --snapshots),
 which are evaluated too: frontier.png draws target accuracy against retention along each run, and results.md
@@ -36,7 +36,7 @@ last checkpoint (train_*.py --resume).
 Settings. With a real model every stage runs the scripts' defaults, which are the paper's protocol
 (evaluation on 500 GSM8K / 200 TruthfulQA / 500 MMLU items, the stress preset of 5 epochs at lr 5e-4 with
 LoRA r 64). With `--model tiny` the evaluation and drift protocols stay the same and the trained runs are
-shortened (PROFILES["tiny"]) so that the whole study fits in about half an hour on two CPU cores (30 min measured).
+set (PROFILES["tiny"]) to the paper's data regime: about half an hour for one seed on two CPU cores (estimated).
 `--quick` shrinks everything to a smoke run (CI runs it as a test). Explicit per-script flags can be appended
 with --extra SCRIPT="FLAGS" (they come last, so they override).
 """
@@ -123,7 +123,7 @@ def stages() -> list[Stage]:
 
 
 # Per-setting flags added to the scripts' defaults. "paper": none (the scripts' defaults are the paper's).
-# "tiny": the tiny world on 2 CPU cores, about half an hour in all; "quick": a smoke run.
+# "tiny": the tiny world on 2 CPU cores, about half an hour a seed; "quick": a smoke run.
 PROFILES = {
     "paper": {"train": {}, "evaluate": [], "drift": [], "passk": ["--samples", "8"]},
     "tiny": {
@@ -419,6 +419,7 @@ def summarize(args, runs: dict, costs: dict) -> dict:
             points += [{"run": stage.name, **{k: v[i]["value"] for k, v in measures[stage.name].items()},
                         **{k: e["forgetting"]["mean"][k] for k in ("forgetting", "retention")}} for i, e in enumerate(evals)]
         summary["models"][stage.name] = row
+    summary["conditions"] = conditions(scores)
     summary["predictions"] = predictions(scores, measures)
     summary["correlations"] = {k: correlation([p[k] for p in points], [p["forgetting"] for p in points])
                                for k in MEASURES if points and all(k in p for p in points)}
@@ -528,6 +529,40 @@ def predictions(scores: dict, measures: dict) -> dict:
                                    "half_width_over_drift": width / scale if scale else None,
                                    "parts": [part(f"{MEASURES[key]}(OPD) - {MEASURES[key]}(SFT stress)", d, 5), retention]}
     return result
+
+
+def conditions(scores: dict) -> dict:
+    """The four conditions of the paper's experiment that a world must meet before P1-P4 test anything, each
+    decided like a prediction (every difference's interval above zero). C1: the base's target accuracy is within
+    [0.30, 0.60] and its retention scores above chance (0.25: four choices). C2: mild SFT raises the target with
+    mean retention R of at least 0.98. C3: stress SFT is a degraded teacher, below mild SFT on the target and on
+    retention; C3b: below the base on the target too, as the paper's was. C4: GRPO and OPD from the stress
+    teacher train long enough to raise the target."""
+    def part(text, names, statistic, tasks):
+        iv = interval(scores, names, statistic, tasks)
+        return {"difference": text, "interval": iv, "verdict": evaluate.verdict(iv), "digits": 3}
+
+    def gain(name, label):
+        return part(f"GSM8K({label}) - GSM8K(base)", [name], lambda m: m[name]["gsm8k"] - m["base"]["gsm8k"], ["gsm8k"])
+
+    retention = evaluate.RETENTION_TASKS
+    out = {"C1": [part("GSM8K(base) - 0.30", [], lambda m: m["base"]["gsm8k"] - 0.30, ["gsm8k"]),
+                  part("0.60 - GSM8K(base)", [], lambda m: 0.60 - m["base"]["gsm8k"], ["gsm8k"])] +
+                 [part(f"{t}(base) - 0.25", [], lambda m, t=t: m["base"][t] - 0.25, [t]) for t in ("truthfulqa", "mmlu")]}
+    if "sft_mild" in scores:
+        out["C2"] = [gain("sft_mild", "SFT mild"),
+                     part("R(SFT mild) - 0.98", ["sft_mild"], lambda m: eq12(m, "sft_mild")[1] - 0.98, retention)]
+    if {"sft_mild", "sft_stress"} <= set(scores):
+        pair = ["sft_mild", "sft_stress"]
+        out["C3"] = [part("GSM8K(SFT mild) - GSM8K(SFT stress)", pair,
+                          lambda m: m["sft_mild"]["gsm8k"] - m["sft_stress"]["gsm8k"], ["gsm8k"]),
+                     part("R(SFT mild) - R(SFT stress)", pair,
+                          lambda m: eq12(m, "sft_mild")[1] - eq12(m, "sft_stress")[1], retention)]
+        out["C3b"] = [part("GSM8K(base) - GSM8K(SFT stress)", ["sft_stress"],
+                           lambda m: m["base"]["gsm8k"] - m["sft_stress"]["gsm8k"], ["gsm8k"])]
+    if {"grpo", "opd_stress"} <= set(scores):
+        out["C4"] = [gain("grpo", "GRPO"), gain("opd_stress", "OPD")]
+    return {k: {"parts": v, "verdict": combined(v)} for k, v in out.items()}
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -654,6 +689,11 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
             loc = row["locality"]
             lines.append(f"| {row['label']} | {row['states']} | {row['signal']} | {fmt(loc['state_nll_base'])} | "
                          f"{fmt(loc['target_nll_start'])} | {fmt(loc['target_nll_end'])} |")
+    lines += ["", "## The paper's conditions: is this the paper's experiment?", "",
+              " ".join(line.strip() for line in conditions.__doc__.split("\n")), ""]
+    for key, c in summary.get("conditions", {}).items():
+        lines.append(f"- **{key}**: **{c['verdict']}** (" + "; ".join(
+            f"{q['difference']} {ci(q['interval'], q['digits'])} {q['verdict']}" for q in c["parts"]) + ")")
     lines += ["", "## The paper's predictions, decided from intervals", "",
               predictions.__doc__.split("\n\n")[1].strip().replace("\n    ", " "), ""]
     for key, p in summary["predictions"].items():

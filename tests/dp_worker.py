@@ -83,6 +83,9 @@ def main():
     distributed.sum_gradients(params)
     if distributed.main_rank():
         torch.save([p.grad for p in params], out)
+    distributed.barrier()     # no rank leaves while another still talks to it (gloo aborts a process that does)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

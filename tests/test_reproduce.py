@@ -56,6 +56,25 @@ def test_predictions_are_decided_from_intervals_of_their_differences():
     assert p["P2"]["verdict"] == p["P3"]["verdict"] == p["P4 kl_base_policy_target"]["verdict"] == "contradicted"
 
 
+def test_the_papers_conditions_are_decided_from_intervals_too():
+    rng = np.random.default_rng(1)
+    n = 800
+    base = {t: (rng.random(n) < p).astype(float)[None] for t, p in
+            (("gsm8k", 0.4), ("truthfulqa", 0.9), ("truthfulqa_mc2", 0.8), ("mmlu", 0.85))}
+    paper = {"base": base, "sft_mild": run_scores(base, rng, gain=0.15), "grpo": run_scores(base, rng, gain=0.1),
+             "opd_stress": run_scores(base, rng, gain=0.1)}
+    stress = run_scores(base, rng, loss=0.15)
+    stress["gsm8k"] = np.stack([np.where(rng.random(n) < 0.3, 0.0, row) for row in paper["base"]["gsm8k"].repeat(3, 0)])
+    c = reproduce.conditions({**paper, "sft_stress": stress})       # the paper's regime: a stress run below both
+    assert {k: v["verdict"] for k, v in c.items()} == {"C1": "holds", "C2": "holds", "C3": "holds", "C3b": "holds",
+                                                         "C4": "holds"}
+    better = run_scores(base, rng, gain=0.3, loss=0.15)              # a stress run better on the target than mild
+    c = reproduce.conditions({**paper, "sft_stress": better})
+    assert c["C3"]["verdict"] == c["C3b"]["verdict"] == "contradicted" and c["C3"]["parts"][1]["verdict"] == "holds"
+    low = {t: X * (rng.random(X.shape) < 0.5) for t, X in base.items()}   # a base at 0.2 on the target
+    assert reproduce.conditions({"base": low})["C1"]["verdict"] == "contradicted"
+
+
 def test_mmd_difference_resamples_seeds_and_shared_replicates():
     rng = np.random.default_rng(1)
     a = rng.normal(0.02, 0.002, (3, 200))
@@ -127,6 +146,7 @@ def test_quick_study_writes_table_2_with_every_model(quick_study):
     assert set(summary["correlations"]) == set(reproduce.MEASURES) and len(summary["points"]) == len(names) - 1
     assert os.path.exists(os.path.join(out, "ckpt", "sft_stress_s0_at2.pt"))   # --snapshots 0.25,0.5 of 3 steps: 1, 2
     assert {p["verdict"] for p in summary["predictions"].values()} <= {"holds", "contradicted", "undecided"}
+    assert set(summary["conditions"]) == {"C1", "C2", "C3", "C3b", "C4"} and "**C3b**" in md
     assert "## Differences from the base" in md and "## Policy KL" in md and "**P3**" in md
     # pass@k of every model (2 samples: k = 1, 2) with the difference from the base; the state-source x signal grid
     assert set(summary["models"]["base"]["pass_at_k"]) == {"1", "2"} and "## pass@k on GSM8K" in md
