@@ -186,10 +186,11 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     for t in range(max_new_tokens):
         token, logp = sample_next(logits, temperature, top_p, top_k, generator)
         tokens[alive, t], logps[alive, t] = token, logp
-        ended = ~done[alive] & torch.isin(token, eos)
+        running = ~done[alive]
+        ended = running & torch.isin(token, eos)
         reason[alive[ended]] = 1
         if triggers is not None:
-            maybe = (~done[alive] & ~ended & triggers[token]).nonzero().flatten().tolist()
+            maybe = (running & ~ended & triggers[token]).nonzero().flatten().tolist()
             if maybe:  # rare: decode only these rows and look for a stop string
                 texts = tokenizer.decode_batch(tokens[alive[maybe], :t + 1].tolist())
                 stopped = [k for k, text in zip(maybe, texts) if any(s in text for s in stop)]
@@ -200,10 +201,11 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
         done[alive[ended]] = True
         if t == max_new_tokens - 1 or bool(done.all()):
             break
-        if step_fn is None and 2 * int((~done[alive]).sum()) <= len(alive):
+        running &= ~ended
+        if step_fn is None and 2 * int(running.sum()) <= len(alive):
             # Half the batch has finished: drop those rows, so one long sample does not hold up the finished
             # ones (the CUDA graph keeps its fixed batch).
-            keep = (~done[alive]).nonzero().flatten()
+            keep = running.nonzero().flatten()
             alive, token, positions, cache = alive[keep], token[keep], positions[keep], cache.select(keep)
         if step_fn is not None:
             logits = step_fn(token, positions, cache.length)

@@ -139,7 +139,7 @@ PROFILES = {
                               "--save-every", "50"],
             "train_opd.py": ["--max-steps", "50", "--lr", "2e-4", "--save-every", "10"],
         },
-        # every target and retention item (1,319 / 817 / 535: narrower intervals, about 35 s a model); 256 new tokens
+        # every target and retention item (1,319 / 817 / 535: narrower intervals, about 20 s a model); 256 new tokens
         "evaluate": ["--batch-size", "128", "--limit", "0"],
         "drift": ["--batch-size", "128", "--prompts", "64"],   # 64 prompts x 4 rollouts, a state every 16 tokens
         "passk": ["--batch-size", "256", "--limit", "200", "--samples", "8"],   # the first 200 problems x 8 samples
@@ -482,6 +482,11 @@ def combined(parts: list[dict]) -> str:
     return "contradicted" if "contradicted" in verdicts else "holds" if all(v == "holds" for v in verdicts) else "undecided"
 
 
+def decided(text: str, iv: dict, digits: int = 3) -> dict:
+    """One difference of a prediction or condition: its interval and the verdict read from it."""
+    return {"difference": text, "interval": iv, "verdict": evaluate.verdict(iv), "digits": digits}
+
+
 def predictions(scores: dict, measures: dict) -> dict:
     """The paper's predictions P1-P4, each decided from the 95% intervals of the differences it is about.
 
@@ -494,8 +499,7 @@ def predictions(scores: dict, measures: dict) -> dict:
     and its half-width is under a quarter of the larger drift, so a difference that large would have shown)
     and different retention; a measure whose difference interval excludes zero separates the two runs and
     contradicts P4 for that measure."""
-    def part(text, iv, digits=3):
-        return {"difference": text, "interval": iv, "verdict": evaluate.verdict(iv), "digits": digits}
+    part = decided
 
     def R_minus(a, b, text):
         return part(text, interval(scores, [a, b], lambda m: eq12(m, a)[1] - eq12(m, b)[1], evaluate.RETENTION_TASKS))
@@ -539,8 +543,7 @@ def conditions(scores: dict) -> dict:
     retention; C3b: below the base on the target too, as the paper's was. C4: GRPO and OPD from the stress
     teacher train long enough to raise the target."""
     def part(text, names, statistic, tasks):
-        iv = interval(scores, names, statistic, tasks)
-        return {"difference": text, "interval": iv, "verdict": evaluate.verdict(iv), "digits": 3}
+        return decided(text, interval(scores, names, statistic, tasks))
 
     def gain(name, label):
         return part(f"GSM8K({label}) - GSM8K(base)", [name], lambda m: m[name]["gsm8k"] - m["base"]["gsm8k"], ["gsm8k"])
