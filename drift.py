@@ -48,7 +48,8 @@ import distributed
 import lora
 from evaluate import (GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, load_mmlu, load_truthfulqa,
                       mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
-from model import COUNT, NONNEGATIVE, SIZE, FlagParser, LoadError, cli, load_model, number, output_dir, write_text
+from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, number, output_dir, run, write_text
+from model import LoadError, load_model
 from train_opd import divergences
 
 # ----------------------------------------------------------------------------------------------
@@ -399,4 +400,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run(main)

@@ -48,7 +48,8 @@ from tqdm import tqdm
 import distributed
 import lora
 from generate import generate, score
-from model import COUNT, RATE, SIZE, TINY_DIR, FlagParser, LoadError, cli, load_model, number, output_dir, write_text
+from cli import COUNT, RATE, SIZE, FlagParser, number, output_dir, run, write_text
+from model import TINY_DIR, LoadError, load_model
 
 TASKS = ("gsm8k", "truthfulqa", "mmlu")
 RETENTION_TASKS = ("truthfulqa", "mmlu")
@@ -621,4 +622,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run(main)

@@ -275,7 +275,8 @@ def score(model, contexts, continuations, batch_size: int = 64) -> list[list[tor
 
 def main():
     import time
-    from model import COUNT, NONNEGATIVE, SIZE, FlagParser, load_model, number
+    from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, number
+    from model import load_model
     p = FlagParser(description="Sample continuations of a prompt with the KV-cache sampler.")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id")
     p.add_argument("--checkpoint", help="a LoRA checkpoint (.pt) to apply, merged")
@@ -309,5 +310,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from model import cli
-    cli(main)
+    from cli import run
+    run(main)

@@ -18,13 +18,9 @@ which slots hold real tokens, so left padding, batched prefill and batched decod
 tensor indexing: no per-sequence Python anywhere. generate.py drives it, through Qwen3.forward or, for a
 CUDA graph, through Qwen3.graph_step (one decode step over the whole cache, so its shapes never change).
 """
-import argparse
 import functools
 import json
-import math
 import os
-import signal
-import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,92 +35,6 @@ BUNDLED = {"tiny": os.path.join(TINY_DIR, "model")}
 
 class LoadError(Exception):
     """A user-facing problem with an input (a file, a flag); scripts print it as one line instead of a traceback."""
-
-
-def cli(main, errors=(LoadError,)):
-    """Run a script's main(). A user-facing failure ends as one "error: ..." line (exit code 1), not a traceback;
-    Ctrl-C or SIGTERM outside a training loop (which stops at the end of its step, training.steps) as one line
-    too, exit code 130 or 143. Outputs are written whole at the end (write_text), so nothing half-written stays."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        main()
-    except errors as e:
-        raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt as e:
-        code = getattr(e, "code", 130)
-        print(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): stopped at once; outputs and checkpoints are "
-              "written whole, so none is left half-written", file=sys.stderr)
-        raise SystemExit(code)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C (exit code 143)."""
-    code = 143
-
-
-def _raise_interrupt(signum, frame):
-    raise Terminated()
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse whose errors are one line: "error: argument --batch-size: 0 is below 1 (see --help)", exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def number(kind=int, minimum=None, maximum=None, above=None):
-    """An argparse type: an int or a finite float, at least `minimum`, greater than `above`, at most `maximum`."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"{text} must be greater than {above}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{text} is above {maximum}")
-        return value
-    return parse
-
-
-COUNT, SIZE, RATE = number(int, 0), number(int, 1), number(float, above=0)   # limits/steps; sizes; learning rates
-NONNEGATIVE, PROBABILITY = number(float, 0), number(float, 0, 1)
-
-
-def replace_atomically(path: str, write):
-    """write(tmp) a temporary file, then rename it to `path`: the file is whole or not there, and a crash or a
-    second Ctrl-C mid-write leaves the previous version (a checkpoint, a result) as it was."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path: str, text: str):
-    """Write a text file whole or not at all (replace_atomically)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    replace_atomically(path, write)
-
-
-def output_dir(path: str, flag: str = "--out") -> str:
-    """Make the directory that will hold `path` (an output named by `flag`) before any work, or say why it cannot be."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    except OSError as e:
-        raise LoadError(f"{flag} {path}: cannot make its directory ({e.strerror})")
-    return path
 
 
 @dataclass

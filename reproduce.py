@@ -61,7 +61,8 @@ import train_grpo
 import train_opd
 import train_sft
 from lora import load_checkpoint
-from model import COUNT, SIZE, FlagParser, LoadError, cli, output_dir, write_text
+from cli import COUNT, SIZE, FlagParser, output_dir, run, write_text
+from model import LoadError
 from training import NonFiniteLoss, finished, snapshot_path, snapshot_steps
 
 SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py": train_opd}
@@ -978,4 +979,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main)
+    run(main)

@@ -35,7 +35,7 @@ import torch
 import distributed
 import training
 from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
-from model import NONNEGATIVE, RATE, SIZE, FlagParser, number
+from cli import NONNEGATIVE, RATE, SIZE, FlagParser, number
 
 
 def parse_args(argv=None):

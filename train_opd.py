@@ -76,7 +76,7 @@ from torch.utils.checkpoint import checkpoint
 import distributed
 import lora
 import training
-from model import NONNEGATIVE, PROBABILITY, SIZE, FlagParser, number
+from cli import NONNEGATIVE, PROBABILITY, SIZE, FlagParser, number
 from evaluate import gsm8k_prompt, gsm8k_rollouts
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B-Base"

@@ -39,7 +39,7 @@ import functools
 import distributed
 import training
 from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
-from model import RATE, SIZE, FlagParser, number
+from cli import RATE, SIZE, FlagParser, number
 
 PRESETS = {
     "mild": dict(epochs=1.0, lr=1e-4, lora_r=16, lora_alpha=32),

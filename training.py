@@ -73,8 +73,9 @@ import torch.nn.functional as F
 import distributed
 from evaluate import gsm8k_prompt, load_gsm8k, resolve_data_dir
 from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, save_checkpoint, use_adapter
-from model import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, FlagParser, LoadError, load_model, number, output_dir
-from model import cli as model_cli
+import cli as script
+from cli import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, FlagParser, number, output_dir
+from model import LoadError, load_model
 
 
 class NonFiniteLoss(RuntimeError):
@@ -653,4 +654,4 @@ def finish(run: Run):
 
 def cli(main):
     """Run main(); user-facing failures (a missing model or checkpoint, a NaN) end as one line, exit code 1."""
-    model_cli(main, (LoadError, NonFiniteLoss))
+    script.run(main, (LoadError, NonFiniteLoss))

@@ -15,7 +15,8 @@ import torch
 import evaluate
 import train_sft
 from lora import LoraConfig, add_lora, load_checkpoint, save_checkpoint
-from model import cli, load_model
+from cli import run as cli
+from model import load_model
 from trainer_helpers import REPO, gsm8k_dir, learnable_dir, read_log, run_cli  # noqa: F401 (fixtures)
 
 
