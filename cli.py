@@ -8,23 +8,32 @@ Nothing here is about the paper; every script shares it, so that a user's mistak
 one line, never a traceback or a half-written file.
 """
 import argparse
+import errno
 import math
 import os
 import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from model import LoadError
 
 
 def run(main, errors=(LoadError,)):
     """Run a script's main(). A user-facing failure ends as one "error: ..." line (exit code 1), not a traceback;
-    Ctrl-C or SIGTERM outside a training loop (which stops at the end of its step, training.steps) as one line
-    too, exit code 130 or 143. Outputs are written whole at the end (write_text), so nothing half-written stays."""
+    Ctrl-C or SIGTERM outside a training loop (which stops at the end of its step: stop_at_step_end) as one line
+    too, exit code 130 or 143, and so does a disk that fills up. Outputs are written whole (write_text,
+    replace_atomically), so nothing half-written stays and the previous checkpoint survives."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         main()
     except errors as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SystemExit(f"error: the disk is full ({e.filename or 'writing an output'}); files written before are "
+                         "whole, a checkpoint is the previous one")
     except KeyboardInterrupt as e:
         code = getattr(e, "code", 130)
         print(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): stopped at once; outputs and checkpoints are "
@@ -41,6 +50,32 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_interrupt(signum, frame):
     raise Terminated()
+
+
+_requested = []   # the signals that asked a training loop to stop, inside stop_at_step_end()
+
+
+@contextmanager
+def stop_at_step_end():
+    """Inside, Ctrl-C or SIGTERM (a scheduler's pre-emption) does not stop the program: stop_requested() says it came,
+    and the training loop checkpoints at the end of its step and exits 128 + the signal's number. A second signal
+    stops at once (the last checkpoint on disk is whole). Only the main thread can take signals."""
+    def request(signum, frame):
+        _requested.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    _requested.clear()
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested() -> int:
+    """The signal that asked the training loop to stop (0: none)."""
+    return _requested[0] if _requested else 0
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -91,6 +126,20 @@ def write_text(path: str, text: str):
         with open(tmp, "w") as f:
             f.write(text)
     replace_atomically(path, write)
+
+
+def device(text: str) -> str:
+    """An argparse type: a device this torch has ("cuda" on a CPU-only build is a one-line error, not a traceback)."""
+    import torch
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ..)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees no CUDA device")
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
+    return text
 
 
 def output_dir(path: str, flag: str = "--out") -> str:

@@ -50,7 +50,7 @@ from evaluate import (GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, loa
                       mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
 from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, number, output_dir, run, write_text
 from model import LoadError, load_model
-from train_opd import divergences
+from training import divergences
 
 # ----------------------------------------------------------------------------------------------
 # State representations

@@ -32,7 +32,9 @@ import time
 
 import torch
 
+import cli
 import distributed
+import lora
 import training
 from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
 from cli import NONNEGATIVE, RATE, SIZE, FlagParser, number
@@ -137,18 +139,20 @@ def learner_batches(rollouts, group, args, eos, reward_fn):
     return batch, stats
 
 
-def sample(run, examples, args, seed):
+def sample(model, tok, examples, args, seed):
     """G rollouts per example from the current policy (its adapter merged into the weights)."""
-    prompts = run.tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
-    return gsm8k_rollouts(run.model, run.tok, [p for p in prompts for _ in range(args.group_size)], "default",
+    prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
+    return gsm8k_rollouts(model, tok, [p for p in prompts for _ in range(args.group_size)], "default",
                           args.max_new_tokens, args.temperature, seed, args.sample_batch_size)
 
 
 def main(argv=None, reward_fn=exact_answer_reward):
     args = parse_args(argv)
-    run = training.setup(args, "grpo")
-    examples = training.train_examples(run)
-    G, eos = args.group_size, set(run.tok.eos_ids)
+    meta = {"method": "grpo"}
+    model, tok, optimizer, resumed = training.setup(args, meta)
+    params = lora.lora_parameters(model)
+    examples = training.train_examples(args, meta, resumed)
+    G, eos = args.group_size, set(tok.eos_ids)
 
     @functools.cache
     def epoch_batches(epoch):
@@ -158,22 +162,49 @@ def main(argv=None, reward_fn=exact_answer_reward):
 
     n_batches = -(-len(examples) // args.batch_size)
     total = args.max_steps or training.plan_steps(args, n_batches) * args.mu
-    batch = None
-    for _ in training.steps(run, total):
-        t0 = time.perf_counter()
-        if batch is None or run.step % args.mu == 0:  # a fresh batch of rollouts from the current policy
-            group = [examples[i] for _ in range(args.grad_accum) for i in training.next_batch(run, epoch_batches)]
-            rollouts = sample(run, group, args, seed=distributed.seed(args.seed * 1_000_003 + run.step))
-            batch, rollout_stats = learner_batches(rollouts, group, args, eos, reward_fn)
-        t1 = time.perf_counter()
-        locality = training.wants_locality(run)
-        stats = training.train_step(run, batch, lambda b: training.policy_gradient_loss(
-            run.model, b, args.temperature, args.clip_eps, args.beta, locality))
-        stats.update(rollout_stats, sample_s=t1 - t0, learn_s=time.perf_counter() - t1)
-        training.end_step(run, stats)
-    training.finish(run)
-    return run
+    step, position = training.start(resumed, total)
+    first, saved, bar = step, (step if resumed else None), training.progress(args, "grpo", step, total)
+    save = lambda snapshot=False: training.save(args, model, optimizer, meta, step, total, position, snapshot)  # noqa: E731
+    micro = None
+    with cli.stop_at_step_end():
+        while step < total and not training.stopping(args, step, first, saved, save):
+            started = time.perf_counter()
+            if micro is None or step % args.mu == 0:  # the states: a fresh batch of rollouts from the current policy
+                group = [examples[i] for _ in range(args.grad_accum) for i in training.next_batch(epoch_batches, position)]
+                rollouts = sample(model, tok, group, args, seed=distributed.seed(args.seed * 1_000_003 + step))
+                micro, rollout_stats = learner_batches(rollouts, group, args, eos, reward_fn)   # the signal: rewards
+            sampled = time.perf_counter()
+            locality = training.wants_locality(args, step)
+            model.train()
+            sums = {}
+            for batch in micro:
+                with training.autocast(model):
+                    loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps,
+                                                                  args.beta, locality)                    # Eq. 6
+                if not training.add(sums, loss, figures):
+                    break
+                loss.backward()
+            model.eval()
+            stats = training.over_ranks(sums, params, optimizer, step, saved, args)
+            grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
+            lr = training.lr_at(step, total, args.lr, args.warmup)
+            for group_ in optimizer.param_groups:
+                group_["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            stats = {"loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm, **stats, **rollout_stats,
+                     "sample_s": sampled - started, "learn_s": time.perf_counter() - sampled}
+            tokens = stats.pop("tokens")
+            training.log(args, bar, {"step": step, **stats}, started, tokens)
+            every, snapshot = training.checkpoint_due(args, step, total)
+            saved = save() if every else saved
+            if snapshot:
+                save(snapshot=True)
+    bar.close()
+    training.finish(args, "grpo", save, saved, step, total)
+    return args
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    training.run(main)

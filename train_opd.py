@@ -12,7 +12,7 @@ A step has two halves, and they are two functions below:
    states. `student` (default): the student samples rollouts of GSM8K train prompts (the current adapter,
    merged into the weights for speed). `teacher`: the teacher samples them (offline sequence-level
    distillation). `data`: the gold solutions (SFT's states).
-2. Signal (`teacher_signal`, --signal) at those states:
+2. Signal (--signal; a function that builds it and the loss it makes, in SIGNALS) at those states:
    - `continuation` (default, the paper's successful variant): at --cuts random cut points t of each
      trajectory the teacher writes --continuation-tokens tokens c from (x, y_<t) (greedy, or sampled at
      --teacher-temperature); the student learns them by cross-entropy on its own prefix:
@@ -71,8 +71,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+import cli
 import distributed
 import lora
 import training
@@ -129,9 +129,8 @@ class Trajectory:
     logprobs: list | None = None     # the sampler's log-probs of y (None for the gold solutions)
 
 
-def collect_states(run, examples, seed: int) -> list:
+def collect_states(args, model, tok, examples, seed: int) -> list:
     """--states: the student's rollouts, the teacher's rollouts, or the gold solutions of `examples`."""
-    args, model, tok = run.args, run.model, run.tok
     if args.states == "data":
         return [Trajectory(p, a) for p, a in training.gold_solutions(tok, examples, args.max_len)]  # SFT's states
     prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
@@ -142,7 +141,7 @@ def collect_states(run, examples, seed: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Signal: what the teacher supervises at those states
+# Signal: what the teacher supervises at those states, and the loss it makes (one pair of functions per --signal)
 
 
 @dataclass
@@ -158,28 +157,9 @@ class Supervision:
     reverse_kl: torch.Tensor | None = None   # sampled-kl: log π_S(y_t | s_t) - log π_T(y_t | s_t) there, [B, T]
 
 
-def teacher_signal(run, trajectories, seed: int, sampled: int = 0) -> Supervision:
-    """--signal: the teacher's continuations at random cut points, or every state (its distribution is
-    computed in the loss, where the student's is)."""
-    args, model, tok = run.args, run.model, run.tok
-    if args.signal == "sampled-kl":
-        # Teacher and student score the student's sampled tokens by the same forward (the student without
-        # dropout), at the sampler's temperature: equal policies give exactly zero. The sampler's own log-probs
-        # (merged weights) are π_old of the ratio only.
-        ids, attn, target, state = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
-        logp = {}
-        for policy in ("default", "teacher"):
-            with torch.no_grad(), as_policy(model, policy), training.autocast(model):
-                logp[policy] = training.token_logprobs(model, ids, attn, target, temperature=args.temperature).float()
-        reverse_kl = torch.zeros(target.shape, device=target.device)
-        reverse_kl[target] = logp["default"] - logp["teacher"]
-        sampler = training.on_targets([tr.logprobs for tr in trajectories], target)
-        return Supervision(ids, attn, target, state, sampled, sampler, reverse_kl)
-    if args.signal == "kl":
-        # Every state (x, y_<t) supervises the distribution of position t: the targets are all of y, and the
-        # states are their own prefixes (the last token of y ends the trajectory without forming a state).
-        return Supervision(*training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device),
-                           sampled)
+def continuation_signal(args, model, tok, trajectories, seed: int, sampled: int) -> Supervision:
+    """The paper's signal: at --cuts random cut points t of each trajectory the teacher writes
+    --continuation-tokens tokens c from the state (x, y_<t); they are the targets, (x, y_<t) the states."""
     rng = random.Random(seed)
     cuts = [(tr, t) for tr in trajectories
             for t in sorted(rng.sample(range(len(tr.response)), min(args.cuts, len(tr.response))))]
@@ -191,9 +171,61 @@ def teacher_signal(run, trajectories, seed: int, sampled: int = 0) -> Supervisio
     return Supervision(*training.pad_rows(rows, args.device), sampled + sum(len(c.tokens) for c in continuations))
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss: the continuation signal is SFT's cross-entropy on the teacher's tokens; the kl signal compares the student's
-# and the teacher's next-token distributions at the supervised states
+def continuation_loss(args, model, sup: Supervision, normalizer: float, locality: bool):
+    """Eq. 7: SFT's cross-entropy (Eq. 5) on the teacher's continuations, at the learner's states."""
+    logp = training.token_logprobs(model, sup.ids, sup.attn, sup.target)
+    loss = -logp.sum() / normalizer                                                             # Eq. 7
+    if not locality:
+        return loss, {}
+    figures = logged_divergences(args, model, sup)
+    figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=logp))
+    return loss, figures
+
+
+def kl_signal(args, model, tok, trajectories, seed: int, sampled: int) -> Supervision:
+    """Every state (x, y_<t) supervises the distribution of position t: the targets are all of y, and the states
+    are their own prefixes (the last token of y ends the trajectory without forming a state)."""
+    return Supervision(*training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device), sampled)
+
+
+def kl_loss(args, model, sup: Supervision, normalizer: float, locality: bool):
+    """Σ_t KL(π_T(·|s_t) || π_S(·|s_t)) (--kl reverse: KL(π_S || π_T)), exact over the vocabulary, / the states."""
+    forward, reverse, cross = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
+    loss = (forward if args.kl == "forward" else reverse).sum() / normalizer
+    figures = {"kl_forward": training.total(forward), "kl_reverse": training.total(reverse)}
+    if locality:   # the target is π_T: the student's expected NLL of the teacher's samples
+        figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=-cross))
+    return loss, figures
+
+
+def sampled_kl_signal(args, model, tok, trajectories, seed: int, sampled: int) -> Supervision:
+    """Teacher and student score the student's sampled tokens by the same forward (the student without dropout), at
+    the sampler's temperature: equal policies give exactly zero. The sampler's own log-probs (merged weights) are
+    π_old of the ratio only."""
+    ids, attn, target, state = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
+    logp = {}
+    for policy in ("default", "teacher"):
+        with torch.no_grad(), as_policy(model, policy), training.autocast(model):
+            logp[policy] = training.token_logprobs(model, ids, attn, target, temperature=args.temperature).float()
+    reverse_kl = torch.zeros(target.shape, device=target.device)
+    reverse_kl[target] = logp["default"] - logp["teacher"]
+    sampler = training.on_targets([tr.logprobs for tr in trajectories], target)
+    return Supervision(ids, attn, target, state, sampled, sampler, reverse_kl)
+
+
+def sampled_kl_loss(args, model, sup: Supervision, normalizer: float, locality: bool):
+    """GRPO's clipped policy-gradient loss with the per-token advantage A_t = -Σ_{k≥t} γ^(k-t) (log π_S - log π_T)."""
+    batch = [sup.ids, sup.attn, sup.target, sup.state, sup.logprobs,
+             sampled_kl_advantage(sup.reverse_kl, args.discount), sup.target.float() / normalizer]
+    loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps, 0.0, locality)
+    figures["reverse_kl_sampled"] = training.total(sup.reverse_kl[sup.target])
+    if locality:
+        figures.update(logged_divergences(args, model, sup))
+    return loss, figures
+
+
+SIGNALS = {"continuation": (continuation_signal, continuation_loss), "kl": (kl_signal, kl_loss),
+           "sampled-kl": (sampled_kl_signal, sampled_kl_loss)}
 
 
 @contextmanager
@@ -208,35 +240,20 @@ def as_policy(model, adapter: str):
         model.train(was_training)
 
 
-def supervised_hidden(model, sup: Supervision):
-    """Final hidden states [N, H] of the N supervised states (the position before each target token)."""
-    return model(sup.ids, sup.attn, return_hidden=True)[:, :-1][sup.target[:, 1:]]
-
-
-def _divergences(h_student, h_teacher, lm_head):
-    """Per state: KL(π_T||π_S), KL(π_S||π_T) and the cross-entropy H(π_T, π_S), exact over the vocabulary."""
-    logp_s = lm_head(h_student).float().log_softmax(-1)
-    logp_t = lm_head(h_teacher).float().log_softmax(-1)
-    forward = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
-    reverse = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
-    cross = -(logp_t.exp() * logp_s).sum(-1)
-    return torch.stack([forward, reverse, cross], dim=-1)
-
-
-def divergences(h_student, h_teacher, lm_head, chunk: int = 1024):
-    """_divergences over row chunks, each recomputed in backward: memory O(chunk x vocabulary), not O(N x vocab)."""
-    parts = [checkpoint(_divergences, h_student[i:i + chunk], h_teacher[i:i + chunk], lm_head, use_reentrant=False)
-             for i in range(0, len(h_student), chunk)]
-    return torch.cat(parts) if parts else h_student.new_zeros(0, 3)
-
-
 def teacher_divergences(model, sup: Supervision, chunk: int):
-    """Per supervised state [N, 3]: divergences() of the student as it is (training: differentiable, with its
-    adapter dropout) and of the teacher."""
-    h_student = supervised_hidden(model, sup)
+    """Per supervised state [N, 3]: training.divergences() of the student as it is (training: differentiable, with
+    its adapter dropout) and of the teacher."""
+    h_student = training.scored_hidden(model, sup.ids, sup.attn, sup.target)
     with torch.no_grad(), as_policy(model, "teacher"):
-        h_teacher = supervised_hidden(model, sup)
-    return divergences(h_student, h_teacher, model.lm_head, chunk)
+        h_teacher = training.scored_hidden(model, sup.ids, sup.attn, sup.target)
+    return training.divergences(h_student, h_teacher, model.lm_head, chunk)
+
+
+def logged_divergences(args, model, sup: Supervision) -> dict:
+    """kl_forward and kl_reverse, exact, at the supervised states, of the student without dropout (logging only)."""
+    with torch.no_grad(), as_policy(model, "default"):
+        forward, reverse, _ = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
+    return {"kl_forward": training.total(forward), "kl_reverse": training.total(reverse)}
 
 
 def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Tensor:
@@ -248,35 +265,6 @@ def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Ten
     lag = k[:, None] - k[None, :]                                   # [k, t]: k - t
     gamma = torch.where(lag >= 0, discount ** lag.clamp(min=0).float(), 0.0)
     return -(reverse_kl @ gamma)
-
-
-def opd_loss(run, sup: Supervision, normalizer: float, locality: bool):
-    """The step's loss on one micro-batch: summed per supervised token (continuation, sampled-kl) or state (kl),
-    divided by the step's count of them."""
-    args, model = run.args, run.model
-    if args.signal in ("continuation", "sampled-kl"):
-        if args.signal == "continuation":
-            logp = training.token_logprobs(model, sup.ids, sup.attn, sup.target)
-            loss, figures = -logp.sum() / normalizer, {}   # Eq. 7: SFT's loss (Eq. 5), at the learner's states
-        else:
-            batch = [sup.ids, sup.attn, sup.target, sup.state, sup.logprobs,
-                     sampled_kl_advantage(sup.reverse_kl, args.discount), sup.target.float() / normalizer]
-            loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps, 0.0, locality)
-            figures["reverse_kl_sampled"] = training.total(sup.reverse_kl[sup.target])
-        if not locality:
-            return loss, figures
-        with torch.no_grad(), as_policy(model, "default"):   # both whole distributions, for the logged KLs only
-            forward, reverse, _ = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
-        figures.update(kl_forward=training.total(forward), kl_reverse=training.total(reverse))
-        if args.signal == "continuation":
-            figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=logp))
-        return loss, figures
-    forward, reverse, cross = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
-    loss = (forward if args.kl == "forward" else reverse).sum() / normalizer
-    figures = {"kl_forward": training.total(forward), "kl_reverse": training.total(reverse)}
-    if locality:   # the target is π_T: the student's expected NLL of the teacher's samples
-        figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=-cross))
-    return loss, figures
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,41 +295,68 @@ def load_teacher(args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     teacher = load_teacher(args)
-    run = training.setup(args, "opd", meta={"teacher": args.teacher, "teacher_method": teacher["meta"].get("method"),
-                                            "signal": args.signal, "states": args.states})
-    lora.load_adapter(run.model, teacher, name="teacher")
-    examples = training.train_examples(run)
+    meta = {"method": "opd", "teacher": args.teacher, "teacher_method": teacher["meta"].get("method"),
+            "signal": args.signal, "states": args.states}
+    model, tok, optimizer, resumed = training.setup(args, meta)
+    lora.load_adapter(model, teacher, name="teacher")
+    params = lora.lora_parameters(model)
+    signal, opd_loss = SIGNALS[args.signal]
+    examples = training.train_examples(args, meta, resumed)
     epoch_batches = training.prompt_batches(args, examples)
-    n_batches = -(-len(examples) // args.batch_size)
-    for step in training.steps(run, training.plan_steps(args, n_batches)):
-        t0 = time.perf_counter()
-        micro, responses = [], []
-        for k in range(args.grad_accum):
-            batch = [examples[i] for i in training.next_batch(run, epoch_batches)]
-            if not batch:      # under torchrun, a micro-batch smaller than the number of ranks
-                continue
-            seed = distributed.seed(args.seed * 10**9 + step * 1000 + 2 * k)   # states: seed; continuations: seed + 1
-            trajectories = collect_states(run, batch, seed)
-            responses += [len(tr.response) for tr in trajectories]
-            sampled = 0 if args.states == "data" else sum(len(tr.response) for tr in trajectories)
-            micro.append(teacher_signal(run, trajectories, seed, sampled))
-        t1 = time.perf_counter()
-        supervised, response_tokens, n_responses, tokens = distributed.total(
-            [sum(int(s.target.sum()) for s in micro), sum(responses), len(responses),
-             sum(s.sampled + int(s.attn.sum()) for s in micro)])          # the step's, over all ranks
-        normalizer = max(1, supervised)
-        locality = training.wants_locality(run)
-        stats = training.train_step(run, micro, lambda s: opd_loss(run, s, normalizer, locality))
-        stats["supervised_tokens"] = normalizer
-        stats["response_len"] = response_tokens / n_responses
-        stats["sample_s"], stats["learn_s"] = t1 - t0, time.perf_counter() - t1
-        stats["tokens"] = tokens
-        if args.signal == "sampled-kl":
-            stats["reverse_kl_by_position"] = by_position(micro)   # this rank's (rank 0 logs)
-        training.end_step(run, stats)
-    training.finish(run)
-    return run
+    total = training.plan_steps(args, -(-len(examples) // args.batch_size))
+    step, position = training.start(resumed, total)
+    first, saved, bar = step, (step if resumed else None), training.progress(args, "opd", step, total)
+    save = lambda snapshot=False: training.save(args, model, optimizer, meta, step, total, position, snapshot)  # noqa: E731
+    with cli.stop_at_step_end():
+        while step < total and not training.stopping(args, step, first, saved, save):
+            started = time.perf_counter()
+            micro, responses = [], []
+            for k in range(args.grad_accum):
+                batch = [examples[i] for i in training.next_batch(epoch_batches, position)]
+                if not batch:      # under torchrun, a micro-batch smaller than the number of ranks
+                    continue
+                seed = distributed.seed(args.seed * 10**9 + step * 1000 + 2 * k)   # states: seed; continuations: seed + 1
+                trajectories = collect_states(args, model, tok, batch, seed)          # the state source
+                responses += [len(tr.response) for tr in trajectories]
+                sampled = 0 if args.states == "data" else sum(len(tr.response) for tr in trajectories)
+                micro.append(signal(args, model, tok, trajectories, seed, sampled))  # the teacher's signal there
+            sampled_s = time.perf_counter()
+            supervised, response_tokens, n_responses, tokens = distributed.total(
+                [sum(int(s.target.sum()) for s in micro), sum(responses), len(responses),
+                 sum(s.sampled + int(s.attn.sum()) for s in micro)])          # the step's, over all ranks
+            normalizer = max(1, supervised)
+            locality = training.wants_locality(args, step)
+            model.train()
+            sums = {}
+            for sup in micro:
+                with training.autocast(model):
+                    loss, figures = opd_loss(args, model, sup, normalizer, locality)
+                if not training.add(sums, loss, figures):
+                    break
+                loss.backward()
+            model.eval()
+            stats = training.over_ranks(sums, params, optimizer, step, saved, args)
+            grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
+            lr = training.lr_at(step, total, args.lr, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm, **stats,
+                      "supervised_tokens": normalizer, "response_len": response_tokens / n_responses,
+                      "sample_s": sampled_s - started, "learn_s": time.perf_counter() - sampled_s}
+            if args.signal == "sampled-kl":
+                record["reverse_kl_by_position"] = by_position(micro)   # this rank's (rank 0 logs)
+            training.log(args, bar, record, started, tokens)
+            every, snapshot = training.checkpoint_due(args, step, total)
+            saved = save() if every else saved
+            if snapshot:
+                save(snapshot=True)
+    bar.close()
+    training.finish(args, "opd", save, saved, step, total)
+    return args
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    training.run(main)

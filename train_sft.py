@@ -35,8 +35,12 @@ learns to stop; there is no packing of several examples into one row (batches of
 padding small instead); examples longer than --max-len tokens are cut at the end.
 """
 import functools
+import time
+
+import cli
 
 import distributed
+import lora
 import training
 from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
 from cli import RATE, SIZE, FlagParser, number
@@ -80,13 +84,12 @@ def sft_loss(model, batch, normalizer: float, locality: bool):
     return loss, figures
 
 
-def accepted_samples(run, examples, seed: int):
+def accepted_samples(args, model, tok, examples, seed: int):
     """--states learner: (prompt ids, None, completion ids) rows of the learner's accepted completions of
     `examples`, at most --keep per prompt, and the figures of the sampling."""
-    args, tok = run.args, run.tok
     prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
     G = args.group_size
-    rollouts = gsm8k_rollouts(run.model, tok, [p for p in prompts for _ in range(G)], "default", args.max_new_tokens,
+    rollouts = gsm8k_rollouts(model, tok, [p for p in prompts for _ in range(G)], "default", args.max_new_tokens,
                               args.temperature, seed, args.sample_batch_size)
     correct = [is_correct(r.text, examples[i // G]["answer"]) for i, r in enumerate(rollouts)]
     rows = []
@@ -98,59 +101,84 @@ def accepted_samples(run, examples, seed: int):
                   "solved": solved}
 
 
+def gold_batch(args, pairs, shares):
+    """A micro-batch per share of gold (prompt, answer) pairs: the states x + y*_<t are the answer's own prefixes
+    (pad_rows' states None), and every answer token is a target."""
+    return [training.pad_rows([(pairs[i][0], None, pairs[i][1]) for i in share], args.device) for share in shares if share]
+
+
+def learner_batch(args, model, tok, examples, shares, seed: int):
+    """--states learner: a micro-batch per share of prompts, of the learner's own accepted completions (none when
+    it solved nothing), and the step's sampling counts over all ranks."""
+    micro, counts = [], dict.fromkeys(("prompts", "sampled", "accepted", "kept", "solved"), 0)
+    for k, share in enumerate(shares):
+        rows, figures = accepted_samples(args, model, tok, [examples[i] for i in share], seed + k)
+        counts = {key: counts[key] + figures[key] for key in counts}
+        if rows:
+            micro.append(training.pad_rows([(x, s, c[:max(1, args.max_len - len(x))]) for x, s, c in rows], args.device))
+    return micro, dict(zip(counts, distributed.total(list(counts.values()))))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    run = training.setup(args, "sft", meta={"preset": args.preset, "states": args.states})
+    meta = {"method": "sft", "preset": args.preset, "states": args.states}
+    model, tok, optimizer, resumed = training.setup(args, meta)
+    params = lora.lora_parameters(model)
+    examples = training.train_examples(args, meta, resumed)
     if args.states == "learner":
-        return learner_states(run)
-    pairs = training.gold_solutions(run.tok, training.train_examples(run), args.max_len)
-    lengths = [len(p) + len(a) for p, a in pairs]
-
-    @functools.cache
-    def epoch_batches(epoch):
-        return training.length_grouped_batches(lengths, args.batch_size, seed=args.seed * 1000 + epoch)
-
-    n_batches = -(-len(pairs) // args.batch_size)
-    for _ in training.steps(run, training.plan_steps(args, n_batches)):
-        # The states x + y*_<t are the answer's own prefixes (states None): every answer token is a target.
-        shares = [training.next_batch(run, epoch_batches) for _ in range(args.grad_accum)]
-        micro = [training.pad_rows([(pairs[i][0], None, pairs[i][1]) for i in share], args.device)
-                 for share in shares if share]
-        n_targets, tokens = distributed.total([sum(int(b[2].sum()) for b in micro), sum(int(b[1].sum()) for b in micro)])
-        locality = training.wants_locality(run)
-        stats = training.train_step(run, micro, lambda b: sft_loss(run.model, b, n_targets, locality))
-        stats["tokens"] = tokens
-        training.end_step(run, stats)
-    training.finish(run)
-    return run
-
-
-def learner_states(run):
-    """--states learner: each step, Eq. 5 on the learner's own accepted completions of its prompts."""
-    args = run.args
-    examples = training.train_examples(run)
-    epoch_batches = training.prompt_batches(args, examples)
-    n_batches = -(-len(examples) // args.batch_size)
-    for step in training.steps(run, training.plan_steps(args, n_batches)):
-        micro, counts = [], dict.fromkeys(("prompts", "sampled", "accepted", "kept", "solved"), 0)
-        for k in range(args.grad_accum):
-            batch = [examples[i] for i in training.next_batch(run, epoch_batches)]
-            rows, figures = accepted_samples(run, batch, seed=distributed.seed(args.seed * 10**9 + step * 1000 + k))
-            counts = {key: counts[key] + figures[key] for key in counts}
-            if rows:
-                micro.append(training.pad_rows([(x, s, c[:max(1, args.max_len - len(x))]) for x, s, c in rows],
-                                               args.device))
-        counts = dict(zip(counts, distributed.total(list(counts.values()))))   # over all ranks
-        n_targets, tokens = distributed.total([sum(int(b[2].sum()) for b in micro), sum(int(b[1].sum()) for b in micro)])
-        locality = training.wants_locality(run)
-        # no accepted completion: no micro-batch, no gradient, and AdamW leaves parameters without one alone
-        stats = training.train_step(run, micro, lambda b: sft_loss(run.model, b, n_targets, locality))
-        stats.update(kept=counts["kept"] / counts["sampled"], accepted=counts["accepted"] / counts["sampled"],
-                     prompts_solved=counts["solved"] / counts["prompts"], tokens=tokens)
-        training.end_step(run, stats)
-    training.finish(run)
-    return run
+        epoch_batches = training.prompt_batches(args, examples)
+    else:
+        pairs = training.gold_solutions(tok, examples, args.max_len)
+        lengths = [len(p) + len(a) for p, a in pairs]
+        epoch_batches = functools.cache(lambda epoch: training.length_grouped_batches(
+            lengths, args.batch_size, seed=args.seed * 1000 + epoch))
+    total = training.plan_steps(args, -(-len(examples) // args.batch_size))
+    step, position = training.start(resumed, total)
+    first, saved, bar = step, (step if resumed else None), training.progress(args, "sft", step, total)
+    save = lambda snapshot=False: training.save(args, model, optimizer, meta, step, total, position, snapshot)  # noqa: E731
+    with cli.stop_at_step_end():
+        while step < total and not training.stopping(args, step, first, saved, save):
+            started = time.perf_counter()
+            # the step's states and signal: gold solutions, or the learner's own accepted samples
+            shares = [training.next_batch(epoch_batches, position) for _ in range(args.grad_accum)]
+            record = {}
+            if args.states == "learner":
+                seed = distributed.seed(args.seed * 10**9 + step * 1000)
+                micro, counts = learner_batch(args, model, tok, examples, shares, seed)
+                record = {"kept": counts["kept"] / counts["sampled"], "accepted": counts["accepted"] / counts["sampled"],
+                          "prompts_solved": counts["solved"] / counts["prompts"]}
+            else:
+                micro = gold_batch(args, pairs, shares)
+            n_targets, tokens = distributed.total([sum(int(b[2].sum()) for b in micro), sum(int(b[1].sum()) for b in micro)])
+            locality = training.wants_locality(args, step)
+            # loss and backward, micro-batch by micro-batch (no accepted completion: no micro-batch, no update)
+            model.train()
+            sums = {}
+            for batch in micro:
+                with training.autocast(model):
+                    loss, figures = sft_loss(model, batch, n_targets, locality)     # Eq. 5, / the step's targets
+                if not training.add(sums, loss, figures):
+                    break
+                loss.backward()
+            model.eval()
+            stats = training.over_ranks(sums, params, optimizer, step, saved, args)
+            grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
+            lr = training.lr_at(step, total, args.lr, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            training.log(args, bar, {"step": step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm,
+                                     **stats, **record}, started, tokens)
+            every, snapshot = training.checkpoint_due(args, step, total)
+            saved = save() if every else saved
+            if snapshot:
+                save(snapshot=True)
+    bar.close()
+    training.finish(args, "sft", save, saved, step, total)
+    return args
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    training.run(main)

@@ -1,38 +1,23 @@
-"""What every trainer shares: flags, setup, the optimizer step, state locality, logging, checkpoints, resume.
+"""What the three trainers share, as plain functions: flags, setup, checkpoints, data order, losses, logging.
 
-train_sft.py, train_grpo.py and train_opd.py differ only in where their states come from and which signal
-they apply there; everything else lives here, as plain functions over one `Run` record:
+Each trainer (train_sft.py, train_grpo.py, train_opd.py) writes its own loop, as nanoGPT's train.py does:
 
-    p = FlagParser(description=__doc__, formatter_class=HelpFormatter)        # model.py: one-line errors
-    add_common_args(p); p.set_defaults(lr=1e-4, ...)                                # method defaults
-    args = p.parse_args(argv)
-    run = setup(args, "sft")                      # seeds, model + tokenizer, LoRA (fresh | --init | --resume), AdamW
-    for _ in steps(run, total):                   # progress bar; stops at `total` or after --stop-after steps
-        batches = [next_batch(run, epoch_batches) for _ in range(args.grad_accum)]   # data position is resumable
-        stats = train_step(run, batches, loss_fn)  # autocast, backward, NaN check, clip, lr schedule, AdamW
-        stats["tokens"] = ...                      # tokens this step processed -> tokens/s in the log
-        end_step(run, stats)                       # JSONL line, live bar, checkpoint every --save-every steps
-    finish(run)                                    # final checkpoint
-    if __name__ == "__main__": cli(main)           # LoadError / NonFiniteLoss -> one-line "error: ..."
-
-Functions a trainer calls inside its loss:
-    token_logprobs(model, input_ids, attention_mask, mask, temperature=1.0) -> [N]  log p of input_ids[mask]
-    state_locality(model, input_ids, attention_mask, state_mask, target_logprobs=None, base_logprobs=None) -> dict
-    wants_locality(run) -> bool                    whether this step logs state locality (--locality-every)
-    policy_gradient_loss(model, batch, temperature, clip_eps, beta, locality)   the clipped PG loss (GRPO, OPD sampled-kl)
-    on_targets(values, target) -> [B, T]           per-row numbers or per-token lists laid on the target positions
-    autocast(model)                                bf16 autocast on CUDA (and for bf16 weights on CPU)
-and around the loop: train_examples(run) -> GSM8K train; gold_solutions(tok, examples, max_len) -> (prompt, answer)
-token ids; through_eos(tokens, eos_ids); pad_rows(rows, device) -> a padded micro-batch with its target and state masks; plan_steps(args,
-batches_per_epoch) -> total steps; length_grouped_batches(lengths, batch_size, seed) -> shuffled batches of similar
-lengths; prompt_batches(args, examples) -> the same for prompts; save(run) for an extra checkpoint; finished(ckpt); lr_at(...); snapshot_steps / snapshot_path.
+    model, tok, optimizer, resumed = training.setup(args, meta)     # fresh | --init | --resume; AdamW
+    step, position = training.start(resumed)                        # where the run is: step, data position
+    with cli.stop_at_step_end():                                    # Ctrl-C / SIGTERM end the step, then stop
+        while step < total and not training.stopping(args, step, start, save):
+            micro = [...]                                           # the step's micro-batches (states + signal)
+            for batch in micro: loss = ...; loss.backward()         # the method's loss (Eq. 5, 6 or 7)
+            stats = training.over_ranks(sums, params, ...)          # figures and gradients of every rank
+            grad_norm = training.clip_gradients(params, args.clip)  # then the lr of the schedule, optimizer.step()
+            step += 1; training.log(args, bar, record); save on --save-every and --snapshots
+    training.finish(args, save, step, total)
 
 Contracts:
-- `loss_fn(micro_batch) -> (loss, figures)`: the step's loss is the SUM of the micro-batch losses, so a
-  trainer divides by a step-wide normalizer (e.g. all target tokens of the step); then gradient
-  accumulation gives exactly the gradient of one big batch. `figures` are {name: (sum, count)} (see total()),
-  and the step logs sum / count over its micro-batches: a mean over every token or state of the step, whatever
-  the micro-batches' sizes.
+- `loss(micro_batch) -> (loss, figures)`: the step's loss is the SUM of the micro-batch losses, so a trainer divides
+  by a step-wide normalizer (e.g. all target tokens of the step); then gradient accumulation gives exactly the
+  gradient of one big batch. `figures` are {name: (sum, count)} (see total()), and the step logs sum / count over
+  its micro-batches: a mean over every token or state of the step, whatever the micro-batches' sizes.
 - Masks are bool [B, T] over positions of input_ids: mask[b, t] = token t is scored, predicted from
   position t - 1 (so mask[:, 0] must be False). Per-token results come out in the order of input_ids[mask].
 - State locality (this study's addition; the paper names it as the missing measurement): `state_nll_base` is
@@ -41,15 +26,14 @@ Contracts:
   `target_nll` is the learner's mean NLL of its supervision targets. High state NLL = off-policy states.
 - The adapter being trained is lora.py's "default"; its parameters are kept in float32 (AdamW on bf16
   LoRA weights would round most updates away) while the base may be bfloat16. Other adapters (OPD's
-  teacher) may be loaded with lora.load_adapter(run.model, path, name="teacher") before or after setup.
-- Checkpoints (lora.save_checkpoint, atomic) go to --out every --save-every steps and at the end. meta holds
-  method, base model, data dir and a hash of the training examples, LoRA config, every argument and the step;
-  train_state holds the step and the run's planned steps (a run is finished when they meet), and until then
-  AdamW's state, torch's RNG states (CPU and CUDA: adapter dropout; the samplers and the data order have
-  seeded generators of their own) and the data position, so `--resume` continues the run and ends with the
-  same adapter as an uninterrupted one. --resume refuses flags or data that differ from the run's.
-  --snapshots F,F also keeps the adapter after those fractions of the run (snapshot_path: <out>_at<step>.pt),
-  the points of a run's trajectory that reproduce.py --frontier evaluates.
+  teacher) may be loaded with lora.load_adapter(model, path, name="teacher") after setup.
+- A checkpoint is one dict (lora.save_checkpoint, atomic): the adapter, and meta (method, base model, data dir, a
+  hash of the training examples, every argument, the step); train_state holds the step and the run's planned steps
+  (a run is finished when they meet), and until then AdamW's state, torch's RNG states (CPU and CUDA: adapter
+  dropout; the samplers and the data order have seeded generators of their own) and the data position, so
+  `--resume` continues the run and ends with the same adapter as an uninterrupted one. --resume refuses flags or
+  data that differ from the run's. --snapshots F,F also keeps the adapter after those fractions of the run
+  (snapshot_path: <out>_at<step>.pt), the points of a run's trajectory that reproduce.py --frontier evaluates.
 - A non-finite loss or gradient norm raises NonFiniteLoss before the optimizer moves: the last checkpoint
   on disk is the last good one and is left untouched.
 """
@@ -60,26 +44,27 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+import cli
 import distributed
+from cli import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, number, output_dir
 from evaluate import gsm8k_prompt, load_gsm8k, resolve_data_dir
 from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, save_checkpoint, use_adapter
-import cli as script
-from cli import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, FlagParser, number, output_dir
 from model import LoadError, load_model
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient went NaN/inf; the run stops and the last good checkpoint stays on disk."""
+
+
+def run(main):
+    """Run a trainer's main(); user-facing failures (a missing model or checkpoint, a NaN) end as one line, exit 1."""
+    cli.run(main, (LoadError, NonFiniteLoss))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +110,7 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=SIZE, default=16, help="examples (SFT) or prompts (GRPO, OPD) per micro-batch")
     g.add_argument("--grad-accum", type=SIZE, default=1, help="micro-batches per optimizer step")
     g.add_argument("--seed", type=number(int), default=0, help="seed for LoRA init, data order, dropout and sampling")
-    g.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu | cuda")
+    g.add_argument("--device", type=cli.device, default="cuda" if cuda else "cpu", help="cpu | cuda")
     g.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"],
                    help="base weights; on CUDA the forward runs under bf16 autocast either way")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -138,36 +123,7 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup
-
-
-@dataclass
-class Run:
-    """Everything a trainer's loop touches. `data` is the resumable data position (a small dict)."""
-    args: argparse.Namespace
-    method: str
-    model: torch.nn.Module
-    tok: object
-    optimizer: torch.optim.Optimizer
-    params: list
-    step: int = 0                                # optimizer steps done
-    total_steps: int = 0
-    data: dict = field(default_factory=lambda: {"epoch": 0, "index": 0})
-    meta: dict = field(default_factory=dict)     # method-specific metadata for the checkpoint (e.g. the teacher)
-    saved_step: int | None = None                # step of the last checkpoint on disk
-    resumed: dict | None = None                  # the checkpoint this invocation resumed from
-    bar: object = None
-    step_started: float = 0.0                    # when the current step began (its wall time goes in the log)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# Setup and checkpoints
 
 
 def finished(ckpt: dict) -> bool:
@@ -210,15 +166,16 @@ def _check_init(args, ckpt: dict):
                             f"{name} {ckpt['lora'][name]}: pass {_flag(key)} {ckpt['lora'][name]} to start from it")
 
 
-def setup(args, method: str, meta: dict | None = None) -> Run:
-    """Seed, load the base model and tokenizer, attach the adapter (fresh, --init or --resume), build AdamW,
-    and restore optimizer, RNG and data position when resuming."""
+def setup(args, meta: dict):
+    """Seed, load the base model and tokenizer, attach the adapter (fresh, --init or --resume), build AdamW, and
+    when resuming restore AdamW and the RNG and cut the log back to the checkpoint's step. Returns (model, tok,
+    optimizer, the checkpoint resumed from or None). meta["method"] names the run (sft, grpo, opd)."""
     args.device = distributed.init(args.device)   # under torchrun: this rank's device
     torch.manual_seed(args.seed)   # the LoRA init (the same on every rank), and adapter dropout (every CUDA device)
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
-    args.out = output_dir(args.out or f"ckpt/{method}.pt")
+    args.out = output_dir(args.out or f"ckpt/{meta['method']}.pt")
     args.log = output_dir(args.log or os.path.splitext(args.out)[0] + ".jsonl", "--log")
-    ckpt = resumable(args, method) if args.resume else load_checkpoint(args.init) if args.init else None
+    ckpt = resumable(args, meta["method"]) if args.resume else load_checkpoint(args.init) if args.init else None
     if args.init:
         _check_init(args, ckpt)
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -228,40 +185,91 @@ def setup(args, method: str, meta: dict | None = None) -> Run:
         load_adapter(model, ckpt, dtype=torch.float32, dropout=args.lora_dropout)
     else:
         add_lora(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), dtype=torch.float32)
-    params = lora_parameters(model)
     model.gradient_checkpointing = args.grad_checkpointing
     cuda = args.device.startswith("cuda")
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **({"fused": True} if cuda else {}))
-    run = Run(args, method, model, tok, optimizer, params, meta=dict(meta or {}))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=args.lr, weight_decay=args.weight_decay,
+                                  **({"fused": True} if cuda else {}))
+    step = 0
     if args.resume:
         ts = ckpt["train_state"]
         optimizer.load_state_dict(ts["optimizer"])
-        run.step = run.saved_step = ts["step"]
-        run.data = dict(ts["data"])
-        run.resumed = ckpt
-        set_rng_state(ts["rng"])
-        if distributed.main_rank():
-            _truncate_log(args.log, run.step)
-    elif os.path.exists(args.log) and distributed.main_rank():
-        os.remove(args.log)        # a new run starts a new log
+        torch.set_rng_state(ts["rng"]["torch"])
+        if ts["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
+        step = ts["step"]
+    if distributed.main_rank() and os.path.exists(args.log):   # a new run starts a new log; a resumed one loses
+        with open(args.log) as f:                                # the steps it is about to redo
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
+        with open(args.log, "w") as f:
+            f.writelines(lines)
     if distributed.rank():
-        torch.manual_seed(distributed.seed(args.seed) + run.step)   # other ranks: their own dropout masks
+        torch.manual_seed(distributed.seed(args.seed) + step)   # other ranks: their own dropout masks
     distributed.barrier()
-    return run
+    return model, tok, optimizer, ckpt
 
 
-def _truncate_log(path: str, step: int):
-    """Drop log lines past the checkpoint we resume from: those steps are about to be redone."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+def start(resumed: dict | None, total: int) -> tuple:
+    """(step, data position) where the run starts: 0 and the first batch, or the resumed checkpoint's."""
+    if resumed is None:
+        return 0, {"epoch": 0, "index": 0}
+    ts = resumed["train_state"]
+    if ts["total_steps"] != total:
+        raise LoadError(f"--resume: the checkpoint's run planned {ts['total_steps']} steps, these flags plan {total}")
+    return ts["step"], dict(ts["data"])
+
+
+def save(args, model, optimizer, meta: dict, step: int, total: int, position: dict, snapshot: bool = False) -> int:
+    """Checkpoint to --out atomically: adapter + meta, and everything --resume needs unless the run is finished
+    (then the checkpoint is the deliverable, and resuming has nothing to do). A snapshot is the adapter alone,
+    beside --out (snapshot_path): a point of the run's trajectory, not a place to resume from. Rank 0 writes.
+    Returns the step saved."""
+    if distributed.main_rank():
+        meta = {"data_dir": args.data_dir, "args": vars(args), "step": step, "total_steps": total, **meta}
+        state = {"step": step, "total_steps": total}
+        if not snapshot and step < total:
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            state.update(optimizer=optimizer.state_dict(), data=dict(position), rng=rng)
+        save_checkpoint(snapshot_path(args.out, step) if snapshot else args.out, model, meta, train_state=state)
+    return step
+
+
+def stopping(args, step: int, first: int, saved: int | None, save) -> bool:
+    """Whether the loop ends before `step`: after --stop-after steps of this invocation (True), or on Ctrl-C /
+    SIGTERM on any rank, which checkpoints the steps done (save(), unless `saved` is this step) and exits 128 +
+    the signal's number (130 for Ctrl-C, 143 for SIGTERM) with one line saying how to continue."""
+    signum = cli.stop_requested()
+    if distributed.any_rank(bool(signum)):        # under torchrun every rank stops at the same step
+        if saved != step:
+            save()
+        if distributed.main_rank():
+            print(f"interrupted at step {step}; checkpoint {args.out}; continue with --resume", file=sys.stderr)
+        raise SystemExit(128 + (signum or 15))
+    return bool(args.stop_after) and step - first >= args.stop_after
+
+
+def finish(args, method: str, save, saved: int | None, step: int, total: int):
+    """The last checkpoint: the deliverable when the run is done, a resumable one after --stop-after."""
+    if saved != step:
+        save()
+    distributed.barrier()   # the checkpoint is on disk before any rank reads it (reproduce.py's next stage)
+    if distributed.main_rank():
+        print(f"{method}: step {step}/{total} -> {args.out} (log {args.log})", file=sys.stderr)
+
+
+def snapshot_steps(fractions: list[float], total: int) -> list[int]:
+    """The steps --snapshots keeps: each fraction of the run, rounded, at least step 1."""
+    return sorted({max(1, round(f * total)) for f in fractions})
+
+
+def snapshot_path(out: str, step: int) -> str:
+    """Where the adapter after `step` steps is kept: ckpt/grpo_s0.pt -> ckpt/grpo_s0_at10.pt."""
+    return f"{os.path.splitext(out)[0]}_at{step}.pt"
+
+
 
 
 # ----------------------------------------------------------------------------------------------
-# Data position
+# Data
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
@@ -279,15 +287,15 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def train_examples(run: Run) -> list[dict]:
+def train_examples(args, meta: dict, resumed: dict | None) -> list[dict]:
     """GSM8K train as [{question, answer}], the first --limit examples (all with --limit 0). Their hash goes
-    into the checkpoint, and a resumed run must find the same examples (its data position counts in them)."""
-    examples = load_gsm8k("train", run.args.data_dir)[:run.args.limit or None]
+    into the checkpoint's meta, and a resumed run must find the same examples (its data position counts in them)."""
+    examples = load_gsm8k("train", args.data_dir)[:args.limit or None]
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:16]
-    if run.resumed and run.resumed["meta"].get("data_sha256", digest) != digest:
-        raise LoadError(f"--resume: the training examples are not those of the run in {run.args.out} "
-                        f"(--data-dir {run.args.data_dir}, --limit {run.args.limit})")
-    run.meta["data_sha256"] = digest
+    if resumed and resumed["meta"].get("data_sha256", digest) != digest:
+        raise LoadError(f"--resume: the training examples are not those of the run in {args.out} "
+                        f"(--data-dir {args.data_dir}, --limit {args.limit})")
+    meta["data_sha256"] = digest
     return examples
 
 
@@ -350,21 +358,23 @@ def plan_steps(args, batches_per_epoch: int) -> int:
     return max(1, math.ceil(args.epochs * batches_per_epoch / args.grad_accum))
 
 
-def next_batch(run: Run, epoch_batches):
+def next_batch(epoch_batches, position: dict):
     """This rank's share of the next micro-batch (under torchrun; all of it in one process). epoch_batches(epoch)
     -> list of batches must be deterministic in `epoch` (seed it with args.seed + epoch; decorate it with
-    functools.cache, it is asked at every micro-batch); the position {epoch, index} lives in run.data, is the
-    same on every rank, and is checkpointed: a run resumes with any number of ranks."""
-    batches = epoch_batches(run.data["epoch"])
-    batch = batches[run.data["index"]]
-    run.data["index"] += 1
-    if run.data["index"] == len(batches):
-        run.data.update(epoch=run.data["epoch"] + 1, index=0)
+    functools.cache, it is asked at every micro-batch); the position {epoch, index} is the same on every rank and
+    is checkpointed (advanced here): a run resumes with any number of ranks."""
+    batches = epoch_batches(position["epoch"])
+    batch = batches[position["index"]]
+    position["index"] += 1
+    if position["index"] == len(batches):
+        position.update(epoch=position["epoch"] + 1, index=0)
     return distributed.share(batch)
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# The step
+# The step: losses and figures
 
 
 def autocast(model):
@@ -390,9 +400,7 @@ def token_logprobs(model, input_ids, attention_mask, mask, temperature: float = 
     logits for a GRPO micro-batch would otherwise take tens of GB. Differentiable; logits / temperature, as
     the sampler records them (T = 0, greedy, scores the logits themselves).
     """
-    assert not mask[:, 0].any(), "the first token has no prefix to be predicted from"
-    hidden = model(input_ids, attention_mask, return_hidden=True)
-    h = hidden[:, :-1][mask[:, 1:]]                      # [N, H]: the position before each scored token
+    h = scored_hidden(model, input_ids, attention_mask, mask)
     targets = input_ids[mask]
     if h.shape[0] <= chunk or not torch.is_grad_enabled():
         return torch.cat([_logprobs(model.lm_head, h[i:i + chunk], targets[i:i + chunk], temperature)
@@ -400,6 +408,29 @@ def token_logprobs(model, input_ids, attention_mask, mask, temperature: float = 
     return torch.cat([torch.utils.checkpoint.checkpoint(_logprobs, model.lm_head, h[i:i + chunk], targets[i:i + chunk],
                                                         temperature, use_reentrant=False)
                       for i in range(0, h.shape[0], chunk)])
+
+
+def scored_hidden(model, input_ids, attention_mask, mask):
+    """Final hidden states [N, H] of the positions before each token of input_ids[mask] (the states it is scored at)."""
+    assert not mask[:, 0].any(), "the first token has no prefix to be predicted from"
+    return model(input_ids, attention_mask, return_hidden=True)[:, :-1][mask[:, 1:]]
+
+
+def _divergences(h_student, h_teacher, lm_head):
+    """Per state: KL(π_T||π_S), KL(π_S||π_T) and the cross-entropy H(π_T, π_S), exact over the vocabulary."""
+    logp_s = lm_head(h_student).float().log_softmax(-1)
+    logp_t = lm_head(h_teacher).float().log_softmax(-1)
+    forward = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    reverse = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    cross = -(logp_t.exp() * logp_s).sum(-1)
+    return torch.stack([forward, reverse, cross], dim=-1)
+
+
+def divergences(h_student, h_teacher, lm_head, chunk: int = 1024):
+    """_divergences over row chunks, each recomputed in backward: memory O(chunk x vocabulary), not O(N x vocab)."""
+    parts = [torch.utils.checkpoint.checkpoint(_divergences, h_student[i:i + chunk], h_teacher[i:i + chunk], lm_head,
+                                               use_reentrant=False) for i in range(0, len(h_student), chunk)]
+    return torch.cat(parts) if parts else h_student.new_zeros(0, 3)
 
 
 def _logprobs(lm_head, h, targets, temperature: float):
@@ -484,174 +515,87 @@ def total(values: torch.Tensor) -> tuple:
     return values.detach().float().sum().item(), values.numel()
 
 
-def wants_locality(run: Run) -> bool:
+def wants_locality(args, step: int) -> bool:
     """Whether this step logs state locality (--locality-every)."""
-    n = run.args.locality_every
-    return bool(n) and run.step % n == 0
+    return bool(args.locality_every) and step % args.locality_every == 0
 
 
-def train_step(run: Run, micro_batches, loss_fn) -> dict:
-    """One optimizer step: loss_fn on each micro-batch under autocast, backward, NaN/inf check, gradient
-    clipping, the scheduled lr, AdamW. Returns {loss, lr, grad_norm, **figures}, each figure its sum over the
-    micro-batches divided by its count. Under torchrun the micro-batches are this rank's share of the step's,
-    and the loss, the figures and the gradients are summed over ranks before anything is decided."""
-    model, args = run.model, run.args
-    model.train()
-    loss_sum, sums, counts, bad = 0.0, defaultdict(float), defaultdict(int), None
-    try:
-        for mb in micro_batches:
-            with autocast(model):
-                loss, figs = loss_fn(mb)
-            value = loss.item()
-            if not math.isfinite(value):
-                bad = value
-                break
-            loss.backward()
-            loss_sum += value
-            for k, (value_sum, count) in figs.items():
-                sums[k] += value_sum
-                counts[k] += count
-    finally:
-        model.eval()
+def add(sums: dict, loss, figures: dict) -> bool:
+    """Add a micro-batch's loss and figures to the step's sums ({name: [sum, count]}); False (and nothing added but
+    the flag) when the loss is not finite: the trainer then skips backward and over_ranks stops the run."""
+    value = loss.item()
+    if not math.isfinite(value):
+        sums["non_finite"] = value
+        return False
+    sums.setdefault("loss", [0.0, None])[0] += value
+    for k, (value_sum, count) in figures.items():
+        entry = sums.setdefault(k, [0.0, 0])
+        entry[0] += value_sum
+        entry[1] += count
+    return True
+
+
+def over_ranks(sums: dict, params: list, optimizer, step: int, saved: int | None, args) -> dict:
+    """The step's figures, each its sum over the micro-batches (and ranks) / its count, the loss a plain sum; the
+    gradients summed over ranks (distributed.sum_gradients). A non-finite loss on any rank raises NonFiniteLoss
+    before anything moves."""
+    bad = sums.pop("non_finite", None)
     if distributed.any_rank(bad is not None):
-        run.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"loss is {bad if bad is not None else 'non-finite on another rank'} at step "
-                            f"{run.step + 1}: {_kept(run)}")
+                            f"{step + 1}: {_kept(args, saved)}")
+    loss = sums.pop("loss", [0.0, None])[0]
     if distributed.world() > 1:
         keys = sorted({k for part in distributed.gather([sorted(sums)]) for k in part})   # figures of any rank
-        loss_sum, *flat = distributed.total([loss_sum] + [sums.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys])
-        sums, counts = dict(zip(keys, flat[:len(keys)])), dict(zip(keys, flat[len(keys):]))
-        distributed.sum_gradients(run.params)
-    grads = [p for p in run.params if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip if args.clip else float("inf")).item() if grads else 0.0
-    if not math.isfinite(grad_norm):
-        run.optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {run.step + 1}: {_kept(run)}")
-    lr = lr_at(run.step, run.total_steps, args.lr, args.warmup)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
-    return {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **{k: sums[k] / counts[k] for k in sums if counts[k]}}
+        loss, *flat = distributed.total([loss] + [sums.get(k, [0.0, 0])[0] for k in keys] +
+                                        [sums.get(k, [0.0, 0])[1] for k in keys])
+        sums = {k: [flat[i], flat[len(keys) + i]] for i, k in enumerate(keys)}
+        distributed.sum_gradients(params)
+    return {"loss": loss, **{k: s / n for k, (s, n) in sums.items() if n}}
 
 
-def _kept(run: Run) -> str:
-    if run.saved_step is None:
-        return f"stopping; no checkpoint was written yet (--save-every {run.args.save_every})"
-    return f"stopping; the last good checkpoint {run.args.out} (step {run.saved_step}) is kept"
+def clip_gradients(params: list, clip: float, optimizer, step: int, saved: int | None, args) -> float:
+    """Clip the gradient norm to `clip` (0: off) and return it as it was; a non-finite norm raises NonFiniteLoss
+    before the optimizer moves."""
+    grads = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip else float("inf")).item() if grads else 0.0
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"gradient norm is {norm} at step {step + 1}: {_kept(args, saved)}")
+    return norm
+
+
+def _kept(args, saved: int | None) -> str:
+    if saved is None:
+        return f"stopping; no checkpoint was written yet (--save-every {args.save_every})"
+    return f"stopping; the last good checkpoint {args.out} (step {saved}) is kept"
 
 
 # ----------------------------------------------------------------------------------------------
-# Loop, logging, checkpoints
+# Logging
 
 
-def steps(run: Run, total: int):
-    """Yield once per optimizer step still to do (total in all), with a progress bar; --stop-after ends early.
-
-    Ctrl-C or SIGTERM (a scheduler's pre-emption) lets the current step finish, then writes a checkpoint and
-    exits 130 or 143 with one line saying how to continue; a second signal stops at once (the last checkpoint
-    on disk is whole: checkpoints are written atomically)."""
-    planned = run.resumed["train_state"]["total_steps"] if run.resumed else total
-    if planned != total:
-        raise LoadError(f"--resume: the checkpoint's run planned {planned} steps, these flags plan {total}")
-    run.total_steps = total
+def progress(args, method: str, step: int, total: int):
+    """The run's progress bar (rank 0 only)."""
     from tqdm import tqdm
-    run.bar = tqdm(total=total, initial=run.step, desc=run.method, dynamic_ncols=True,
-                   disable=None if distributed.main_rank() else True)
-    start, stop = run.step, []       # stop: the signal that asked this run to stop, once one has
-
-    def request_stop(signum, frame):
-        stop.append(signum)
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    main_thread = threading.current_thread() is threading.main_thread()   # only it may take signals
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
-    try:
-        while run.step < total:
-            if distributed.any_rank(bool(stop)):     # under torchrun every rank stops at the same step
-                interrupted(run, stop[0] if stop else signal.SIGTERM)
-            if run.args.stop_after and run.step - start >= run.args.stop_after:
-                break
-            run.step_started = time.perf_counter()
-            yield run.step
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        run.bar.close()
+    return tqdm(total=total, initial=step, desc=method, dynamic_ncols=True,
+                disable=None if distributed.main_rank() else True)
 
 
-def interrupted(run: Run, signum: int):
-    """Checkpoint the steps done and exit 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
-    if run.saved_step != run.step:
-        save(run)
-    run.bar.close()
-    if distributed.main_rank():
-        print(f"interrupted at step {run.step}; checkpoint {run.args.out}; continue with --resume", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
-def end_step(run: Run, stats: dict):
-    """Append the step's metrics to the JSONL log, update the bar, checkpoint every --save-every steps.
-    stats["tokens"] (tokens processed this step, by all ranks) becomes tokens_per_s."""
-    dt = time.perf_counter() - run.step_started
-    tokens = stats.pop("tokens", None)
-    record = {"step": run.step, **stats, "step_s": dt}
-    if tokens is not None:
-        record["tokens_per_s"] = tokens / max(dt, 1e-9)
+def log(args, bar, record: dict, started: float, tokens=None):
+    """Append the step's record to the JSONL log (rank 0) with its wall time (and tokens_per_s, from the tokens
+    the step processed on all ranks), and update the progress bar."""
+    dt = time.perf_counter() - started
+    record = {**record, "step_s": dt, **({"tokens_per_s": tokens / max(dt, 1e-9)} if tokens is not None else {})}
     record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
     if distributed.main_rank():
-        os.makedirs(os.path.dirname(os.path.abspath(run.args.log)), exist_ok=True)
-        with open(run.args.log, "a") as f:
+        with open(args.log, "a") as f:
             f.write(json.dumps(record) + "\n")
-    if run.bar is not None:
-        shown = {k: f"{record[k]:.4g}" for k in ("loss", "reward", "state_nll_base") if k in record}
-        run.bar.set_postfix(shown, refresh=False)
-        run.bar.update(1)
-    if run.args.save_every and run.step % run.args.save_every == 0 and run.step < run.total_steps:
-        save(run)
-    if run.step in snapshot_steps(run.args.snapshots, run.total_steps):
-        save(run, snapshot=True)
+    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward", "state_nll_base") if k in record}, refresh=False)
+    bar.update(1)
 
 
-def snapshot_steps(fractions: list[float], total: int) -> list[int]:
-    """The steps --snapshots keeps: each fraction of the run, rounded, at least step 1."""
-    return sorted({max(1, round(f * total)) for f in fractions})
-
-
-def snapshot_path(out: str, step: int) -> str:
-    """Where the adapter after `step` steps is kept: ckpt/grpo_s0.pt -> ckpt/grpo_s0_at10.pt."""
-    return f"{os.path.splitext(out)[0]}_at{step}.pt"
-
-
-def save(run: Run, snapshot: bool = False):
-    """Checkpoint to --out atomically: adapter + meta, and everything --resume needs unless the run is finished
-    (then the checkpoint is the deliverable, and resuming has nothing to do). A snapshot is the adapter alone,
-    beside --out (snapshot_path): a point of the run's trajectory, not a place to resume from. Rank 0 writes."""
-    args = run.args
-    if not distributed.main_rank():
-        run.saved_step = run.saved_step if snapshot else run.step
-        return
-    meta = {"method": run.method, "data_dir": args.data_dir, "args": vars(args), "step": run.step,
-            "total_steps": run.total_steps, **run.meta}
-    state = {"step": run.step, "total_steps": run.total_steps}
-    if snapshot:
-        save_checkpoint(snapshot_path(args.out, run.step), run.model, meta, train_state=state)
-        return
-    if not finished({"train_state": state}):
-        state.update(optimizer=run.optimizer.state_dict(), data=dict(run.data), rng=rng_state())
-    save_checkpoint(args.out, run.model, meta, train_state=state)
-    run.saved_step = run.step
-
-
-def finish(run: Run):
-    """The last checkpoint: the deliverable when the run is done, a resumable one after --stop-after."""
-    if run.saved_step != run.step:
-        save(run)
-    distributed.barrier()   # the checkpoint is on disk before any rank reads it (reproduce.py's next stage)
-    if distributed.main_rank():
-        print(f"{run.method}: step {run.step}/{run.total_steps} -> {run.args.out} (log {run.args.log})", file=sys.stderr)
-
-
-def cli(main):
-    """Run main(); user-facing failures (a missing model or checkpoint, a NaN) end as one line, exit code 1."""
-    script.run(main, (LoadError, NonFiniteLoss))
+def checkpoint_due(args, step: int, total: int) -> tuple:
+    """(whether --save-every asks for a checkpoint after `step`, whether --snapshots keeps one there)."""
+    every = bool(args.save_every) and step % args.save_every == 0 and step < total
+    return every, step in snapshot_steps(args.snapshots, total)

@@ -93,15 +93,16 @@ def timed_steps(step, device, warmup, steps):
 
 
 def ours_step(model_dir, cfg, a, locality: bool):
-    """Our LoRA SFT step (train_sft.py's loss through training.train_step) as a closure."""
+    """Our LoRA SFT step (train_sft.py's loop body: loss, backward, clip, schedule, AdamW) as a closure."""
+    import lora
     import train_sft
     import training
     device = "cuda" if a.cuda else "cpu"
     args = train_sft.parse_args(["--model", model_dir, "--device", device, "--dtype", "bfloat16" if a.cuda else "float32",
                                  "--lora-r", "16", "--lora-alpha", "32", "--out", os.path.join(model_dir, "x.pt")]
                                 + (["--grad-checkpointing"] if a.grad_checkpointing else []))
-    run = training.setup(args, "sft")
-    run.total_steps = 10_000
+    model, _, optimizer, _ = training.setup(args, {"method": "sft"})
+    params = lora.lora_parameters(model)
     ids, target = sft_batch(cfg, a.batch, a.seq_len, a.prompt_len, device)
     attn = torch.ones_like(target)
     state = target.clone()
@@ -109,7 +110,16 @@ def ours_step(model_dir, cfg, a, locality: bool):
     n = int(target.sum())
 
     def step():
-        training.train_step(run, [(ids, attn, target, state)], lambda b: train_sft.sft_loss(run.model, b, n, locality))
+        model.train()
+        with training.autocast(model):
+            loss, _ = train_sft.sft_loss(model, (ids, attn, target, state), n, locality)
+        loss.backward()
+        model.eval()
+        training.clip_gradients(params, args.clip, optimizer, 0, None, args)
+        for group in optimizer.param_groups:
+            group["lr"] = training.lr_at(1, 10_000, args.lr, args.warmup)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return step
 
 
@@ -176,8 +186,8 @@ def grpo_split(model_dir, cfg, a):
             "--batch-size", str(a.grpo_prompts // 4), "--grad-accum", "4", "--group-size", str(a.group_size),
             "--max-new-tokens", str(a.new_tokens), "--max-steps", str(a.grpo_steps), "--save-every", "0",
             "--device", "cuda" if a.cuda else "cpu", "--dtype", "bfloat16" if a.cuda else "float32"]
-    run = train_grpo.main(argv, reward_fn=lambda r, ex: float(rng.random() < 0.5))
-    with open(run.args.log) as f:
+    args = train_grpo.main(argv, reward_fn=lambda r, ex: float(rng.random() < 0.5))
+    with open(args.log) as f:
         rows = [json.loads(line) for line in f][1:]  # the first step warms up kernels and CUDA graphs
     return (statistics.median(r["sample_s"] for r in rows), statistics.median(r["learn_s"] for r in rows),
             statistics.median(r["completion_len"] for r in rows))

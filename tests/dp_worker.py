@@ -8,7 +8,6 @@ gradient of the adapter is written by rank 0.
 """
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -63,10 +62,10 @@ def opd_step(model, tok, signal, prompts=5):
         trajectories.append(train_opd.Trajectory(torch.randint(3, 900, (4,), generator=gen).tolist(),
                                                  torch.randint(3, 900, (n,), generator=gen).tolist(),
                                                  (-torch.rand(n, generator=gen)).tolist()))
-    run = SimpleNamespace(model=model, tok=tok, args=args)
-    sup = train_opd.teacher_signal(run, distributed.share(trajectories), seed=0)
+    signal, loss = train_opd.SIGNALS[args.signal]
+    sup = signal(args, model, tok, distributed.share(trajectories), seed=0, sampled=0)
     normalizer = distributed.total([int(sup.target.sum())])[0]
-    train_opd.opd_loss(run, sup, normalizer, locality=False)[0].backward()
+    loss(args, model, sup, normalizer, locality=False)[0].backward()
 
 
 def main():

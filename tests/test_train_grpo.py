@@ -35,7 +35,7 @@ def test_policy_gradient_climbs_a_synthetic_reward(learnable_dir, tmp_path, one_
                            "--batch-size", "4", "--grad-accum", "1", "--group-size", "8", "--max-new-tokens", "8",
                            "--max-steps", "20", "--lr", "2e-2", "--lora-r", "8", "--save-every", "0",
                            "--locality-every", "5"], reward_fn=low_token_fraction)
-    log = read_log(run.args.log)
+    log = read_log(run.log)
     rewards = [row["reward"] for row in log]
     assert sum(rewards[:3]) / 3 < 0.3 and sum(rewards[-3:]) / 3 > 0.6
     # the learner has left the base policy: zero KL at the start (fresh adapter), clearly positive later

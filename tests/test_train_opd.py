@@ -72,23 +72,20 @@ def teacher_and_student(world, student=None):
     return model, tok
 
 
-def fake_run(model, tok, **args):
+def opd_args(**args):
     defaults = dict(signal="kl", kl="forward", states="student", logit_chunk=1024, device="cpu", cuts=2,
                     continuation_tokens=4, teacher_temperature=0.0, temperature=1.0, max_new_tokens=16,
                     sample_batch_size=64, max_len=1024)
-    return SimpleNamespace(model=model, tok=tok, args=SimpleNamespace(**{**defaults, **args}))
+    return SimpleNamespace(**{**defaults, **args})
 
 
 @torch.no_grad()
 def kl_on_student_states(model, tok, n=8, seed=1234):
     """Mean exact KL(teacher || student) over every state of fresh student rollouts (not the training ones)."""
-    run = fake_run(model, tok, max_new_tokens=16)
+    args = opd_args(max_new_tokens=16)
     prompts = [{"question": f"Sam has {i} pens and gets {i + 2} more. How many pens?"} for i in range(n)]
-    sup = train_opd.teacher_signal(run, train_opd.collect_states(run, prompts, seed), seed)
-    h_student = train_opd.supervised_hidden(model, sup)
-    with train_opd.as_policy(model, "teacher"):
-        h_teacher = train_opd.supervised_hidden(model, sup)
-    return train_opd.divergences(h_student, h_teacher, model.lm_head)[:, 0].mean().item()
+    sup = train_opd.kl_signal(args, model, tok, train_opd.collect_states(args, model, tok, prompts, seed), seed, 0)
+    return train_opd.teacher_divergences(model, sup, 1024)[:, 0].mean().item()
 
 
 def direct_kl(model, trajectories, reverse=False):
@@ -180,7 +177,7 @@ def test_state_source_decides_who_samples_the_states(world, tmp_path, monkeypatc
 def test_data_states_are_the_gold_solutions(world):
     model, tok = teacher_and_student(world)
     examples = [{"question": "Tom has 2 apples and buys 5 more. How many apples?", "answer": "2 + 5 = 7\n#### 7"}]
-    [tr] = train_opd.collect_states(fake_run(model, tok, states="data"), examples, seed=0)
+    [tr] = train_opd.collect_states(opd_args(states="data"), model, tok, examples, seed=0)
     assert tok.decode(tr.response[:-1]) == " 2 + 5 = 7\n#### 7" and tr.response[-1] == tok.eos_ids[0]
     assert tok.decode(tr.prompt) == "Question: Tom has 2 apples and buys 5 more. How many apples?\nAnswer:"
 
@@ -207,11 +204,11 @@ def test_exact_kl_matches_a_direct_computation(world, direction):
     # Two lengths in one batch: the short row is padded, and padding must not become states.
     trajectories = [train_opd.Trajectory([3, 40, 41, 42], [50, 51, 52, 53, 54, 1]),
                     train_opd.Trajectory([3, 60], [70, 71, 1])]
-    run = fake_run(model, tok, signal="kl", kl=direction, logit_chunk=4)   # chunks split rows across the batch
-    sup = train_opd.teacher_signal(run, trajectories, seed=0)
+    args = opd_args(signal="kl", kl=direction, logit_chunk=4)   # chunks split rows across the batch
+    sup = train_opd.kl_signal(args, model, tok, trajectories, seed=0, sampled=0)
     assert int(sup.target.sum()) == 9 and int(sup.state.sum()) == 9 - 2
     model.train()
-    loss, figures = train_opd.opd_loss(run, sup, normalizer=9, locality=False)
+    loss, figures = train_opd.kl_loss(args, model, sup, normalizer=9, locality=False)
     reference = direct_kl(model, trajectories, reverse=direction == "reverse")
     other = direct_kl(model, trajectories, reverse=direction == "forward")
     assert loss.item() == pytest.approx(reference.mean().item(), rel=1e-4, abs=1e-6)
@@ -246,15 +243,16 @@ def test_sigterm_checkpoints_the_step_and_resume_ends_with_the_same_student(worl
     common = ["--teacher", world.teacher, "--max-steps", "4", "--batch-size", "2", "--max-new-tokens", "8",
               "--continuation-tokens", "4", "--lr", "1e-2", "--lora-r", "4", "--save-every", "0"]
     train_opd.main(common + ["--out", str(tmp_path / "whole.pt")])
-    real, calls = train_opd.opd_loss, []
+    make, real = train_opd.SIGNALS["continuation"]
+    calls = []
 
-    def loss_then_sigterm(run, *args, **kwargs):
-        calls.append(run.step)
-        if run.step == 1 and calls.count(1) == 1:        # during the second optimizer step
+    def loss_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:        # during the second optimizer step (one micro-batch a step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(run, *args, **kwargs)
+        return real(*args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(train_opd, "opd_loss", loss_then_sigterm)
+        m.setitem(train_opd.SIGNALS, "continuation", (make, loss_then_sigterm))
         with pytest.raises(SystemExit) as stop:
             train_opd.main(common + ["--out", str(tmp_path / "cut.pt")])
     assert stop.value.code == 143

@@ -49,10 +49,10 @@ def test_sft_drives_the_loss_on_a_handful_of_examples_toward_zero(learnable_dir,
     run = train_sft.main(["--model", learnable_dir, "--data-dir", data, "--out", str(tmp_path / "sft.pt"),
                           "--batch-size", "4", "--max-steps", "60", "--lr", "2e-2", "--lora-r", "8",
                           "--lora-dropout", "0", "--warmup", "0", "--save-every", "0", "--locality-every", "20"])
-    losses = [row["loss"] for row in read_log(run.args.log)]
+    losses = [row["loss"] for row in read_log(run.log)]
     assert losses[0] > 5 and losses[-1] < 0.05
     # dataset states: their tokens stay as surprising to the base as ever while the learner fits them
-    first, last = read_log(run.args.log)[0], read_log(run.args.log)[40]
+    first, last = read_log(run.log)[0], read_log(run.log)[40]
     assert last["state_nll_base"] == pytest.approx(first["state_nll_base"], rel=1e-4)
     assert last["target_nll"] < 0.1 * first["target_nll"]
 
@@ -140,7 +140,7 @@ def test_learner_states_train_only_on_accepted_completions(tiny_dir, tmp_path, m
     expected = sorted(f" so #{i}.{j} #### {examples[i]['answer'].split('#### ')[1]}<|endoftext|>"
                       for i in (0, 2) for j in (1, 3)[:keep])
     assert sorted(s.replace(tok.decode(tok.eos_ids[:1]), "<|endoftext|>") for s in seen) == expected
-    log = read_log(run.args.log)[0]
+    log = read_log(run.log)[0]
     assert log["accepted"] == 4 / 16 and log["kept"] == 2 * keep / 16 and log["prompts_solved"] == 0.5
     assert log["state_nll_base"] > 0 and log["grad_norm"] > 0
 
@@ -150,18 +150,19 @@ def test_learner_states_with_nothing_accepted_make_no_update(tiny_dir, tmp_path,
     examples = load_gsm8k("train", data)
     _, tok = load_model(tiny_dir)
     monkeypatch.setattr(train_sft, "gsm8k_rollouts", scripted_sampler(tok, examples, lambda i: set()))
-    seen, real, moved = trained_texts(tok, monkeypatch), training.train_step, []
+    seen, real, moved = trained_texts(tok, monkeypatch), torch.optim.AdamW.step, []
 
-    def watched(run, micro, loss_fn):
-        before = [p.detach().clone() for p in run.params]
-        stats = real(run, micro, loss_fn)
-        moved.append(any(not torch.equal(a, p) for a, p in zip(before, run.params)) or bool(run.optimizer.state))
-        return stats
-    monkeypatch.setattr(training, "train_step", watched)
+    def watched(optimizer, *a, **k):     # the parameters and AdamW's state around each optimizer step
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params]
+        out = real(optimizer, *a, **k)
+        moved.append(any(not torch.equal(a, p) for a, p in zip(before, params)) or bool(optimizer.state))
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", watched)
     run = train_sft.main(["--model", tiny_dir, "--data-dir", data, "--out", str(tmp_path / "none.pt"), "--states",
                           "learner", "--group-size", "2", "--batch-size", "2", "--max-steps", "3", "--save-every", "0"])
     assert seen == [] and moved == [False] * 3
-    assert [r["kept"] for r in read_log(run.args.log)] == [0.0] * 3 and run.step == 3
+    assert [r["kept"] for r in read_log(run.log)] == [0.0] * 3 and load_checkpoint(run.out)["meta"]["step"] == 3
 
 
 def test_learner_states_run_from_the_command_line(tiny_dir, tmp_path):

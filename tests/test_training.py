@@ -30,8 +30,10 @@ training_step = [0]  # the optimizer step being taken (0-based), kept up to date
 
 
 def crash_at(module, name, step, monkeypatch, value=None):
-    """Make module.name fail (or return a loss of `value`) on the micro-batches of optimizer step `step`."""
+    """Make module.name fail (or return a loss of `value`) on the micro-batches of optimizer step `step` (of a run
+    started after this call)."""
     real = getattr(module, name)
+    training_step[0] = 0
 
     def wrapped(model, batch, *a, **k):
         loss, figures = real(model, batch, *a, **k)
@@ -45,13 +47,13 @@ def crash_at(module, name, step, monkeypatch, value=None):
 
 @pytest.fixture(autouse=True)
 def track_step(monkeypatch):
-    """Expose the step being taken to the crash injector."""
-    real = training.train_step
+    """Expose the step being taken to the crash injector: count the optimizer's steps."""
+    real = torch.optim.AdamW.step
 
-    def wrapped(run, *a, **k):
-        training_step[0] = run.step
-        return real(run, *a, **k)
-    monkeypatch.setattr(training, "train_step", wrapped)
+    def wrapped(optimizer, *a, **k):
+        training_step[0] += 1
+        return real(optimizer, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", wrapped)
 
 
 @pytest.mark.parametrize("method", ["sft", "grpo"])
@@ -88,7 +90,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(learnable_dir
     data, out = gsm8k_dir(str(tmp_path / "data")), str(tmp_path / "nan.pt")
     crash_at(train_sft, "sft_loss", 3, monkeypatch, value=float("nan"))
     with pytest.raises(SystemExit, match=r"error: loss is nan at step 3: .*last good checkpoint .*nan.pt \(step 2\)"):
-        training.cli(lambda: train_sft.main(trainer_argv("sft", learnable_dir, data, out)))
+        training.run(lambda: train_sft.main(trainer_argv("sft", learnable_dir, data, out)))
     ckpt = load_checkpoint(out)
     assert ckpt["meta"]["step"] == 2 and "optimizer" in ckpt["train_state"]  # resumable from the good state
     assert all(torch.isfinite(t).all() for t in ckpt["adapter"].values())
@@ -175,11 +177,12 @@ def test_init_from_a_checkpoint_keeps_a_float32_adapter_exactly_on_a_bf16_base(t
     save_checkpoint(str(tmp_path / "init.pt"), model, {"method": "sft"})
     args = train_sft.parse_args(["--model", tiny_dir, "--init", str(tmp_path / "init.pt"), "--dtype", "bfloat16",
                                  "--lora-r", "4", "--device", "cpu", "--out", str(tmp_path / "x.pt")])
-    run = training.setup(args, "sft")
-    assert run.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 and p.requires_grad for p in run.params)
+    model, _, _, _ = training.setup(args, {"method": "sft"})
+    params = lora_parameters(model)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
     saved = load_checkpoint(str(tmp_path / "init.pt"))["adapter"]
-    for (name, t), p in zip(saved.items(), run.params):
+    for (name, t), p in zip(saved.items(), params):
         assert torch.equal(t, p.detach()), name  # lora_parameters and the checkpoint list tensors in one order
 
 
@@ -190,30 +193,31 @@ def test_init_keeps_the_checkpoints_weights_with_this_runs_dropout_and_refuses_a
     save_checkpoint(init, model, {"method": "sft"})
     argv = ["--model", tiny_dir, "--init", init, "--device", "cpu", "--out", str(tmp_path / "grpo.pt")]
     # GRPO's premise (the learner scores tokens with the function that sampled them) needs its own dropout, 0
-    run = training.setup(train_grpo.parse_args(argv), "grpo")
-    assert {layer.dropout["default"] for layer in lora_layers(run.model).values()} == {0.0}
-    training.save(run)
-    ckpt = load_checkpoint(run.args.out)
+    args = train_grpo.parse_args(argv)
+    model, _, optimizer, _ = training.setup(args, {"method": "grpo"})
+    assert {layer.dropout["default"] for layer in lora_layers(model).values()} == {0.0}
+    training.save(args, model, optimizer, {"method": "grpo"}, 0, 0, {})
+    ckpt = load_checkpoint(args.out)
     assert ckpt["lora"]["dropout"] == 0.0 and ckpt["meta"]["args"]["lora_dropout"] == 0.0   # what ran
     with pytest.raises(LoadError, match=r"--lora-r is 8, but --init .*sft.pt holds an adapter with r 16"):
-        training.setup(train_grpo.parse_args(argv + ["--lora-r", "8"]), "grpo")
+        training.setup(train_grpo.parse_args(argv + ["--lora-r", "8"]), {"method": "grpo"})
 
 
 def test_logged_figures_weigh_every_token_of_the_step_alike(tiny_dir, tmp_path):
-    run = training.setup(train_sft.parse_args(["--model", tiny_dir, "--device", "cpu", "--lora-r", "2",
-                                               "--out", str(tmp_path / "x.pt")]), "sft")
-    run.total_steps = 10
+    args = train_sft.parse_args(["--model", tiny_dir, "--device", "cpu", "--lora-r", "2", "--out", str(tmp_path / "x.pt")])
+    model, _, optimizer, _ = training.setup(args, {"method": "sft"})
+    params = lora_parameters(model)
     ids = torch.randint(2, 1000, (2, 8), generator=torch.Generator().manual_seed(4))
     attn = torch.ones_like(ids, dtype=torch.bool)
     state = torch.zeros_like(attn)
     state[0, 3], state[1, 1:7] = True, True          # micro-batches of 1 and of 6 state tokens
     with torch.no_grad():
-        expected = -reference_logprobs(run.model, ids, attn)[state[:, 1:]].mean().item()
-
-    def loss_fn(row):
-        zero = sum(p.sum() for p in run.params) * 0.0
-        return zero, training.state_locality(run.model, ids[row:row + 1], attn[row:row + 1], state[row:row + 1])
-    stats = training.train_step(run, [0, 1], loss_fn)
+        expected = -reference_logprobs(model, ids, attn)[state[:, 1:]].mean().item()
+    sums = {}
+    for row in (0, 1):
+        zero = sum(p.sum() for p in params) * 0.0
+        training.add(sums, zero, training.state_locality(model, ids[row:row + 1], attn[row:row + 1], state[row:row + 1]))
+    stats = training.over_ranks(sums, params, optimizer, 0, None, args)
     assert stats["state_nll_base"] == pytest.approx(expected, rel=1e-5)   # not the mean of the two micro-batch means
 
 
@@ -233,7 +237,8 @@ def test_resume_refuses_flags_or_data_that_differ_from_the_run(tiny_dir, tmp_pat
         train_sft.main(argv + ["--resume"])
     with open(f"{data}/gsm8k/train.jsonl", "w") as f:
         f.writelines(lines)
-    assert train_sft.main(argv + ["--resume", "--save-every", "1"]).step == 4   # where and how often it saves may change
+    train_sft.main(argv + ["--resume", "--save-every", "1"])     # where and how often it saves may change
+    assert load_checkpoint(out)["meta"]["step"] == 4
 
 
 def test_token_logprobs_at_temperature_zero_are_what_the_greedy_sampler_records(tiny_dir):
