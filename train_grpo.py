@@ -167,10 +167,13 @@ def main(argv=None, reward_fn=exact_answer_reward):
     save = lambda snapshot=False: training.save(args, model, optimizer, meta, step, total, position, snapshot)  # noqa: E731
     micro = None
     with cli.stop_at_step_end():
-        while step < total and not training.stopping(args, step, first, saved, save):
+        # a stop (Ctrl-C, --stop-after) waits for the end of a cycle of --mu steps: a checkpoint holds no rollouts
+        while step < total and (step % args.mu or not training.stopping(args, step, first, saved, save)):
             started = time.perf_counter()
             if micro is None or step % args.mu == 0:  # the states: a fresh batch of rollouts from the current policy
-                group = [examples[i] for _ in range(args.grad_accum) for i in training.next_batch(epoch_batches, position)]
+                # this rank's share of the step's prompts (all grad-accum batches), so every world size works
+                step_batch = [i for _ in range(args.grad_accum) for i in training.next_batch(epoch_batches, position)]
+                group = [examples[i] for i in distributed.share(step_batch)]
                 rollouts = sample(model, tok, group, args, seed=distributed.seed(args.seed * 1_000_003 + step))
                 micro, rollout_stats = learner_batches(rollouts, group, args, eos, reward_fn)   # the signal: rewards
             sampled = time.perf_counter()

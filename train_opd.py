@@ -107,8 +107,11 @@ def parse_args(argv=None):
                    help="states per lm_head/softmax chunk in the loss (bounds memory)")
     training.add_common_args(p)
     # --model / --data-dir: None = the teacher's. 8 prompts x 4 cuts x 32 tokens per step, 200 steps (1,600 prompts).
-    p.set_defaults(model=None, data_dir=None, batch_size=8, max_steps=200, lr=1e-4)
+    # --lora-dropout: None = 0.05, but 0 for sampled-kl, whose ratio is taken against the dropout-free sampler (as GRPO's)
+    p.set_defaults(model=None, data_dir=None, batch_size=8, max_steps=200, lr=1e-4, lora_dropout=None)
     args = p.parse_args(argv)
+    if args.lora_dropout is None:
+        args.lora_dropout = 0.0 if args.signal == "sampled-kl" else 0.05
     if args.signal == "sampled-kl" and (args.states != "student" or args.temperature == 0):
         p.error("--signal sampled-kl is a policy gradient on the student's own samples: it needs --states student "
                 "and --temperature > 0")
@@ -312,7 +315,7 @@ def main(argv=None):
             started = time.perf_counter()
             micro, responses = [], []
             for k in range(args.grad_accum):
-                batch = [examples[i] for i in training.next_batch(epoch_batches, position)]
+                batch = [examples[i] for i in distributed.share(training.next_batch(epoch_batches, position))]
                 if not batch:      # under torchrun, a micro-batch smaller than the number of ranks
                     continue
                 seed = distributed.seed(args.seed * 10**9 + step * 1000 + 2 * k)   # states: seed; continuations: seed + 1

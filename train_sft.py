@@ -140,7 +140,7 @@ def main(argv=None):
         while step < total and not training.stopping(args, step, first, saved, save):
             started = time.perf_counter()
             # the step's states and signal: gold solutions, or the learner's own accepted samples
-            shares = [training.next_batch(epoch_batches, position) for _ in range(args.grad_accum)]
+            shares = [distributed.share(training.next_batch(epoch_batches, position)) for _ in range(args.grad_accum)]
             record = {}
             if args.states == "learner":
                 seed = distributed.seed(args.seed * 10**9 + step * 1000)

@@ -193,19 +193,26 @@ def setup(args, meta: dict):
     if args.resume:
         ts = ckpt["train_state"]
         optimizer.load_state_dict(ts["optimizer"])
-        torch.set_rng_state(ts["rng"]["torch"])
-        if ts["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
         step = ts["step"]
+        # each rank's own random state (adapter dropout), when the run had as many ranks; else rank 0 takes the
+        # one-process state and the others start their own streams
+        ranks = ts.get("rng_ranks") or [ts["rng"]]
+        mine = ranks[distributed.rank()] if len(ranks) == distributed.world() else None if distributed.rank() else ts["rng"]
+        if mine is None:
+            torch.manual_seed(distributed.seed(args.seed) + step)
+        else:
+            torch.set_rng_state(mine["torch"])
+            if mine["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(mine["cuda"])
+    elif distributed.rank():
+        torch.manual_seed(distributed.seed(args.seed))   # other ranks: their own dropout masks
     if distributed.main_rank() and os.path.exists(args.log):   # a new run starts a new log; a resumed one loses
         with open(args.log) as f:                                # the steps it is about to redo
             lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
         with open(args.log, "w") as f:
             f.writelines(lines)
-    if distributed.rank():
-        torch.manual_seed(distributed.seed(args.seed) + step)   # other ranks: their own dropout masks
     distributed.barrier()
-    return model, tok, optimizer, ckpt
+    return model, tok, optimizer, ckpt if args.resume else None
 
 
 def start(resumed: dict | None, total: int) -> tuple:
@@ -222,13 +229,17 @@ def save(args, model, optimizer, meta: dict, step: int, total: int, position: di
     """Checkpoint to --out atomically: adapter + meta, and everything --resume needs unless the run is finished
     (then the checkpoint is the deliverable, and resuming has nothing to do). A snapshot is the adapter alone,
     beside --out (snapshot_path): a point of the run's trajectory, not a place to resume from. Rank 0 writes.
-    Returns the step saved."""
+    Returns the step saved. Every rank calls it (each rank's random state is gathered)."""
+    resumable = not snapshot and step < total
+    if resumable:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        ranks = distributed.gather([rng])
     if distributed.main_rank():
         meta = {"data_dir": args.data_dir, "args": vars(args), "step": step, "total_steps": total, **meta}
         state = {"step": step, "total_steps": total}
-        if not snapshot and step < total:
-            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-            state.update(optimizer=optimizer.state_dict(), data=dict(position), rng=rng)
+        if resumable:   # rng: the one-process (rank 0) state; rng_ranks: every rank's, under torchrun
+            state.update(optimizer=optimizer.state_dict(), data=dict(position), rng=rng,
+                         **({"rng_ranks": ranks} if len(ranks) > 1 else {}))
         save_checkpoint(snapshot_path(args.out, step) if snapshot else args.out, model, meta, train_state=state)
     return step
 
@@ -358,17 +369,17 @@ def plan_steps(args, batches_per_epoch: int) -> int:
     return max(1, math.ceil(args.epochs * batches_per_epoch / args.grad_accum))
 
 
-def next_batch(epoch_batches, position: dict):
-    """This rank's share of the next micro-batch (under torchrun; all of it in one process). epoch_batches(epoch)
-    -> list of batches must be deterministic in `epoch` (seed it with args.seed + epoch; decorate it with
-    functools.cache, it is asked at every micro-batch); the position {epoch, index} is the same on every rank and
-    is checkpointed (advanced here): a run resumes with any number of ranks."""
+def next_batch(epoch_batches, position: dict) -> list:
+    """The next batch of example indices (each rank takes its distributed.share). epoch_batches(epoch) -> list of
+    batches must be deterministic in `epoch` (seed it with args.seed + epoch; decorate it with functools.cache, it
+    is asked at every micro-batch); the position {epoch, index} is the same on every rank and is checkpointed
+    (advanced here): a run resumes with any number of ranks."""
     batches = epoch_batches(position["epoch"])
     batch = batches[position["index"]]
     position["index"] += 1
     if position["index"] == len(batches):
         position.update(epoch=position["epoch"] + 1, index=0)
-    return distributed.share(batch)
+    return batch
 
 
 

@@ -330,3 +330,17 @@ def test_sampled_kl_runs_from_the_command_line_and_needs_the_students_states(wor
     assert record["reverse_kl_sampled"] > 0 and lora.load_checkpoint(out)["meta"]["signal"] == "sampled-kl"
     with pytest.raises(SystemExit):
         train_opd.parse_args(["--teacher", world.teacher, "--signal", "sampled-kl", "--states", "teacher"])
+
+
+def test_sampled_kl_trains_without_adapter_dropout_by_default(world, tmp_path):
+    """Issue 27, bug 2: the policy-gradient ratio is taken against the dropout-free sampler, so the learner runs
+    without dropout too (as GRPO does): on-policy, the first update's ratio is 1 and nothing is clipped."""
+    out = str(tmp_path / "skl.pt")
+    train_opd.main(["--teacher", world.teacher, "--signal", "sampled-kl", "--out", out, "--max-steps", "2",
+                    "--batch-size", "2", "--max-new-tokens", "8", "--lora-r", "4", "--save-every", "0"])
+    ckpt = lora.load_checkpoint(out)
+    assert ckpt["lora"]["dropout"] == 0.0 and ckpt["meta"]["args"]["lora_dropout"] == 0.0
+    with open(str(tmp_path / "skl.jsonl")) as f:
+        assert json.loads(f.readline())["clip_frac"] == 0.0
+    explicit = train_opd.parse_args(["--teacher", "t.pt", "--signal", "sampled-kl", "--lora-dropout", "0.1"])
+    assert explicit.lora_dropout == 0.1 and train_opd.parse_args(["--teacher", "t.pt"]).lora_dropout == 0.05

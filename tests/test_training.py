@@ -1,5 +1,6 @@
 """training.py: resume is exact, a NaN stops cleanly, the schedule, token log-probs, batching, state locality."""
 import math
+import os
 
 import pytest
 import torch
@@ -251,3 +252,62 @@ def test_token_logprobs_at_temperature_zero_are_what_the_greedy_sampler_records(
     with torch.no_grad():
         ours = training.token_logprobs(model, ids, torch.ones_like(mask), mask, temperature=0)
     torch.testing.assert_close(ours, torch.tensor(r.logprobs), rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_mu_stopped_inside_a_cycle_finishes_the_cycle_and_resumes_exactly(learnable_dir, tmp_path, monkeypatch,
+                                                                               one_thread, capsys):
+    """Issue 27, bug 3: with --mu 2 the second step of a cycle learns on the cycle's rollouts. Ctrl-C during the
+    first step used to checkpoint there, and --resume sampled a fresh batch; the run now finishes the cycle, then
+    stops, and resuming ends with the uninterrupted run's adapter."""
+    import signal
+    data = gsm8k_dir(str(tmp_path / "data"))
+    argv = lambda out: trainer_argv("grpo", learnable_dir, data, out, steps=4) + ["--mu", "2"]   # noqa: E731
+    main = lambda a: train_grpo.main(a, reward_fn=low_token_fraction)   # noqa: E731
+    whole, cut = str(tmp_path / "whole.pt"), str(tmp_path / "cut.pt")
+    main(argv(whole))
+    real, calls = training.policy_gradient_loss, []
+
+    def interrupt_in_the_first_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(training, "policy_gradient_loss", interrupt_in_the_first_step)
+        with pytest.raises(SystemExit) as stop:
+            main(argv(cut))
+    assert stop.value.code == 130 and load_checkpoint(cut)["train_state"]["step"] == 2
+    main(argv(cut) + ["--resume"])
+    a, b = load_checkpoint(whole)["adapter"], load_checkpoint(cut)["adapter"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(learnable_dir, tmp_path,
+                                                                                      monkeypatch, one_thread):
+    """Issue 27, bug 6: a disk that fills while a checkpoint is written ends as one line, not a traceback; the
+    checkpoint before it is whole."""
+    import errno
+    data, out = gsm8k_dir(str(tmp_path / "data")), str(tmp_path / "full.pt")
+    real, saves = torch.save, []
+
+    def fills_up(obj, path, *a, **k):
+        saves.append(path)
+        if len(saves) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", fills_up)
+    with pytest.raises(SystemExit, match=r"^error: the disk is full"):
+        training.run(lambda: train_sft.main(trainer_argv("sft", learnable_dir, data, out)))
+    assert load_checkpoint(out)["meta"]["step"] == 2 and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_a_device_this_torch_lacks_is_a_one_line_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    with pytest.raises(SystemExit) as stop:
+        train_sft.parse_args(["--device", "cuda", "--out", str(tmp_path / "x.pt")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        f"error: argument --device: cuda: this torch ({torch.__version__}) sees no CUDA device (see --help)"
