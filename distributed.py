@@ -12,6 +12,7 @@ every file. Each rank samples with its own seed stream (`seed`): rank 0's is the
 
 Without torchrun (no WORLD_SIZE > 1 in the environment) every function here is the identity of one process.
 """
+import hashlib
 import os
 
 import torch
@@ -44,9 +45,13 @@ def main_rank() -> bool:
     return rank() == 0
 
 
-def seed(base: int) -> int:
-    """This rank's seed of a sampling stream: rank 0 keeps the one-process seed."""
-    return base + 7_919 * rank()
+def seed(base: int, *where, rank_: int | None = None) -> int:
+    """The seed of one random stream, the one derivation every script uses: a hash of the run's seed, where the stream
+    is used (a purpose and a step, e.g. seed(3, "rollouts", 17)) and this rank (rank_=0: the same on every rank, as
+    the data order must be). A hash, so no two streams coincide (base * 1000 + step would give seed 1 at step 1000
+    the stream of seed 2 at step 0); rank 0's stream is the one-process stream."""
+    text = "/".join(str(part) for part in (base, *where, rank() if rank_ is None else rank_))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
 
 
 def share(items: list) -> list:

@@ -26,8 +26,6 @@ Honest simplifications (read them before comparing numbers with other GRPO runs)
 4. Completions cut by --max-new-tokens keep their reward (usually 0) with no overlong shaping; no entropy
    bonus; no top-p/top-k (the recorded log-probs would no longer be the sampling distribution's).
 """
-import functools
-import random
 import time
 
 import torch
@@ -36,7 +34,7 @@ import cli
 import distributed
 import lora
 import training
-from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
+from evaluate import gsm8k_rollouts, is_correct
 from cli import NONNEGATIVE, RATE, SIZE, FlagParser, number
 
 
@@ -141,7 +139,7 @@ def learner_batches(rollouts, group, args, eos, reward_fn):
 
 def sample(model, tok, examples, args, seed):
     """G rollouts per example from the current policy (its adapter merged into the weights)."""
-    prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
+    prompts = training.prompts(tok, examples)
     return gsm8k_rollouts(model, tok, [p for p in prompts for _ in range(args.group_size)], "default",
                           args.max_new_tokens, args.temperature, seed, args.sample_batch_size)
 
@@ -152,14 +150,9 @@ def main(argv=None, reward_fn=exact_answer_reward):
     model, tok, optimizer, resumed = training.setup(args, meta)
     params = lora.lora_parameters(model)
     examples = training.train_examples(args, meta, resumed)
-    G, eos = args.group_size, set(tok.eos_ids)
+    eos = set(tok.eos_ids)
 
-    @functools.cache
-    def epoch_batches(epoch):
-        order = list(range(len(examples)))
-        random.Random(args.seed * 1000 + epoch).shuffle(order)
-        return [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-
+    epoch_batches = training.data_order([len(p) for p in training.prompts(tok, examples)], args.batch_size, args.seed)
     n_batches = -(-len(examples) // args.batch_size)
     total = args.max_steps or training.plan_steps(args, n_batches) * args.mu
     step, position = training.start(resumed, total)
@@ -174,7 +167,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
                 # this rank's share of the step's prompts (all grad-accum batches), so every world size works
                 step_batch = [i for _ in range(args.grad_accum) for i in training.next_batch(epoch_batches, position)]
                 group = [examples[i] for i in distributed.share(step_batch)]
-                rollouts = sample(model, tok, group, args, seed=distributed.seed(args.seed * 1_000_003 + step))
+                rollouts = sample(model, tok, group, args, seed=distributed.seed(args.seed, "rollouts", step))
                 micro, rollout_stats = learner_batches(rollouts, group, args, eos, reward_fn)   # the signal: rewards
             sampled = time.perf_counter()
             locality = training.wants_locality(args, step)
@@ -190,9 +183,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
             model.eval()
             stats = training.over_ranks(sums, params, optimizer, step, saved, args)
             grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
-            lr = training.lr_at(step, total, args.lr, args.warmup)
-            for group_ in optimizer.param_groups:
-                group_["lr"] = lr
+            lr = training.schedule(optimizer, step, total, args)         # warmup, then cosine decay
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -200,10 +191,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
                      "sample_s": sampled - started, "learn_s": time.perf_counter() - sampled}
             tokens = stats.pop("tokens")
             training.log(args, bar, {"step": step, **stats}, started, tokens)
-            every, snapshot = training.checkpoint_due(args, step, total)
-            saved = save() if every else saved
-            if snapshot:
-                save(snapshot=True)
+            saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots
     bar.close()
     training.finish(args, "grpo", save, saved, step, total)
     return args

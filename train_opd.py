@@ -77,7 +77,7 @@ import distributed
 import lora
 import training
 from cli import NONNEGATIVE, PROBABILITY, SIZE, FlagParser, number
-from evaluate import gsm8k_prompt, gsm8k_rollouts
+from evaluate import gsm8k_rollouts
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B-Base"
 
@@ -136,7 +136,7 @@ def collect_states(args, model, tok, examples, seed: int) -> list:
     """--states: the student's rollouts, the teacher's rollouts, or the gold solutions of `examples`."""
     if args.states == "data":
         return [Trajectory(p, a) for p, a in training.gold_solutions(tok, examples, args.max_len)]  # SFT's states
-    prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
+    prompts = training.prompts(tok, examples)
     rollouts = gsm8k_rollouts(model, tok, prompts, "default" if args.states == "student" else "teacher",
                               args.max_new_tokens, args.temperature, seed, args.sample_batch_size)
     responses = [training.through_eos(r.tokens, tok.eos_ids) for r in rollouts]
@@ -168,7 +168,7 @@ def continuation_signal(args, model, tok, trajectories, seed: int, sampled: int)
             for t in sorted(rng.sample(range(len(tr.response)), min(args.cuts, len(tr.response))))]
     prefixes = [tr.prompt + tr.response[:t] for tr, t in cuts]
     continuations = gsm8k_rollouts(model, tok, prefixes, "teacher", args.continuation_tokens, args.teacher_temperature,
-                                   seed + 1, args.sample_batch_size)
+                                   distributed.seed(seed, "continuations"), args.sample_batch_size)
     rows = [(tr.prompt, tr.response[:t], training.through_eos(c.tokens, tok.eos_ids))
             for (tr, t), c in zip(cuts, continuations)]
     return Supervision(*training.pad_rows(rows, args.device), sampled + sum(len(c.tokens) for c in continuations))
@@ -305,7 +305,7 @@ def main(argv=None):
     params = lora.lora_parameters(model)
     signal, opd_loss = SIGNALS[args.signal]
     examples = training.train_examples(args, meta, resumed)
-    epoch_batches = training.prompt_batches(args, examples)
+    epoch_batches = training.data_order([len(p) for p in training.prompts(tok, examples)], args.batch_size, args.seed)
     total = training.plan_steps(args, -(-len(examples) // args.batch_size))
     step, position = training.start(resumed, total)
     first, saved, bar = step, (step if resumed else None), training.progress(args, "opd", step, total)
@@ -318,7 +318,7 @@ def main(argv=None):
                 batch = [examples[i] for i in distributed.share(training.next_batch(epoch_batches, position))]
                 if not batch:      # under torchrun, a micro-batch smaller than the number of ranks
                     continue
-                seed = distributed.seed(args.seed * 10**9 + step * 1000 + 2 * k)   # states: seed; continuations: seed + 1
+                seed = distributed.seed(args.seed, "opd", step, k)
                 trajectories = collect_states(args, model, tok, batch, seed)          # the state source
                 responses += [len(tr.response) for tr in trajectories]
                 sampled = 0 if args.states == "data" else sum(len(tr.response) for tr in trajectories)
@@ -340,9 +340,7 @@ def main(argv=None):
             model.eval()
             stats = training.over_ranks(sums, params, optimizer, step, saved, args)
             grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
-            lr = training.lr_at(step, total, args.lr, args.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = training.schedule(optimizer, step, total, args)         # warmup, then cosine decay
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -352,10 +350,7 @@ def main(argv=None):
             if args.signal == "sampled-kl":
                 record["reverse_kl_by_position"] = by_position(micro)   # this rank's (rank 0 logs)
             training.log(args, bar, record, started, tokens)
-            every, snapshot = training.checkpoint_due(args, step, total)
-            saved = save() if every else saved
-            if snapshot:
-                save(snapshot=True)
+            saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots
     bar.close()
     training.finish(args, "opd", save, saved, step, total)
     return args

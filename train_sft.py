@@ -34,7 +34,6 @@ included (they are the dataset's tokens; the paper does not say it stripped them
 learns to stop; there is no packing of several examples into one row (batches of similar lengths keep
 padding small instead); examples longer than --max-len tokens are cut at the end.
 """
-import functools
 import time
 
 import cli
@@ -42,7 +41,7 @@ import cli
 import distributed
 import lora
 import training
-from evaluate import gsm8k_prompt, gsm8k_rollouts, is_correct
+from evaluate import gsm8k_rollouts, is_correct
 from cli import RATE, SIZE, FlagParser, number
 
 PRESETS = {
@@ -87,7 +86,7 @@ def sft_loss(model, batch, normalizer: float, locality: bool):
 def accepted_samples(args, model, tok, examples, seed: int):
     """--states learner: (prompt ids, None, completion ids) rows of the learner's accepted completions of
     `examples`, at most --keep per prompt, and the figures of the sampling."""
-    prompts = tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
+    prompts = training.prompts(tok, examples)
     G = args.group_size
     rollouts = gsm8k_rollouts(model, tok, [p for p in prompts for _ in range(G)], "default", args.max_new_tokens,
                               args.temperature, seed, args.sample_batch_size)
@@ -107,12 +106,13 @@ def gold_batch(args, pairs, shares):
     return [training.pad_rows([(pairs[i][0], None, pairs[i][1]) for i in share], args.device) for share in shares if share]
 
 
-def learner_batch(args, model, tok, examples, shares, seed: int):
+def learner_batch(args, model, tok, examples, shares, step: int):
     """--states learner: a micro-batch per share of prompts, of the learner's own accepted completions (none when
     it solved nothing), and the step's sampling counts over all ranks."""
     micro, counts = [], dict.fromkeys(("prompts", "sampled", "accepted", "kept", "solved"), 0)
     for k, share in enumerate(shares):
-        rows, figures = accepted_samples(args, model, tok, [examples[i] for i in share], seed + k)
+        seed = distributed.seed(args.seed, "rollouts", step, k)
+        rows, figures = accepted_samples(args, model, tok, [examples[i] for i in share], seed)
         counts = {key: counts[key] + figures[key] for key in counts}
         if rows:
             micro.append(training.pad_rows([(x, s, c[:max(1, args.max_len - len(x))]) for x, s, c in rows], args.device))
@@ -126,12 +126,11 @@ def main(argv=None):
     params = lora.lora_parameters(model)
     examples = training.train_examples(args, meta, resumed)
     if args.states == "learner":
-        epoch_batches = training.prompt_batches(args, examples)
+        lengths = [len(p) for p in training.prompts(tok, examples)]
     else:
         pairs = training.gold_solutions(tok, examples, args.max_len)
         lengths = [len(p) + len(a) for p, a in pairs]
-        epoch_batches = functools.cache(lambda epoch: training.length_grouped_batches(
-            lengths, args.batch_size, seed=args.seed * 1000 + epoch))
+    epoch_batches = training.data_order(lengths, args.batch_size, args.seed)
     total = training.plan_steps(args, -(-len(examples) // args.batch_size))
     step, position = training.start(resumed, total)
     first, saved, bar = step, (step if resumed else None), training.progress(args, "sft", step, total)
@@ -143,8 +142,7 @@ def main(argv=None):
             shares = [distributed.share(training.next_batch(epoch_batches, position)) for _ in range(args.grad_accum)]
             record = {}
             if args.states == "learner":
-                seed = distributed.seed(args.seed * 10**9 + step * 1000)
-                micro, counts = learner_batch(args, model, tok, examples, shares, seed)
+                micro, counts = learner_batch(args, model, tok, examples, shares, step)
                 record = {"kept": counts["kept"] / counts["sampled"], "accepted": counts["accepted"] / counts["sampled"],
                           "prompts_solved": counts["solved"] / counts["prompts"]}
             else:
@@ -163,18 +161,13 @@ def main(argv=None):
             model.eval()
             stats = training.over_ranks(sums, params, optimizer, step, saved, args)
             grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
-            lr = training.lr_at(step, total, args.lr, args.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = training.schedule(optimizer, step, total, args)         # warmup, then cosine decay
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             training.log(args, bar, {"step": step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm,
                                      **stats, **record}, started, tokens)
-            every, snapshot = training.checkpoint_due(args, step, total)
-            saved = save() if every else saved
-            if snapshot:
-                save(snapshot=True)
+            saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots
     bar.close()
     training.finish(args, "sft", save, saved, step, total)
     return args

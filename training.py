@@ -171,7 +171,7 @@ def setup(args, meta: dict):
     when resuming restore AdamW and the RNG and cut the log back to the checkpoint's step. Returns (model, tok,
     optimizer, the checkpoint resumed from or None). meta["method"] names the run (sft, grpo, opd)."""
     args.device = distributed.init(args.device)   # under torchrun: this rank's device
-    torch.manual_seed(args.seed)   # the LoRA init (the same on every rank), and adapter dropout (every CUDA device)
+    torch.manual_seed(args.seed)   # the LoRA init, the same on every rank (and every CUDA device)
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
     args.out = output_dir(args.out or f"ckpt/{meta['method']}.pt")
     args.log = output_dir(args.log or os.path.splitext(args.out)[0] + ".jsonl", "--log")
@@ -199,13 +199,13 @@ def setup(args, meta: dict):
         ranks = ts.get("rng_ranks") or [ts["rng"]]
         mine = ranks[distributed.rank()] if len(ranks) == distributed.world() else None if distributed.rank() else ts["rng"]
         if mine is None:
-            torch.manual_seed(distributed.seed(args.seed) + step)
+            torch.manual_seed(distributed.seed(args.seed, "dropout", step))
         else:
             torch.set_rng_state(mine["torch"])
             if mine["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(mine["cuda"])
-    elif distributed.rank():
-        torch.manual_seed(distributed.seed(args.seed))   # other ranks: their own dropout masks
+    else:
+        torch.manual_seed(distributed.seed(args.seed, "dropout"))   # each rank its own dropout masks
     if distributed.main_rank() and os.path.exists(args.log):   # a new run starts a new log; a resumed one loses
         with open(args.log) as f:                                # the steps it is about to redo
             lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
@@ -310,15 +310,16 @@ def train_examples(args, meta: dict, resumed: dict | None) -> list[dict]:
     return examples
 
 
-def prompt_batches(args, examples: list[dict]):
-    """epoch_batches (for next_batch) of a trainer that samples from prompts: batches of --batch-size questions
-    of similar lengths (in characters: close enough to group prompt lengths), shuffled anew each epoch."""
-    lengths = [len(ex["question"]) for ex in examples]
+def data_order(lengths: list[int], batch_size: int, seed: int):
+    """The data order of every trainer: epoch -> batches of example indices whose lengths in tokens (a gold
+    solution's, or a prompt's) are close (length_grouped_batches), shuffled anew each epoch, the same on every rank."""
+    return functools.cache(lambda epoch: length_grouped_batches(lengths, batch_size,
+                                                                distributed.seed(seed, "data", epoch, rank_=0)))
 
-    @functools.cache
-    def epoch_batches(epoch):
-        return length_grouped_batches(lengths, args.batch_size, seed=args.seed * 1000 + epoch)
-    return epoch_batches
+
+def prompts(tok, examples: list[dict]) -> list[list[int]]:
+    """The GSM8K train prompts (evaluate.py's format) as token ids."""
+    return tok.encode_batch([gsm8k_prompt(ex["question"]) for ex in examples])
 
 
 def gold_solutions(tok, examples, max_len: int) -> list[tuple]:
@@ -392,6 +393,14 @@ def autocast(model):
     """bf16 autocast on CUDA (and with bf16 weights on CPU); plain float32 otherwise."""
     w = model.embed_tokens.weight
     return torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.device.type == "cuda" or w.dtype != torch.float32)
+
+
+def schedule(optimizer, step: int, total: int, args) -> float:
+    """Set the optimizer's learning rate for `step` (lr_at) and return it."""
+    lr = lr_at(step, total, args.lr, args.warmup)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
@@ -606,7 +615,9 @@ def log(args, bar, record: dict, started: float, tokens=None):
     bar.update(1)
 
 
-def checkpoint_due(args, step: int, total: int) -> tuple:
-    """(whether --save-every asks for a checkpoint after `step`, whether --snapshots keeps one there)."""
-    every = bool(args.save_every) and step % args.save_every == 0 and step < total
-    return every, step in snapshot_steps(args.snapshots, total)
+def checkpoint(args, step: int, total: int, save, saved: int | None) -> int | None:
+    """After `step`: save() a checkpoint every --save-every steps, and a snapshot at --snapshots; returns the step of
+    the last checkpoint on disk."""
+    if step in snapshot_steps(args.snapshots, total):
+        save(snapshot=True)
+    return save() if args.save_every and step % args.save_every == 0 and step < total else saved

@@ -100,7 +100,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_dir, tmp_path):
 def scripted_sampler(tok, examples, correct_copies):
     """A stand-in for the learner's sampler: copy j of each prompt's G answers "#### gold" when j is in
     correct_copies(prompt index), else "#### -1"; the rollouts end with EOS, as sampled ones do."""
-    index = {tuple(p): i for i, p in enumerate(tok.encode_batch([train_sft.gsm8k_prompt(ex["question"]) for ex in examples]))}
+    index = {tuple(p): i for i, p in enumerate(training.prompts(tok, examples))}
 
     def sample(model, tok_, prompts, policy, max_new_tokens, temperature, seed, batch_size):
         seen, out = {}, []
