@@ -150,6 +150,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
     model, tok, optimizer, resumed = training.setup(args, meta)
     params = lora.lora_parameters(model)
     examples = training.train_examples(args, meta, resumed)
+    problems = training.validation_problems(args)
     eos = set(tok.eos_ids)
 
     epoch_batches = training.data_order([len(p) for p in training.prompts(tok, examples)], args.batch_size, args.seed)
@@ -176,7 +177,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
             for batch in micro:
                 with training.autocast(model):
                     loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps,
-                                                                  args.beta, locality)                    # Eq. 6
+                                                                  args.beta, locality, step % args.mu == 0)  # Eq. 6
                 if not training.add(sums, loss, figures):
                     break
                 loss.backward()
@@ -189,6 +190,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
             step += 1
             stats = {"loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm, **stats, **rollout_stats,
                      "sample_s": sampled - started, "learn_s": time.perf_counter() - sampled}
+            stats.update(training.validate(args, model, tok, problems, step, total))   # --eval-every
             tokens = stats.pop("tokens")
             training.log(args, bar, {"step": step, **stats}, started, tokens)
             saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots

@@ -305,6 +305,7 @@ def main(argv=None):
     params = lora.lora_parameters(model)
     signal, opd_loss = SIGNALS[args.signal]
     examples = training.train_examples(args, meta, resumed)
+    problems = training.validation_problems(args)
     epoch_batches = training.data_order([len(p) for p in training.prompts(tok, examples)], args.batch_size, args.seed)
     total = training.plan_steps(args, -(-len(examples) // args.batch_size))
     step, position = training.start(resumed, total)
@@ -349,6 +350,7 @@ def main(argv=None):
                       "sample_s": sampled_s - started, "learn_s": time.perf_counter() - sampled_s}
             if args.signal == "sampled-kl":
                 record["reverse_kl_by_position"] = by_position(micro)   # this rank's (rank 0 logs)
+            record.update(training.validate(args, model, tok, problems, step, total))   # --eval-every
             training.log(args, bar, record, started, tokens)
             saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots
     bar.close()

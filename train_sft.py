@@ -125,6 +125,7 @@ def main(argv=None):
     model, tok, optimizer, resumed = training.setup(args, meta)
     params = lora.lora_parameters(model)
     examples = training.train_examples(args, meta, resumed)
+    problems = training.validation_problems(args)
     if args.states == "learner":
         lengths = [len(p) for p in training.prompts(tok, examples)]
     else:
@@ -165,6 +166,7 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            record.update(training.validate(args, model, tok, problems, step, total))   # --eval-every
             training.log(args, bar, {"step": step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm,
                                      **stats, **record}, started, tokens)
             saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots

@@ -53,8 +53,9 @@ import torch.nn.functional as F
 import cli
 import distributed
 from cli import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, number, output_dir
-from evaluate import gsm8k_prompt, load_gsm8k, resolve_data_dir
-from lora import LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, save_checkpoint, use_adapter
+from evaluate import eval_gsm8k, gsm8k_prompt, load_gsm8k, resolve_data_dir
+from lora import (ALL_TARGETS, LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, merged,
+                  save_checkpoint, use_adapter)
 from model import LoadError, load_model
 
 
@@ -86,6 +87,14 @@ def fractions(text: str) -> list[float]:
     return values
 
 
+def targets(text: str) -> list[str]:
+    """--lora-targets: comma-separated projection names (PEFT's target_modules), or all."""
+    names = ALL_TARGETS if text == "all" else {t.strip() for t in text.split(",") if t.strip()}
+    if not names or set(names) - set(ALL_TARGETS):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose among {','.join(ALL_TARGETS)} (or all)")
+    return [n for n in ALL_TARGETS if n in names]
+
+
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags every trainer shares, with the same names. Methods change defaults with p.set_defaults()."""
     cuda = torch.cuda.is_available()
@@ -101,6 +110,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--lora-r", type=SIZE, default=16, help="LoRA rank")
     g.add_argument("--lora-alpha", type=SIZE, default=32, help="LoRA alpha (scale = alpha / r)")
     g.add_argument("--lora-dropout", type=PROBABILITY, default=0.05, help="dropout on the adapter's input")
+    g.add_argument("--lora-targets", type=targets, default=list(ALL_TARGETS), metavar="NAME,NAME,..",
+                   help="the projections that get an adapter, by PEFT's target_modules names")
     g.add_argument("--lr", type=RATE, default=1e-4, help="peak learning rate (AdamW)")
     g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0, help="AdamW weight decay on the adapter")
     g.add_argument("--warmup", type=NONNEGATIVE, default=0.03, help="linear warmup: a fraction of the steps if < 1, else a step count")
@@ -119,6 +130,9 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--snapshots", type=fractions, default=[], metavar="F,F,..",
                    help="also keep the adapter after these fractions of the run (e.g. 0.25,0.5): <out>_at<step>.pt")
     g.add_argument("--locality-every", type=COUNT, default=1, help="log state locality every N steps (0 = never; costs one base forward)")
+    g.add_argument("--eval-every", type=COUNT, default=0,
+                   help="log greedy target accuracy on the validation split (val_accuracy) every N steps (0 = never)")
+    g.add_argument("--eval-limit", type=COUNT, default=200, help="--eval-every: the first N validation problems (0 = all)")
     return p
 
 
@@ -134,7 +148,8 @@ def finished(ckpt: dict) -> bool:
 
 # Flags that may change between a run and its --resume: where and how often it writes, how far this
 # invocation goes, logging, the device. Any other difference would continue into another run.
-RESUME_MAY_CHANGE = {"resume", "out", "log", "save_every", "snapshots", "stop_after", "locality_every", "device", "grad_checkpointing"}
+RESUME_MAY_CHANGE = {"resume", "out", "log", "save_every", "snapshots", "stop_after", "locality_every", "device",
+                     "grad_checkpointing", "eval_every", "eval_limit"}
 
 
 def _flag(key: str) -> str:
@@ -159,11 +174,12 @@ def resumable(args, method: str) -> dict:
 
 
 def _check_init(args, ckpt: dict):
-    """--init: the adapter keeps the checkpoint's rank and scale, so flags that ask for others are an error."""
-    for key, name in (("lora_r", "r"), ("lora_alpha", "alpha")):
-        if getattr(args, key) != ckpt["lora"][name]:
-            raise LoadError(f"{_flag(key)} is {getattr(args, key)}, but --init {args.init} holds an adapter with "
-                            f"{name} {ckpt['lora'][name]}: pass {_flag(key)} {ckpt['lora'][name]} to start from it")
+    """--init: the adapter keeps the checkpoint's rank, scale and targets, so flags that ask for others are an error."""
+    for key, name in (("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_targets", "targets")):
+        mine, theirs = (",".join(v) if isinstance(v, list) else v for v in (getattr(args, key), ckpt["lora"][name]))
+        if mine != theirs:
+            raise LoadError(f"{_flag(key)} is {mine}, but --init {args.init} holds an adapter with "
+                            f"{name} {theirs}: pass {_flag(key)} {theirs} to start from it")
 
 
 def setup(args, meta: dict):
@@ -184,7 +200,8 @@ def setup(args, meta: dict):
     if ckpt is not None:
         load_adapter(model, ckpt, dtype=torch.float32, dropout=args.lora_dropout)
     else:
-        add_lora(model, LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout), dtype=torch.float32)
+        add_lora(model, LoraConfig(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)),
+                 dtype=torch.float32)
     model.gradient_checkpointing = args.grad_checkpointing
     cuda = args.device.startswith("cuda")
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=args.lr, weight_decay=args.weight_decay,
@@ -315,6 +332,31 @@ def data_order(lengths: list[int], batch_size: int, seed: int):
     solution's, or a prompt's) are close (length_grouped_batches), shuffled anew each epoch, the same on every rank."""
     return functools.cache(lambda epoch: length_grouped_batches(lengths, batch_size,
                                                                 distributed.seed(seed, "data", epoch, rank_=0)))
+
+
+def validation_problems(args) -> list[dict]:
+    """--eval-every's problems: the first --eval-limit of gsm8k/validation.jsonl. Data without a validation split (the
+    hub's GSM8K) lends its last --eval-limit train problems instead, and the log says so: the paper trains on all
+    7,473, so none is held out, and their accuracy is one on problems the run may have trained on."""
+    if not args.eval_every:
+        return []
+    if args.data_dir and os.path.exists(os.path.join(args.data_dir, "gsm8k", "validation.jsonl")):
+        return load_gsm8k("validation", args.data_dir)[:args.eval_limit or None]
+    if distributed.main_rank():
+        print("--eval-every: the data has no gsm8k/validation.jsonl; val_accuracy is measured on the last "
+              f"{args.eval_limit or 'all'} train problems", file=sys.stderr)
+    return load_gsm8k("train", args.data_dir)[-args.eval_limit:] if args.eval_limit else load_gsm8k("train", args.data_dir)
+
+
+def validate(args, model, tok, problems: list[dict], step: int, total: int) -> dict:
+    """{"val_accuracy": greedy target accuracy on the validation problems} after every --eval-every steps and the last
+    (the adapter merged, as evaluate.py scores; each rank its share); {} between them."""
+    if not problems or (step % args.eval_every and step != total):
+        return {}
+    with merged(model):
+        _, records = eval_gsm8k(model, tok, distributed.share(problems), progress=False)
+    correct, n = distributed.total([sum(r["correct"] for r in records), len(records)])
+    return {"val_accuracy": correct / n}
 
 
 def prompts(tok, examples: list[dict]) -> list[list[int]]:
@@ -500,7 +542,8 @@ def clipped_objective(new, old, adv, clip_eps: float):
     return per_token, ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
 
 
-def policy_gradient_loss(model, batch, temperature: float, clip_eps: float, beta: float, locality: bool):
+def policy_gradient_loss(model, batch, temperature: float, clip_eps: float, beta: float, locality: bool,
+                         first: bool = True):
     """The clipped policy-gradient loss (+ β k3) of one micro-batch, already weighted for the step's aggregate:
 
         ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t),   L = Σ_t w_t [ -min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) + β k3_t ]
@@ -514,6 +557,11 @@ def policy_gradient_loss(model, batch, temperature: float, clip_eps: float, beta
     old, adv, w = old_grid[target], adv_grid[target], w_grid[target]
     per_token, clip = clipped_objective(new, old, adv, clip_eps)
     figures = {"clip_frac": total(clip)}
+    if first:   # before any update on these rollouts: how far the sampler (merged weights) and the learner disagree
+        ratio = torch.exp(new - old).detach()
+        figures.update({"sampling/importance_sampling_ratio/mean": total(ratio), "kl_sample_train": total(old - new),
+                        "sampling/importance_sampling_ratio/min": (ratio.min().item(), 1),
+                        "sampling/importance_sampling_ratio/max": (ratio.max().item(), 1)})
     ref = None
     if beta > 0 or locality:
         with torch.no_grad(), use_adapter(model, None):
@@ -548,11 +596,14 @@ def add(sums: dict, loss, figures: dict) -> bool:
         sums["non_finite"] = value
         return False
     sums.setdefault("loss", [0.0, None])[0] += value
-    for k, (value_sum, count) in figures.items():
-        entry = sums.setdefault(k, [0.0, 0])
-        entry[0] += value_sum
-        entry[1] += count
+    for k, (value, count) in figures.items():
+        extreme = EXTREMES.get(k[-4:])
+        entry = sums.setdefault(k, [value, 1] if extreme else [0.0, 0])
+        entry[:] = [extreme(entry[0], value), 1] if extreme else [entry[0] + value, entry[1] + count]
     return True
+
+
+EXTREMES = {"/min": min, "/max": max}   # figures named .../min or .../max are the step's extreme, not its mean
 
 
 def over_ranks(sums: dict, params: list, optimizer, step: int, saved: int | None, args) -> dict:
@@ -567,9 +618,11 @@ def over_ranks(sums: dict, params: list, optimizer, step: int, saved: int | None
     loss = sums.pop("loss", [0.0, None])[0]
     if distributed.world() > 1:
         keys = sorted({k for part in distributed.gather([sorted(sums)]) for k in part})   # figures of any rank
+        extremes = {k: distributed.gather([sums[k][0] if k in sums else None]) for k in keys if k[-4:] in EXTREMES}
         loss, *flat = distributed.total([loss] + [sums.get(k, [0.0, 0])[0] for k in keys] +
                                         [sums.get(k, [0.0, 0])[1] for k in keys])
         sums = {k: [flat[i], flat[len(keys) + i]] for i, k in enumerate(keys)}
+        sums.update({k: [EXTREMES[k[-4:]](v for v in values if v is not None), 1] for k, values in extremes.items()})
         distributed.sum_gradients(params)
     return {"loss": loss, **{k: s / n for k, (s, n) in sums.items() if n}}
 

@@ -99,3 +99,41 @@ def test_zero_temperature_is_refused_at_parsing(capsys):
         train_grpo.parse_args(["--temperature", "0"])
     assert "argument --temperature: 0 must be greater than 0" in capsys.readouterr().err
     assert train_grpo.parse_args(["--temperature", "0.7"]).temperature == 0.7
+
+
+def test_the_sampler_learner_mismatch_is_logged_and_is_numerics_only_in_float32(learnable_dir, tmp_path, one_thread):
+    """Issue 28: TRL's sampling/importance_sampling_ratio/{min,mean,max} and tinker's kl_sample_train at each batch's
+    first update: on CPU in float32 the merged-weight sampler and the unmerged learner agree to 1e-5."""
+    data = gsm8k_dir(str(tmp_path / "data"))
+    args = train_grpo.main(["--model", learnable_dir, "--data-dir", data, "--out", str(tmp_path / "g.pt"),
+                            "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "8", "--max-steps", "4",
+                            "--mu", "2", "--save-every", "0", "--lr", "1e-2"], reward_fn=low_token_fraction)
+    log = read_log(args.log)
+    for row in log[::2]:                            # the first update of each batch of rollouts
+        for key in ("min", "mean", "max"):
+            assert abs(row[f"sampling/importance_sampling_ratio/{key}"] - 1) < 1e-5, row
+        assert abs(row["kl_sample_train"]) < 1e-5
+    assert all("kl_sample_train" not in row for row in log[1::2])   # the second update has moved the learner
+
+
+def test_the_mismatch_figures_are_the_ratio_to_a_shifted_sampler(tiny_dir):
+    """Sampler log-probs shifted by a known δ: the ratio is exp(-δ) at every token, kl_sample_train is δ."""
+    model, _ = load_model(tiny_dir)
+    add_lora(model, LoraConfig(r=4, dropout=0.0))
+    ids = torch.randint(2, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    target = torch.zeros_like(attn)
+    target[:, 3:] = True
+    with torch.no_grad():
+        new = training.token_logprobs(model, ids, attn, target)
+    delta, old = 0.3, torch.zeros(target.shape)
+    old[target] = new + 0.3
+    batch = [ids, attn, target, target.clone(), old, torch.ones(target.shape), target.float() / 8]
+    _, figures = training.policy_gradient_loss(model, batch, 1.0, 0.2, 0.0, False)
+    sums = {}
+    training.add(sums, torch.tensor(0.0), figures)
+    stats = training.over_ranks(sums, [], None, 0, None, None)
+    for key in ("min", "mean", "max"):
+        assert stats[f"sampling/importance_sampling_ratio/{key}"] == pytest.approx(torch.exp(torch.tensor(-delta)).item(),
+                                                                                   rel=1e-5)
+    assert stats["kl_sample_train"] == pytest.approx(delta, rel=1e-5)

@@ -311,3 +311,51 @@ def test_a_device_this_torch_lacks_is_a_one_line_error(tmp_path, capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == \
         f"error: argument --device: cuda: this torch ({torch.__version__}) sees no CUDA device (see --help)"
+
+
+def test_lora_targets_choose_the_projections_and_init_or_resume_refuse_others(tiny_dir, tmp_path):
+    """Issue 28: --lora-targets with PEFT's module names; the checkpoint records them; --init and --resume refuse a
+    run that asks for other ones."""
+    data, out = gsm8k_dir(str(tmp_path / "data")), str(tmp_path / "qv.pt")
+    argv = ["--model", tiny_dir, "--data-dir", data, "--lora-r", "2", "--batch-size", "2", "--max-steps", "2",
+            "--device", "cpu"]
+    train_sft.main(argv + ["--out", out, "--lora-targets", "v_proj,q_proj", "--stop-after", "1"])
+    ckpt = load_checkpoint(out)
+    assert ckpt["lora"]["targets"] == ["q_proj", "v_proj"]
+    assert {k.split(".")[-2] for k in ckpt["adapter"]} == {"q_proj", "v_proj"}
+    with pytest.raises(LoadError, match=r"--lora-targets is q_proj.*--init .* holds an adapter with targets q_proj,v_proj"):
+        train_sft.main(argv + ["--out", str(tmp_path / "x.pt"), "--init", out, "--lora-targets", "q_proj"])
+    with pytest.raises(LoadError, match=r"--resume: --lora-targets is"):
+        train_sft.main(argv + ["--out", out, "--resume"])       # the default, all seven, is not the run's
+    train_sft.main(argv + ["--out", out, "--resume", "--lora-targets", "q_proj,v_proj"])
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(["--lora-targets", "q_proj,attn"])
+
+
+def test_eval_every_logs_validation_accuracy_and_says_what_stands_in_for_a_missing_split(tiny_dir, tmp_path, capsys):
+    """Issue 28: --eval-every N logs greedy accuracy on gsm8k/validation.jsonl after every N steps and the last;
+    without a validation split the last train problems stand in, and the log says so."""
+    import shutil
+    data = gsm8k_dir(str(tmp_path / "data"), n=6)
+    argv = ["--model", tiny_dir, "--data-dir", data, "--lora-r", "2", "--batch-size", "2", "--max-steps", "5",
+            "--device", "cpu", "--eval-every", "2", "--eval-limit", "3"]
+    train_sft.main(argv + ["--out", str(tmp_path / "a.pt")])
+    assert "no gsm8k/validation.jsonl; val_accuracy is measured on the last 3 train problems" in capsys.readouterr().err
+    log = read_log(str(tmp_path / "a.jsonl"))
+    assert [r["step"] for r in log if "val_accuracy" in r] == [2, 4, 5]
+    shutil.copy(f"{data}/gsm8k/train.jsonl", f"{data}/gsm8k/validation.jsonl")
+    seen = []
+    real = training.eval_gsm8k
+    training.eval_gsm8k = lambda model, tok, problems, **k: (seen.append(problems), real(model, tok, problems, **k))[1]
+    try:
+        train_sft.main(argv + ["--out", str(tmp_path / "b.pt")])
+    finally:
+        training.eval_gsm8k = real
+    assert "val_accuracy is measured on" not in capsys.readouterr().err
+    assert seen[0] == load_gsm8k_first(data, 3) and all(0 <= r["val_accuracy"] <= 1 for r in
+                                                          read_log(str(tmp_path / "b.jsonl")) if "val_accuracy" in r)
+
+
+def load_gsm8k_first(data, n):
+    from evaluate import load_gsm8k
+    return load_gsm8k("validation", data)[:n]
