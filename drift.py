@@ -87,7 +87,7 @@ def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[
     rows = []
     for i in tqdm(range(0, len(sequences), batch_size), desc="hidden states", disable=len(sequences) <= batch_size):
         seqs = sequences[i:i + batch_size]
-        ids, mask = generate.left_pad(seqs, device=device)
+        ids, mask = generate.pad(seqs, device=device)
         h = model(ids, mask, return_hidden=True).float() * mask[..., None]
         csum = h.cumsum(1)                                                       # padding adds zeros
         for b, lengths in enumerate(state_lengths[i:i + batch_size]):
@@ -219,7 +219,7 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
     rows = []
     for i in range(0, len(rollouts), batch_size):
         batch = rollouts[i:i + batch_size]
-        ids, attn = generate.left_pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
+        ids, attn = generate.pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
         states = torch.zeros_like(attn)
         for b, r in enumerate(batch):   # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
             states[b, ids.shape[1] - len(r["tokens"]):] = len(r["tokens"]) > 0

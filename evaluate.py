@@ -39,11 +39,11 @@ import random
 import re
 import time
 from collections import defaultdict
+from itertools import groupby
 from contextlib import nullcontext
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import distributed
 import lora
@@ -98,21 +98,25 @@ def _nonempty(rows: list, path: str) -> list:
     return rows
 
 
+def _read(path: str, called: str = "") -> str:
+    if not os.path.exists(path):
+        raise LoadError(f"{called}{path} does not exist")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def load_gsm8k(split: str = "test", data_dir: str | None = None) -> list[dict]:
     """GSM8K `split` as [{question, answer}], the answer ending in "#### N" (openai/gsm8k, config main)."""
     if data_dir is None:
         return [{"question": r["question"], "answer": r["answer"]} for r in _hub("openai/gsm8k", "main", split)]
     path = os.path.join(data_dir, "gsm8k", f"{split}.jsonl")
-    if not os.path.exists(path):
-        raise LoadError(f"{path} does not exist")
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                r = _need(_json(line, f"{path} line {i}"), ("question", "answer"), f"{path} line {i}")
-                if "#### " not in r["answer"]:
-                    raise LoadError(f"{path} line {i}: the answer has no '#### N' line")
-                rows.append({"question": r["question"], "answer": r["answer"]})
+    for i, line in enumerate(_read(path).split("\n"), 1):
+        if line.strip():
+            r = _need(_json(line, f"{path} line {i}"), ("question", "answer"), f"{path} line {i}")
+            if "#### " not in r["answer"]:
+                raise LoadError(f"{path} line {i}: the answer has no '#### N' line")
+            rows.append({"question": r["question"], "answer": r["answer"]})
     return _nonempty(rows, path)
 
 
@@ -125,10 +129,7 @@ def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
         return [{"question": r["question"], "mc1": dict(r["mc1_targets"]), "mc2": dict(r["mc2_targets"])}
                 for r in _hub("truthfulqa/truthful_qa", "multiple_choice", "validation")]
     path = os.path.join(data_dir, "truthfulqa", "mc_task.json")
-    if not os.path.exists(path):
-        raise LoadError(f"{path} does not exist")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        rows = _json(f.read(), path)
+    rows = _json(_read(path), path)
     if not isinstance(rows, list):
         raise LoadError(f"{path} is not a JSON list of questions")
     out = []
@@ -142,14 +143,10 @@ def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
 def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
     """MMLU `split` (test or dev) as [{id, subject, question, choices (4), answer (0-3)}], sorted by subject."""
     if data_dir is None:
-        rows = _hub("cais/mmlu", "all", split)
-        count = defaultdict(int)
-        out = []
-        for r in rows:
-            out.append({"id": f"{r['subject']}/{count[r['subject']]}", "subject": r["subject"],
-                        "question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])})
-            count[r["subject"]] += 1
-        return sorted(out, key=lambda r: r["subject"])
+        rows = sorted(_hub("cais/mmlu", "all", split), key=lambda r: r["subject"])   # stable: each subject in its order
+        return [{"id": f"{subject}/{i}", "subject": subject, "question": r["question"], "choices": list(r["choices"]),
+                 "answer": int(r["answer"])} for subject, group in groupby(rows, lambda r: r["subject"])
+                for i, r in enumerate(group)]
     # hendrycks layout: mmlu/<split>/<subject>_<split>.csv, no header, columns question, A, B, C, D, answer letter
     files = sorted(glob.glob(os.path.join(data_dir, "mmlu", split, f"*_{split}.csv")))
     if not files:
@@ -250,14 +247,7 @@ def loglikelihoods(model, tok, requests, batch_size: int = 64, desc: str | None 
         conts.append([w[len(ctx):] for w in wholes])
         if not all(conts[-1]):
             raise ValueError(f"a continuation of {context[-40:]!r} has no tokens of its own")
-    # Longest first, so each batch pads little; results go back to request order.
-    order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]) - max(map(len, conts[i])))
-    out = [None] * len(requests)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, unit="batch"):
-        idx = order[start:start + batch_size]
-        for i, lps in zip(idx, score(model, [contexts[i] for i in idx], [conts[i] for i in idx], batch_size)):
-            out[i] = [lp.double().sum().item() for lp in lps]
-    return out
+    return [[lp.double().sum().item() for lp in lps] for lps in score(model, contexts, conts, batch_size, desc)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,16 +469,9 @@ def forgetting(base: dict, post: dict, tasks=RETENTION_TASKS) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _first(rows: list, n: int) -> list:
-    return rows[:n] if n else rows
-
-
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main(argv=None) -> dict:
@@ -528,18 +511,16 @@ def main(argv=None) -> dict:
     pred_path = os.path.splitext(out_path)[0] + ".jsonl"
     baseline = None
     if args.baseline:
-        if not os.path.exists(args.baseline):
-            raise LoadError(f"baseline {args.baseline} does not exist")
-        with open(args.baseline) as f:
-            baseline = _need(_json(f.read(), args.baseline), ("tasks",), f"--baseline {args.baseline}")
+        text = _read(args.baseline, called="baseline ")
+        baseline = _need(_json(text, args.baseline), ("tasks",), f"--baseline {args.baseline}")
 
     # Data before the model: a missing file fails at once, not after minutes of loading weights.
     data = {}
     if "gsm8k" in tasks:
         shots = load_gsm8k("train", args.data_dir)[:args.fewshot] if args.fewshot else []
-        data["gsm8k"] = (_first(load_gsm8k("test", args.data_dir), limits["gsm8k"]), shots)
+        data["gsm8k"] = (load_gsm8k("test", args.data_dir)[:limits["gsm8k"] or None], shots)
     if "truthfulqa" in tasks:
-        data["truthfulqa"] = (_first(load_truthfulqa(args.data_dir), limits["truthfulqa"]), None)
+        data["truthfulqa"] = (load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None], None)
     if "mmlu" in tasks:
         dev = defaultdict(list)
         for row in (load_mmlu("dev", args.data_dir) if args.fewshot else []):
