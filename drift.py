@@ -181,9 +181,8 @@ def bootstrap_weights(groups: list[int], n: int, seed: int = 0):
     """[len(groups), n] multiplicities: each column resamples the groups (rollouts) with replacement,
     and every state counts as often as its rollout was drawn."""
     groups = torch.tensor(groups)
-    g = torch.Generator().manual_seed(seed)
     R = int(groups.max()) + 1
-    draws = torch.randint(0, R, (n, R), generator=g)
+    draws = torch.randint(0, R, (n, R), generator=torch.Generator().manual_seed(seed))
     counts = torch.zeros(n, R, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, R, dtype=torch.float64))
     return counts[:, groups].T.contiguous()
 
@@ -198,9 +197,9 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
         wx = bootstrap_weights(groups_x, n_bootstrap, seed).to(X.device)
         wy = bootstrap_weights(groups_y, n_bootstrap, seed + 1).to(X.device)
         boot = mmd2(X, Y, sigma, wx, wy, block).cpu()
-        lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        ci95 = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         out["mmd2_bootstrap"] = {"resamples": n_bootstrap, "over": "rollouts", "std": boot.std().item(),
-                                 "mean": boot.mean().item(), "ci95": [lo, hi], "replicates": boot.tolist()}
+                                 "mean": boot.mean().item(), "ci95": ci95, "replicates": boot.tolist()}
     out["centroid_l2"] = centroid_distance(X, Y)
     out["sliced_wasserstein"] = sliced_wasserstein(X, Y, n_projections, seed)
     return out
@@ -220,15 +219,14 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
     for i in range(0, len(rollouts), batch_size):
         batch = rollouts[i:i + batch_size]
         ids, attn = generate.pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
-        states = torch.zeros_like(attn)
-        for b, r in enumerate(batch):   # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
-            states[b, ids.shape[1] - len(r["tokens"]):] = len(r["tokens"]) > 0
+        count = torch.tensor([len(r["tokens"]) for r in batch], device=device)
+        T = ids.shape[1]   # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
+        states = torch.arange(T, device=device) >= T - count[:, None]
         with lora.use_adapter(model, reference):
             h0 = model(ids, attn, return_hidden=True)[states]
         with lora.use_adapter(model, policy):
             h = model(ids, attn, return_hidden=True)[states]
         kl = divergences(h, h0, model.lm_head, chunk)[:, :2].double()   # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
-        count = states.sum(1)
         owner = torch.arange(len(batch), device=device).repeat_interleave(count)
         sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device).index_add_(0, owner, kl)
         rows.append((sums / count[:, None]).cpu())
@@ -266,11 +264,9 @@ def retention_prompts(data_dir, n: int) -> list[str]:
 # Rollouts and their states
 
 
-def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, max_new_tokens=None, samples=None):
+def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, max_new_tokens, samples):
     """(rollouts as dicts, cache path, sampled?) for the policy base + checkpoint, whose weights are the model's
-    adapter `adapter` (checkpoint None: the base itself): `samples` per prompt (default --samples-per-prompt)
-    of at most max_new_tokens (default --max-new-tokens)."""
-    max_new_tokens, samples = max_new_tokens or args.max_new_tokens, samples or args.samples_per_prompt
+    adapter `adapter` (checkpoint None: the base itself): `samples` per prompt of at most max_new_tokens."""
     # Everything that changes what this run would sample: batching changes the random stream and the
     # padding, and dtype and device change the numerics, so each is part of the key.
     param = next(model.parameters())
@@ -351,8 +347,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     args.device = distributed.init(args.device)   # under torchrun: rollouts and policy KLs split over the ranks
     out = output_dir(args.out or os.path.join("results", f"drift_{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json"))
-    checkpoints = {side: lora.load_checkpoint(path) for side, path in
-                   (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)) if path}
+    sides = {"baseline": args.baseline_checkpoint, "policy": args.checkpoint}   # None: the base model
+    checkpoints = {side: lora.load_checkpoint(path) for side, path in sides.items() if path}
     model_name = args.model or checkpoints["policy"]["meta"].get("base_model")
     if not model_name:
         raise LoadError(f"{args.checkpoint} does not name its base model; pass --model")
@@ -365,25 +361,25 @@ def main(argv=None) -> dict:
     for side, ckpt in checkpoints.items():   # both on the one base, before any sampling: a mismatch fails at once
         lora.load_adapter(model, ckpt, name=side)
 
-    sides = {}
-    for side, ckpt in (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)):
-        rollouts, path, sampled = policy_rollouts(model, tok, model_name, ckpt, side, prompts, args)
+    result, state_sets = {"model": model_name, "features": args.features}, {}
+    for side, ckpt in sides.items():
+        rollouts, path, sampled = policy_rollouts(model, tok, model_name, ckpt, side, prompts, args,
+                                                  args.max_new_tokens, args.samples_per_prompt)
         lengths, groups = states(rollouts, args.state_stride)
         X, vocab = embed(rollouts, lengths, args, model, tok, prompts)
-        sides[side] = dict(X=X.to(args.device), vocab=vocab, groups=groups, rollouts=rollouts, info={
-            "checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path, "sampled": sampled,
-            "mean_rollout_tokens": sum(len(r["tokens"]) for r in rollouts) / len(rollouts)})
-    b, p = sides["baseline"], sides["policy"]
-    result = {"model": model_name, "features": args.features, "baseline": b["info"], "policy": p["info"],
-              **drift(p["X"], b["X"], p["groups"], b["groups"], args.bootstrap, args.projections, args.seed, args.block),
-              "jaccard": jaccard_distance(p["vocab"], b["vocab"]),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}}
+        state_sets[side] = (X.to(args.device), groups, vocab, rollouts)
+        result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path, "sampled": sampled,
+                        "mean_rollout_tokens": sum(len(r["tokens"]) for r in rollouts) / len(rollouts)}
+    (Xb, groups_b, vocab_b, rollouts_b), (Xp, groups_p, vocab_p, rollouts_p) = state_sets.values()
+    settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}
+    result.update(drift(Xp, Xb, groups_p, groups_b, args.bootstrap, args.projections, args.seed, args.block),
+                  jaccard=jaccard_distance(vocab_p, vocab_b), settings=settings)
     if args.policy_kl:
         reference = "baseline" if args.baseline_checkpoint else None
-        result["policy_kl"] = {"target": kl_measures(model, b["rollouts"], p["rollouts"], reference, args.batch_size)}
+        result["policy_kl"] = {"target": kl_measures(model, rollouts_b, rollouts_p, reference, args.batch_size)}
         if contexts:
-            base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args, args.retention_tokens, 1)[0]
-                                for side, ckpt in (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)))
+            base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args,
+                                                args.retention_tokens, 1)[0] for side, ckpt in sides.items())
             result["policy_kl"]["retention"] = kl_measures(model, base_r, policy_r, reference, args.batch_size)
         if distributed.main_rank():
             print("policy KL " + ", ".join(f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
