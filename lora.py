@@ -67,22 +67,19 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Parameter(B.to(w.device, dtype, copy=True), requires_grad=name == "default")
         self.scale[name], self.dropout[name] = cfg.alpha / cfg.r, cfg.dropout
 
-    def delta(self, name: str):
-        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scale[name]
-
     def merge(self):
+        """W + (alpha / r) B A of the active adapter, in float32, into merged_weight (the base weight stays)."""
         if self.active is not None:
-            self.merged_weight = (self.base.weight.float() + self.delta(self.active)).to(self.base.weight.dtype)
+            delta = (self.lora_B[self.active].float() @ self.lora_A[self.active].float()) * self.scale[self.active]
+            self.merged_weight = (self.base.weight.float() + delta).to(self.base.weight.dtype)
 
     def forward(self, x):
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight)
-        out = self.base(x)
-        name = self.active
+        out, name = self.base(x), self.active
         if name is None:
             return out
-        p = self.dropout[name] if self.training else 0.0
-        h = F.dropout(x, p) if p else x
+        h = F.dropout(x, self.dropout[name]) if self.training and self.dropout[name] else x
         return out + (h @ self.lora_A[name].t() @ self.lora_B[name].t()) * self.scale[name]
 
 
@@ -166,12 +163,8 @@ def merged(model):
 
 def adapter_state(model, name: str = "default") -> dict:
     """{'layers.0.self_attn.q_proj.lora_A': tensor, ...} for adapter `name` (CPU copies)."""
-    state = {}
-    for n, layer in lora_layers(model).items():
-        if name in layer.lora_A:
-            state[f"{n}.lora_A"] = layer.lora_A[name].detach().cpu().clone()
-            state[f"{n}.lora_B"] = layer.lora_B[name].detach().cpu().clone()
-    return state
+    return {f"{n}.{ab}": getattr(layer, ab)[name].detach().cpu().clone()
+            for n, layer in lora_layers(model).items() if name in layer.lora_A for ab in ("lora_A", "lora_B")}
 
 
 def save_checkpoint(path: str, model, meta: dict, name: str = "default", train_state: dict | None = None):
@@ -244,8 +237,7 @@ def export_peft(model, out_dir: str, name: str = "default"):
     from safetensors.torch import save_file
     cfg = model.lora_configs[name]
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {f"base_model.model.model.{k.rsplit('.', 1)[0]}.{k.rsplit('.', 1)[1]}.weight": v.contiguous()
-               for k, v in adapter_state(model, name).items()}
+    tensors = {f"base_model.model.model.{k}.weight": v.contiguous() for k, v in adapter_state(model, name).items()}
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": getattr(model, "name_or_path", None),
               "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets),
@@ -264,14 +256,11 @@ def export_merged(model, model_dir: str, out_dir: str, name: str = "default"):
         if f.endswith(".json") and not f.startswith("model.safetensors") or f.endswith(".txt"):
             shutil.copy(os.path.join(model_dir, f), out_dir)
     with use_adapter(model, name), merged(model):
-        state = {}
-        for n, p in model.state_dict().items():
-            if ".lora_" in n or n.endswith(".merged_weight"):
-                continue
-            state["model." + n.replace(".base.", ".") if n != "lm_head.weight" else n] = p
-        for n, layer in lora_layers(model).items():
-            if layer.merged_weight is not None:   # a layer without adapter `name` keeps its base weight
-                state[f"model.{n}.weight"] = layer.merged_weight
+        # a layer without adapter `name` keeps its base weight
+        folded = {f"{n}.base.weight": layer.merged_weight for n, layer in lora_layers(model).items()
+                  if layer.merged_weight is not None}
+        state = {"model." + n.replace(".base.", ".") if n != "lm_head.weight" else n: folded.get(n, p)
+                 for n, p in model.state_dict().items() if ".lora_" not in n}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),
