@@ -314,7 +314,7 @@ def embed(rollouts, lengths, args, model, tok, prompts):
 
 # ----------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def main(argv=None) -> dict:
     p = FlagParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="base model dir or hub id (default: the checkpoint's meta base_model)")
     p.add_argument("--checkpoint", required=True, help="LoRA checkpoint (.pt) of the post-trained policy")
@@ -340,11 +340,7 @@ def parse_args(argv=None):
     p.add_argument("--retention-tokens", type=SIZE, default=32, help="length of the one rollout per retention context")
     p.add_argument("--seed", type=number(int), default=0, help="seed of sampling, projections, bandwidth subsample, bootstrap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     args.device = distributed.init(args.device)   # under torchrun: rollouts and policy KLs split over the ranks
     out = output_dir(args.out or os.path.join("results", f"drift_{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json"))
     sides = {"baseline": args.baseline_checkpoint, "policy": args.checkpoint}   # None: the base model

@@ -40,7 +40,6 @@ import re
 import time
 from collections import defaultdict
 from itertools import groupby
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -206,13 +205,11 @@ def extract_answer(text: str) -> str | None:
     """The model's final answer as a plain number string ("1,000." -> "1000"), or None if it gives none."""
     found = STRICT.findall(text)
     if found:
-        answer = found[0]
-    else:
-        found = FLEXIBLE.findall(text)
-        if not found:
-            return None
-        answer = next(g for g in found[-1] if g)   # the alternative that matched
-    return _normalize(answer)
+        return _normalize(found[0])
+    found = FLEXIBLE.findall(text)
+    if not found:
+        return None
+    return _normalize(next(g for g in found[-1] if g))   # the alternative that matched
 
 
 def is_correct(completion: str, gold_answer_text: str) -> bool:
@@ -453,11 +450,8 @@ def forgetting(base: dict, post: dict, tasks=RETENTION_TASKS) -> dict:
     """Per retention task F = base - post and R = post / base, and both averaged over the tasks (Eq. 12).
 
     base, post: {task: score}. Tasks missing from either side are left out."""
-    out = {}
-    for t in tasks:
-        if t in base and t in post:
-            out[t] = {"base": base[t], "post": post[t], "forgetting": base[t] - post[t],
-                      "retention": post[t] / base[t] if base[t] else None}
+    out = {t: {"base": base[t], "post": post[t], "forgetting": base[t] - post[t],
+               "retention": post[t] / base[t] if base[t] else None} for t in tasks if t in base and t in post}
     if not out:
         raise LoadError(f"the baseline and this run share none of the retention tasks {', '.join(tasks)}")
     ratios = [v["retention"] for v in out.values()]
@@ -537,14 +531,14 @@ def main(argv=None) -> dict:
               "data": args.data_dir or "huggingface hub", "tasks": {}, "predictions": pred_path}
     records = []
 
-    with lora.merged(model) if args.checkpoint else nullcontext():
+    with lora.merged(model):   # a no-op without a checkpoint
         for task in tasks:
             t0 = time.time()
             n = limits[task]
             examples, extra = data[task]
             mine, progress = distributed.share(examples), distributed.main_rank()
             if task == "gsm8k":
-                res, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
+                _, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
                                        args.samples, args.temperature, distributed.seed(args.seed))
                 protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
                             "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
@@ -554,21 +548,20 @@ def main(argv=None) -> dict:
                     protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed,
                                              "estimator": "1 - C(n-c, k) / C(n, k) (Chen et al. 2021)"}
             elif task == "truthfulqa":
-                res, recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)
+                _, recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)
                 protocol = {"lm_eval_task": "truthfulqa_mc1, truthfulqa_mc2", "prompt": "6-shot QA preamble + "
                             "\n\nQ: {question}\nA:", "continuation": "' ' + choice", "fewshot": 0,
                             "subset": f"validation, first {n}" if n else "validation, all", "score": "mc1"}
             else:
-                res, recs = eval_mmlu(model, tok, mine, extra, args.fewshot, args.batch_size, progress)
+                _, recs = eval_mmlu(model, tok, mine, extra, args.fewshot, args.batch_size, progress)
                 protocol = {"lm_eval_task": "mmlu", "prompt": "subject header + question + A-D lines + Answer:",
                             "continuation": "' A' .. ' D'", "fewshot": args.fewshot, "fewshot_from": "dev, first k",
                             "subset": (f"test, {n} stratified by subject (proportional), seed {args.seed}"
                                        if n else "test, all"), "subjects": len({ex["subject"] for ex in examples})}
-            if distributed.world() > 1:   # every rank's records in item order; GSM8K and TruthfulQA ids are positions
-                recs = distributed.gather(recs)
-                for i, r in enumerate(recs):
-                    r["id"] = r["id"] if task == "mmlu" else i
-                res = summary(recs)
+            recs = distributed.gather(recs)   # every rank's records in item order; GSM8K and TruthfulQA ids are positions
+            for i, r in enumerate(recs):
+                r["id"] = r["id"] if task == "mmlu" else i
+            res = summary(recs)
             res["protocol"] = {"limit": n, **protocol}
             res["seconds"] = round(time.time() - t0, 2)
             result["tasks"][task] = res

@@ -83,11 +83,10 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
             filtered = filtered.masked_fill(filtered < kth, float("-inf"))
         if top_p < 1.0:
             sorted_logp, order = filtered.sort(dim=-1, descending=True)
-            cum = sorted_logp.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logp.softmax(-1) >= top_p          # keep the smallest set reaching top_p
+            p = sorted_logp.softmax(-1)
+            drop = p.cumsum(-1) - p >= top_p          # keep the smallest set reaching top_p
             filtered = filtered.scatter(-1, order, sorted_logp.masked_fill(drop, float("-inf")))
-        probs = filtered.softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
