@@ -22,7 +22,8 @@ per token, exact over the vocabulary, KL(π0 ‖ π) at every state of the basel
 KL(π ‖ π0) at every state of the policy's own, averaged over a prompt's states, then over prompts. π0 is the
 baseline (the base: all adapters switched off, no second model). Measured on the drift prompts and on the
 retention tasks' contexts (--retention-prompts TruthfulQA and MMLU contexts, one rollout of
---retention-tokens each: the first state is the context where the answer is scored), where forgetting shows. It does not depend on --features; --no-policy-kl skips it.
+--retention-tokens each: the first state is the context where the answer is scored), where forgetting shows.
+It does not depend on --features; --no-policy-kl skips it.
 
 Rollouts are cached as JSONL under --cache-dir, keyed by a hash of model, checkpoint contents, prompts and
 sampling settings (batch size, dtype and device included), so each policy is sampled once per study; the
@@ -322,7 +323,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", help="directory with gsm8k/test.jsonl (default: the hub's openai/gsm8k)")
     p.add_argument("--out", help="output JSON (default: results/drift_<checkpoint name>.json)")
     p.add_argument("--cache-dir", default="results/rollouts", help="where sampled rollouts are cached (JSONL)")
-    p.add_argument("--prompts", type=COUNT, default=100, help="the first N GSM8K test questions are the prompt set (0: all)")
+    p.add_argument("--prompts", type=COUNT, default=100, help="prompt set: the first N GSM8K test questions (0: all)")
     p.add_argument("--samples-per-prompt", type=SIZE, default=4, help="rollouts per prompt and policy")
     p.add_argument("--temperature", type=NONNEGATIVE, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--max-new-tokens", type=SIZE, default=256, help="rollout length limit")
@@ -338,11 +339,13 @@ def main(argv=None) -> dict:
     p.add_argument("--retention-prompts", type=COUNT, default=32,
                    help="TruthfulQA and MMLU contexts (this many of each) where the policy KLs are also measured")
     p.add_argument("--retention-tokens", type=SIZE, default=32, help="length of the one rollout per retention context")
-    p.add_argument("--seed", type=number(int), default=0, help="seed of sampling, projections, bandwidth subsample, bootstrap")
+    p.add_argument("--seed", type=number(int), default=0,
+                   help="seed of sampling, projections, bandwidth subsample, bootstrap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     args.device = distributed.init(args.device)   # under torchrun: rollouts and policy KLs split over the ranks
-    out = output_dir(args.out or os.path.join("results", f"drift_{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json"))
+    name = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    out = output_dir(args.out or os.path.join("results", f"drift_{name}.json"))
     sides = {"baseline": args.baseline_checkpoint, "policy": args.checkpoint}   # None: the base model
     checkpoints = {side: lora.load_checkpoint(path) for side, path in sides.items() if path}
     model_name = args.model or checkpoints["policy"]["meta"].get("base_model")
@@ -351,7 +354,8 @@ def main(argv=None) -> dict:
     # data before the model: a missing file fails at once
     args.data_dir = resolve_data_dir(model_name, args.data_dir)
     prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
-    contexts = retention_prompts(args.data_dir, args.retention_prompts) if args.policy_kl and args.retention_prompts else []
+    contexts = (retention_prompts(args.data_dir, args.retention_prompts)
+                if args.policy_kl and args.retention_prompts else [])
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tok = load_model(model_name, device=args.device, dtype=dtype)
     for side, ckpt in checkpoints.items():   # both on the one base, before any sampling: a mismatch fails at once
@@ -364,8 +368,9 @@ def main(argv=None) -> dict:
         lengths, groups = states(rollouts, args.state_stride)
         X, vocab = embed(rollouts, lengths, args, model, tok, prompts)
         state_sets[side] = (X.to(args.device), groups, vocab, rollouts)
-        result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path, "sampled": sampled,
-                        "mean_rollout_tokens": sum(len(r["tokens"]) for r in rollouts) / len(rollouts)}
+        tokens = sum(len(r["tokens"]) for r in rollouts)
+        result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path,
+                        "sampled": sampled, "mean_rollout_tokens": tokens / len(rollouts)}
     (Xb, groups_b, vocab_b, rollouts_b), (Xp, groups_p, vocab_p, rollouts_p) = state_sets.values()
     settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}
     result.update(drift(Xp, Xb, groups_p, groups_b, args.bootstrap, args.projections, args.seed, args.block),
@@ -378,8 +383,9 @@ def main(argv=None) -> dict:
                                                 args.retention_tokens, 1)[0] for side, ckpt in sides.items())
             result["policy_kl"]["retention"] = kl_measures(model, base_r, policy_r, reference, args.batch_size)
         if distributed.main_rank():
-            print("policy KL " + ", ".join(f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
-                                           for where, v in result["policy_kl"].items()))
+            kls = [f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
+                   for where, v in result["policy_kl"].items()]
+            print("policy KL " + ", ".join(kls))
     if distributed.main_rank():
         write_text(out, json.dumps(result, indent=2))
     distributed.barrier()

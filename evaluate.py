@@ -134,8 +134,8 @@ def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
     out = []
     for i, r in enumerate(rows):
         _need(r, ("question", "mc1_targets", "mc2_targets"), f"{path} entry {i}")
-        out.append({"question": r["question"], **{
-            k: {"choices": list(r[f"{k}_targets"]), "labels": list(r[f"{k}_targets"].values())} for k in ("mc1", "mc2")}})
+        out.append({"question": r["question"], **{k: {"choices": list(t), "labels": list(t.values())}
+                                                  for k, t in (("mc1", r["mc1_targets"]), ("mc2", r["mc2_targets"]))}})
     return _nonempty(out, path)
 
 
@@ -177,7 +177,8 @@ def stratified_subset(examples: list[dict], limit: int, seed: int) -> list[dict]
     for s in sorted(quota, key=lambda s: (take[s] - quota[s], s))[:limit - sum(take.values())]:
         take[s] += 1
     rng = random.Random(seed)
-    return [by_subject[s][i] for s in sorted(by_subject) for i in sorted(rng.sample(range(len(by_subject[s])), take[s]))]
+    return [by_subject[s][i] for s in sorted(by_subject)
+            for i in sorted(rng.sample(range(len(by_subject[s])), take[s]))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,15 +274,16 @@ def ks(n: int) -> list[int]:
 
 def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True, samples=0,
                temperature=1.0, seed=0):
+    def complete(prompts, temperature, seed=0):
+        return generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=GSM8K_STOP,
+                        seed=seed, batch_size=batch_size, progress=progress)
     prompts = [gsm8k_prompt(ex["question"], fewshot) for ex in examples]
-    rollouts = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=GSM8K_STOP,
-                        batch_size=batch_size, progress=progress)
+    rollouts = complete(prompts, 0.0)
     records = [{"task": "gsm8k", "id": i, "prediction": extract_answer(r.text), "gold": _normalize(ex["answer"]),
                 "correct": is_correct(r.text, ex["answer"]), "finish": r.finish, "completion": r.text}
                for i, (ex, r) in enumerate(zip(examples, rollouts))]
     if samples:    # pass@k: n completions per problem at temperature T (one seeded stream)
-        sampled = generate(model, tok, [p for p in prompts for _ in range(samples)], max_new_tokens=max_new_tokens,
-                           temperature=temperature, stop=GSM8K_STOP, seed=seed, batch_size=batch_size, progress=progress)
+        sampled = complete([p for p in prompts for _ in range(samples)], temperature, seed)
         for i, (ex, rec) in enumerate(zip(examples, records)):
             rec.update(samples=samples, samples_correct=sum(is_correct(r.text, ex["answer"])
                                                             for r in sampled[i * samples:(i + 1) * samples]))
@@ -525,8 +527,8 @@ def main(argv=None) -> dict:
     checkpoint = None
     if args.checkpoint:
         ckpt = lora.load_adapter(model, args.checkpoint)
-        meta = {k: v for k, v in ckpt["meta"].items() if k != "base_config"}
-        checkpoint = {"path": args.checkpoint, "sha256": file_sha256(args.checkpoint), "lora": ckpt["lora"], "meta": meta}
+        checkpoint = {"path": args.checkpoint, "sha256": file_sha256(args.checkpoint), "lora": ckpt["lora"],
+                      "meta": {k: v for k, v in ckpt["meta"].items() if k != "base_config"}}
     result = {"model": args.model, "checkpoint": checkpoint, "device": args.device, "dtype": args.dtype,
               "data": args.data_dir or "huggingface hub", "tasks": {}, "predictions": pred_path}
     records = []
@@ -545,7 +547,8 @@ def main(argv=None) -> dict:
                             "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
                             "extraction": "strict-match, else flexible-extract (last number); numeric comparison"}
                 if args.samples:
-                    protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed,
+                    protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature,
+                                             "seed": args.seed,
                                              "estimator": "1 - C(n-c, k) / C(n, k) (Chen et al. 2021)"}
             elif task == "truthfulqa":
                 _, recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)
@@ -558,7 +561,8 @@ def main(argv=None) -> dict:
                             "continuation": "' A' .. ' D'", "fewshot": args.fewshot, "fewshot_from": "dev, first k",
                             "subset": (f"test, {n} stratified by subject (proportional), seed {args.seed}"
                                        if n else "test, all"), "subjects": len({ex["subject"] for ex in examples})}
-            recs = distributed.gather(recs)   # every rank's records in item order; GSM8K and TruthfulQA ids are positions
+            # every rank's records in item order (GSM8K and TruthfulQA ids are positions), then the task's summary
+            recs = distributed.gather(recs)
             for i, r in enumerate(recs):
                 r["id"] = r["id"] if task == "mmlu" else i
             res = summary(recs)

@@ -215,8 +215,9 @@ def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = 
         odd = sorted(set(ckpt["adapter"]) ^ set(expected))[0]
         raise LoadError(f"adapter tensors do not match the model (first mismatch: {odd})")
     for key, shape in expected.items():
-        if tuple(ckpt["adapter"][key].shape) != shape:
-            raise LoadError(f"adapter tensor {key} has shape {tuple(ckpt['adapter'][key].shape)}, the model needs {shape}")
+        got = tuple(ckpt["adapter"][key].shape)
+        if got != shape:
+            raise LoadError(f"adapter tensor {key} has shape {got}, the model needs {shape}")
     previous = active_adapter(model)
     add_lora(model, cfg, name, dtype, weights=ckpt["adapter"])
     if name != "default" and previous is not None:
@@ -239,10 +240,10 @@ def export_peft(model, out_dir: str, name: str = "default"):
     os.makedirs(out_dir, exist_ok=True)
     tensors = {f"base_model.model.model.{k}.weight": v.contiguous() for k, v in adapter_state(model, name).items()}
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": getattr(model, "name_or_path", None),
-              "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets),
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
-              "inference_mode": True}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+              "base_model_name_or_path": getattr(model, "name_or_path", None), "r": cfg.r, "lora_alpha": cfg.alpha,
+              "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets), "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "init_lora_weights": True, "inference_mode": True}
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
