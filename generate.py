@@ -10,7 +10,7 @@ Every experiment in the study is dominated by sampling rollouts (GRPO's groups, 
 teacher continuations, drift's state sets, GSM8K evaluation), so the structure is built for it:
 - prompts are left-padded and prefilled in one batched forward that computes logits for the last position only;
 - decoding writes into one preallocated cache (model.KVCache) and never loops over sequences in Python;
-- finished sequences are tracked by position (a boolean per row), never by comparing tokens with the pad id,
+- finished sequences are tracked per row (a finish reason, 0 while running), never by comparing tokens with the pad id,
   because Qwen base models use the same id (<|endoftext|>) for padding and EOS;
 - stop strings are checked in Python only for the rows whose new token could complete one (a precomputed
   vocabulary mask of "trigger" tokens), so the common step costs no decoding at all;
@@ -177,15 +177,14 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     triggers = stop_triggers(tokenizer, stop, logits.shape[-1], device) if stop else None
     tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     logps = torch.zeros(B, max_new_tokens, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
-    reason = torch.zeros(B, dtype=torch.long, device=device)                     # index into FINISH
+    reason = torch.zeros(B, dtype=torch.long, device=device)    # index into FINISH; 0 (length) while a row runs
     step_fn = DecodeGraph(model, cache) if use_graph and max_new_tokens > 1 else None
     alive = torch.arange(B, device=device)          # the rows still in the decoding batch (logits, cache, positions)
     for t in range(max_new_tokens):
         token, logp = sample_next(logits, temperature, top_p, top_k, generator)
         tokens[alive, t], logps[alive, t] = token, logp
-        running = ~done[alive]
+        running = reason[alive] == 0
         ended = running & torch.isin(token, eos)
         reason[alive[ended]] = 1
         if triggers is not None:
@@ -197,8 +196,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
                     ended[stopped] = True
                     reason[alive[stopped]] = 2
         length[alive[ended]] = t + 1
-        done[alive[ended]] = True
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1 or bool((reason > 0).all()):
             break
         running &= ~ended
         if step_fn is None and 2 * int(running.sum()) <= len(alive):
