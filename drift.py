@@ -388,12 +388,11 @@ def main(argv=None) -> dict:
             print("policy KL " + ", ".join(kls))
     if distributed.main_rank():
         write_text(out, json.dumps(result, indent=2))
+        std = result.get("mmd2_bootstrap", {}).get("std", float("nan"))
+        print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std {std:.5f}), centroid "
+              f"{result['centroid_l2']:.4f}, SW {result['sliced_wasserstein']:.4f}, "
+              f"Jaccard {result['jaccard']:.4f} -> {out}")
     distributed.barrier()
-    if not distributed.main_rank():
-        return result
-    print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std "
-          f"{result.get('mmd2_bootstrap', {}).get('std', float('nan')):.5f}), centroid {result['centroid_l2']:.4f}, "
-          f"SW {result['sliced_wasserstein']:.4f}, Jaccard {result['jaccard']:.4f} -> {out}")
     return result
 
 

@@ -518,9 +518,8 @@ def main(argv=None) -> dict:
     if "truthfulqa" in tasks:
         data["truthfulqa"] = (load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None], None)
     if "mmlu" in tasks:
-        dev = defaultdict(list)
-        for row in (load_mmlu("dev", args.data_dir) if args.fewshot else []):
-            dev[row["subject"]].append(row)
+        dev = ({s: list(rows) for s, rows in groupby(load_mmlu("dev", args.data_dir), lambda r: r["subject"])}
+               if args.fewshot else {})   # load_mmlu keeps each subject's rows together
         data["mmlu"] = (stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed), dev)
 
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -585,17 +584,15 @@ def main(argv=None) -> dict:
     if distributed.main_rank():
         write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
         write_text(out_path, json.dumps(result, indent=2, default=str))
-    distributed.barrier()
-    if not distributed.main_rank():
-        return result
-    parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") +
-             "".join(f" pass@{k} {p['score']:.3f}" for k, p in v.get("pass_at_k", {}).items()) + f" n={v['n']}"
-             for t, v in result["tasks"].items()]
-    if "forgetting" in result:
-        m = result["forgetting"]["mean"]
-        parts.append(f"mean forgetting {m['forgetting']:+.3f}" +
-                     (f", retention {m['retention']:.3f}" if m["retention"] is not None else ""))
-    print(f"{name}: " + " | ".join(parts) + f" -> {out_path}")
+        parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") +
+                 "".join(f" pass@{k} {p['score']:.3f}" for k, p in v.get("pass_at_k", {}).items()) + f" n={v['n']}"
+                 for t, v in result["tasks"].items()]
+        if "forgetting" in result:
+            m = result["forgetting"]["mean"]
+            parts.append(f"mean forgetting {m['forgetting']:+.3f}" +
+                         (f", retention {m['retention']:.3f}" if m["retention"] is not None else ""))
+        print(f"{name}: " + " | ".join(parts) + f" -> {out_path}")
+    distributed.barrier()   # the files are on disk before any rank goes on (reproduce.py's next stage reads them)
     return result
 
 

@@ -48,8 +48,7 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()   # adapter name -> A [r, in], B [out, r]
         self.scale, self.dropout = {}, {}
         self.active = None
         self.merged_weight = None
