@@ -540,7 +540,7 @@ def main(argv=None) -> dict:
             mine, progress = distributed.share(examples), distributed.main_rank()
             if task == "gsm8k":
                 _, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
-                                       args.samples, args.temperature, distributed.seed(args.seed))
+                                     args.samples, args.temperature, distributed.seed(args.seed))
                 protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
                             "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
                             "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
