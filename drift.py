@@ -22,7 +22,8 @@ per token, exact over the vocabulary, KL(π0 ‖ π) at every state of the basel
 KL(π ‖ π0) at every state of the policy's own, averaged over a prompt's states, then over prompts. π0 is the
 baseline (the base: all adapters switched off, no second model). Measured on the drift prompts and on the
 retention tasks' contexts (--retention-prompts TruthfulQA and MMLU contexts, one rollout of
---retention-tokens each: the first state is the context where the answer is scored), where forgetting shows. It does not depend on --features; --no-policy-kl skips it.
+--retention-tokens each: the first state is the context where the answer is scored), where forgetting shows.
+It does not depend on --features; --no-policy-kl skips it.
 
 Rollouts are cached as JSONL under --cache-dir, keyed by a hash of model, checkpoint contents, prompts and
 sampling settings (batch size, dtype and device included), so each policy is sampled once per study; the
@@ -87,7 +88,7 @@ def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[
     rows = []
     for i in tqdm(range(0, len(sequences), batch_size), desc="hidden states", disable=len(sequences) <= batch_size):
         seqs = sequences[i:i + batch_size]
-        ids, mask = generate.left_pad(seqs, device=device)
+        ids, mask = generate.pad(seqs, device=device)
         h = model(ids, mask, return_hidden=True).float() * mask[..., None]
         csum = h.cumsum(1)                                                       # padding adds zeros
         for b, lengths in enumerate(state_lengths[i:i + batch_size]):
@@ -181,9 +182,8 @@ def bootstrap_weights(groups: list[int], n: int, seed: int = 0):
     """[len(groups), n] multiplicities: each column resamples the groups (rollouts) with replacement,
     and every state counts as often as its rollout was drawn."""
     groups = torch.tensor(groups)
-    g = torch.Generator().manual_seed(seed)
     R = int(groups.max()) + 1
-    draws = torch.randint(0, R, (n, R), generator=g)
+    draws = torch.randint(0, R, (n, R), generator=torch.Generator().manual_seed(seed))
     counts = torch.zeros(n, R, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, R, dtype=torch.float64))
     return counts[:, groups].T.contiguous()
 
@@ -198,9 +198,9 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
         wx = bootstrap_weights(groups_x, n_bootstrap, seed).to(X.device)
         wy = bootstrap_weights(groups_y, n_bootstrap, seed + 1).to(X.device)
         boot = mmd2(X, Y, sigma, wx, wy, block).cpu()
-        lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        ci95 = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         out["mmd2_bootstrap"] = {"resamples": n_bootstrap, "over": "rollouts", "std": boot.std().item(),
-                                 "mean": boot.mean().item(), "ci95": [lo, hi], "replicates": boot.tolist()}
+                                 "mean": boot.mean().item(), "ci95": ci95, "replicates": boot.tolist()}
     out["centroid_l2"] = centroid_distance(X, Y)
     out["sliced_wasserstein"] = sliced_wasserstein(X, Y, n_projections, seed)
     return out
@@ -219,16 +219,15 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
     rows = []
     for i in range(0, len(rollouts), batch_size):
         batch = rollouts[i:i + batch_size]
-        ids, attn = generate.left_pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
-        states = torch.zeros_like(attn)
-        for b, r in enumerate(batch):   # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
-            states[b, ids.shape[1] - len(r["tokens"]):] = len(r["tokens"]) > 0
+        ids, attn = generate.pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
+        count = torch.tensor([len(r["tokens"]) for r in batch], device=device)
+        T = ids.shape[1]   # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
+        states = torch.arange(T, device=device) >= T - count[:, None]
         with lora.use_adapter(model, reference):
             h0 = model(ids, attn, return_hidden=True)[states]
         with lora.use_adapter(model, policy):
             h = model(ids, attn, return_hidden=True)[states]
         kl = divergences(h, h0, model.lm_head, chunk)[:, :2].double()   # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
-        count = states.sum(1)
         owner = torch.arange(len(batch), device=device).repeat_interleave(count)
         sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device).index_add_(0, owner, kl)
         rows.append((sums / count[:, None]).cpu())
@@ -266,11 +265,9 @@ def retention_prompts(data_dir, n: int) -> list[str]:
 # Rollouts and their states
 
 
-def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, max_new_tokens=None, samples=None):
+def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, max_new_tokens, samples):
     """(rollouts as dicts, cache path, sampled?) for the policy base + checkpoint, whose weights are the model's
-    adapter `adapter` (checkpoint None: the base itself): `samples` per prompt (default --samples-per-prompt)
-    of at most max_new_tokens (default --max-new-tokens)."""
-    max_new_tokens, samples = max_new_tokens or args.max_new_tokens, samples or args.samples_per_prompt
+    adapter `adapter` (checkpoint None: the base itself): `samples` per prompt of at most max_new_tokens."""
     # Everything that changes what this run would sample: batching changes the random stream and the
     # padding, and dtype and device change the numerics, so each is part of the key.
     param = next(model.parameters())
@@ -318,7 +315,7 @@ def embed(rollouts, lengths, args, model, tok, prompts):
 
 # ----------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def main(argv=None) -> dict:
     p = FlagParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="base model dir or hub id (default: the checkpoint's meta base_model)")
     p.add_argument("--checkpoint", required=True, help="LoRA checkpoint (.pt) of the post-trained policy")
@@ -326,7 +323,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="directory with gsm8k/test.jsonl (default: the hub's openai/gsm8k)")
     p.add_argument("--out", help="output JSON (default: results/drift_<checkpoint name>.json)")
     p.add_argument("--cache-dir", default="results/rollouts", help="where sampled rollouts are cached (JSONL)")
-    p.add_argument("--prompts", type=COUNT, default=100, help="the first N GSM8K test questions are the prompt set (0: all)")
+    p.add_argument("--prompts", type=COUNT, default=100, help="prompt set: the first N GSM8K test questions (0: all)")
     p.add_argument("--samples-per-prompt", type=SIZE, default=4, help="rollouts per prompt and policy")
     p.add_argument("--temperature", type=NONNEGATIVE, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--max-new-tokens", type=SIZE, default=256, help="rollout length limit")
@@ -342,60 +339,60 @@ def parse_args(argv=None):
     p.add_argument("--retention-prompts", type=COUNT, default=32,
                    help="TruthfulQA and MMLU contexts (this many of each) where the policy KLs are also measured")
     p.add_argument("--retention-tokens", type=SIZE, default=32, help="length of the one rollout per retention context")
-    p.add_argument("--seed", type=number(int), default=0, help="seed of sampling, projections, bandwidth subsample, bootstrap")
+    p.add_argument("--seed", type=number(int), default=0,
+                   help="seed of sampling, projections, bandwidth subsample, bootstrap")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     args.device = distributed.init(args.device)   # under torchrun: rollouts and policy KLs split over the ranks
-    out = output_dir(args.out or os.path.join("results", f"drift_{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json"))
-    checkpoints = {side: lora.load_checkpoint(path) for side, path in
-                   (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)) if path}
+    name = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    out = output_dir(args.out or os.path.join("results", f"drift_{name}.json"))
+    sides = {"baseline": args.baseline_checkpoint, "policy": args.checkpoint}   # None: the base model
+    checkpoints = {side: lora.load_checkpoint(path) for side, path in sides.items() if path}
     model_name = args.model or checkpoints["policy"]["meta"].get("base_model")
     if not model_name:
         raise LoadError(f"{args.checkpoint} does not name its base model; pass --model")
     # data before the model: a missing file fails at once
     args.data_dir = resolve_data_dir(model_name, args.data_dir)
     prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
-    contexts = retention_prompts(args.data_dir, args.retention_prompts) if args.policy_kl and args.retention_prompts else []
+    contexts = (retention_prompts(args.data_dir, args.retention_prompts)
+                if args.policy_kl and args.retention_prompts else [])
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tok = load_model(model_name, device=args.device, dtype=dtype)
     for side, ckpt in checkpoints.items():   # both on the one base, before any sampling: a mismatch fails at once
         lora.load_adapter(model, ckpt, name=side)
 
-    sides = {}
-    for side, ckpt in (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)):
-        rollouts, path, sampled = policy_rollouts(model, tok, model_name, ckpt, side, prompts, args)
+    result, state_sets = {"model": model_name, "features": args.features}, {}
+    for side, ckpt in sides.items():
+        rollouts, path, sampled = policy_rollouts(model, tok, model_name, ckpt, side, prompts, args,
+                                                  args.max_new_tokens, args.samples_per_prompt)
         lengths, groups = states(rollouts, args.state_stride)
         X, vocab = embed(rollouts, lengths, args, model, tok, prompts)
-        sides[side] = dict(X=X.to(args.device), vocab=vocab, groups=groups, rollouts=rollouts, info={
-            "checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path, "sampled": sampled,
-            "mean_rollout_tokens": sum(len(r["tokens"]) for r in rollouts) / len(rollouts)})
-    b, p = sides["baseline"], sides["policy"]
-    result = {"model": model_name, "features": args.features, "baseline": b["info"], "policy": p["info"],
-              **drift(p["X"], b["X"], p["groups"], b["groups"], args.bootstrap, args.projections, args.seed, args.block),
-              "jaccard": jaccard_distance(p["vocab"], b["vocab"]),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}}
+        state_sets[side] = (X.to(args.device), groups, vocab, rollouts)
+        tokens = sum(len(r["tokens"]) for r in rollouts)
+        result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path,
+                        "sampled": sampled, "mean_rollout_tokens": tokens / len(rollouts)}
+    (Xb, groups_b, vocab_b, rollouts_b), (Xp, groups_p, vocab_p, rollouts_p) = state_sets.values()
+    settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}
+    result.update(drift(Xp, Xb, groups_p, groups_b, args.bootstrap, args.projections, args.seed, args.block),
+                  jaccard=jaccard_distance(vocab_p, vocab_b), settings=settings)
     if args.policy_kl:
         reference = "baseline" if args.baseline_checkpoint else None
-        result["policy_kl"] = {"target": kl_measures(model, b["rollouts"], p["rollouts"], reference, args.batch_size)}
+        result["policy_kl"] = {"target": kl_measures(model, rollouts_b, rollouts_p, reference, args.batch_size)}
         if contexts:
-            base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args, args.retention_tokens, 1)[0]
-                                for side, ckpt in (("baseline", args.baseline_checkpoint), ("policy", args.checkpoint)))
+            base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args,
+                                                args.retention_tokens, 1)[0] for side, ckpt in sides.items())
             result["policy_kl"]["retention"] = kl_measures(model, base_r, policy_r, reference, args.batch_size)
         if distributed.main_rank():
-            print("policy KL " + ", ".join(f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
-                                           for where, v in result["policy_kl"].items()))
+            kls = [f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
+                   for where, v in result["policy_kl"].items()]
+            print("policy KL " + ", ".join(kls))
     if distributed.main_rank():
         write_text(out, json.dumps(result, indent=2))
+        std = result.get("mmd2_bootstrap", {}).get("std", float("nan"))
+        print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std {std:.5f}), centroid "
+              f"{result['centroid_l2']:.4f}, SW {result['sliced_wasserstein']:.4f}, "
+              f"Jaccard {result['jaccard']:.4f} -> {out}")
     distributed.barrier()
-    if not distributed.main_rank():
-        return result
-    print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std "
-          f"{result.get('mmd2_bootstrap', {}).get('std', float('nan')):.5f}), centroid {result['centroid_l2']:.4f}, "
-          f"SW {result['sliced_wasserstein']:.4f}, Jaccard {result['jaccard']:.4f} -> {out}")
     return result
 
 

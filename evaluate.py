@@ -39,11 +39,10 @@ import random
 import re
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from itertools import groupby
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import distributed
 import lora
@@ -98,21 +97,25 @@ def _nonempty(rows: list, path: str) -> list:
     return rows
 
 
+def _read(path: str, called: str = "") -> str:
+    if not os.path.exists(path):
+        raise LoadError(f"{called}{path} does not exist")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def load_gsm8k(split: str = "test", data_dir: str | None = None) -> list[dict]:
     """GSM8K `split` as [{question, answer}], the answer ending in "#### N" (openai/gsm8k, config main)."""
     if data_dir is None:
         return [{"question": r["question"], "answer": r["answer"]} for r in _hub("openai/gsm8k", "main", split)]
     path = os.path.join(data_dir, "gsm8k", f"{split}.jsonl")
-    if not os.path.exists(path):
-        raise LoadError(f"{path} does not exist")
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                r = _need(_json(line, f"{path} line {i}"), ("question", "answer"), f"{path} line {i}")
-                if "#### " not in r["answer"]:
-                    raise LoadError(f"{path} line {i}: the answer has no '#### N' line")
-                rows.append({"question": r["question"], "answer": r["answer"]})
+    for i, line in enumerate(_read(path).split("\n"), 1):
+        if line.strip():
+            r = _need(_json(line, f"{path} line {i}"), ("question", "answer"), f"{path} line {i}")
+            if "#### " not in r["answer"]:
+                raise LoadError(f"{path} line {i}: the answer has no '#### N' line")
+            rows.append({"question": r["question"], "answer": r["answer"]})
     return _nonempty(rows, path)
 
 
@@ -125,31 +128,24 @@ def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
         return [{"question": r["question"], "mc1": dict(r["mc1_targets"]), "mc2": dict(r["mc2_targets"])}
                 for r in _hub("truthfulqa/truthful_qa", "multiple_choice", "validation")]
     path = os.path.join(data_dir, "truthfulqa", "mc_task.json")
-    if not os.path.exists(path):
-        raise LoadError(f"{path} does not exist")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        rows = _json(f.read(), path)
+    rows = _json(_read(path), path)
     if not isinstance(rows, list):
         raise LoadError(f"{path} is not a JSON list of questions")
     out = []
     for i, r in enumerate(rows):
         _need(r, ("question", "mc1_targets", "mc2_targets"), f"{path} entry {i}")
-        out.append({"question": r["question"], **{
-            k: {"choices": list(r[f"{k}_targets"]), "labels": list(r[f"{k}_targets"].values())} for k in ("mc1", "mc2")}})
+        out.append({"question": r["question"], **{k: {"choices": list(t), "labels": list(t.values())}
+                                                  for k, t in (("mc1", r["mc1_targets"]), ("mc2", r["mc2_targets"]))}})
     return _nonempty(out, path)
 
 
 def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
     """MMLU `split` (test or dev) as [{id, subject, question, choices (4), answer (0-3)}], sorted by subject."""
     if data_dir is None:
-        rows = _hub("cais/mmlu", "all", split)
-        count = defaultdict(int)
-        out = []
-        for r in rows:
-            out.append({"id": f"{r['subject']}/{count[r['subject']]}", "subject": r["subject"],
-                        "question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"])})
-            count[r["subject"]] += 1
-        return sorted(out, key=lambda r: r["subject"])
+        rows = sorted(_hub("cais/mmlu", "all", split), key=lambda r: r["subject"])   # stable: each subject in its order
+        return [{"id": f"{subject}/{i}", "subject": subject, "question": r["question"], "choices": list(r["choices"]),
+                 "answer": int(r["answer"])} for subject, group in groupby(rows, lambda r: r["subject"])
+                for i, r in enumerate(group)]
     # hendrycks layout: mmlu/<split>/<subject>_<split>.csv, no header, columns question, A, B, C, D, answer letter
     files = sorted(glob.glob(os.path.join(data_dir, "mmlu", split, f"*_{split}.csv")))
     if not files:
@@ -181,7 +177,8 @@ def stratified_subset(examples: list[dict], limit: int, seed: int) -> list[dict]
     for s in sorted(quota, key=lambda s: (take[s] - quota[s], s))[:limit - sum(take.values())]:
         take[s] += 1
     rng = random.Random(seed)
-    return [by_subject[s][i] for s in sorted(by_subject) for i in sorted(rng.sample(range(len(by_subject[s])), take[s]))]
+    return [by_subject[s][i] for s in sorted(by_subject)
+            for i in sorted(rng.sample(range(len(by_subject[s])), take[s]))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,13 +206,11 @@ def extract_answer(text: str) -> str | None:
     """The model's final answer as a plain number string ("1,000." -> "1000"), or None if it gives none."""
     found = STRICT.findall(text)
     if found:
-        answer = found[0]
-    else:
-        found = FLEXIBLE.findall(text)
-        if not found:
-            return None
-        answer = next(g for g in found[-1] if g)   # the alternative that matched
-    return _normalize(answer)
+        return _normalize(found[0])
+    found = FLEXIBLE.findall(text)
+    if not found:
+        return None
+    return _normalize(next(g for g in found[-1] if g))   # the alternative that matched
 
 
 def is_correct(completion: str, gold_answer_text: str) -> bool:
@@ -250,14 +245,7 @@ def loglikelihoods(model, tok, requests, batch_size: int = 64, desc: str | None 
         conts.append([w[len(ctx):] for w in wholes])
         if not all(conts[-1]):
             raise ValueError(f"a continuation of {context[-40:]!r} has no tokens of its own")
-    # Longest first, so each batch pads little; results go back to request order.
-    order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]) - max(map(len, conts[i])))
-    out = [None] * len(requests)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, unit="batch"):
-        idx = order[start:start + batch_size]
-        for i, lps in zip(idx, score(model, [contexts[i] for i in idx], [conts[i] for i in idx], batch_size)):
-            out[i] = [lp.double().sum().item() for lp in lps]
-    return out
+    return [[lp.double().sum().item() for lp in lps] for lps in score(model, contexts, conts, batch_size, desc)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,15 +274,16 @@ def ks(n: int) -> list[int]:
 
 def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True, samples=0,
                temperature=1.0, seed=0):
+    def complete(prompts, temperature, seed=0):
+        return generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=GSM8K_STOP,
+                        seed=seed, batch_size=batch_size, progress=progress)
     prompts = [gsm8k_prompt(ex["question"], fewshot) for ex in examples]
-    rollouts = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=GSM8K_STOP,
-                        batch_size=batch_size, progress=progress)
+    rollouts = complete(prompts, 0.0)
     records = [{"task": "gsm8k", "id": i, "prediction": extract_answer(r.text), "gold": _normalize(ex["answer"]),
                 "correct": is_correct(r.text, ex["answer"]), "finish": r.finish, "completion": r.text}
                for i, (ex, r) in enumerate(zip(examples, rollouts))]
     if samples:    # pass@k: n completions per problem at temperature T (one seeded stream)
-        sampled = generate(model, tok, [p for p in prompts for _ in range(samples)], max_new_tokens=max_new_tokens,
-                           temperature=temperature, stop=GSM8K_STOP, seed=seed, batch_size=batch_size, progress=progress)
+        sampled = complete([p for p in prompts for _ in range(samples)], temperature, seed)
         for i, (ex, rec) in enumerate(zip(examples, records)):
             rec.update(samples=samples, samples_correct=sum(is_correct(r.text, ex["answer"])
                                                             for r in sampled[i * samples:(i + 1) * samples]))
@@ -463,11 +452,8 @@ def forgetting(base: dict, post: dict, tasks=RETENTION_TASKS) -> dict:
     """Per retention task F = base - post and R = post / base, and both averaged over the tasks (Eq. 12).
 
     base, post: {task: score}. Tasks missing from either side are left out."""
-    out = {}
-    for t in tasks:
-        if t in base and t in post:
-            out[t] = {"base": base[t], "post": post[t], "forgetting": base[t] - post[t],
-                      "retention": post[t] / base[t] if base[t] else None}
+    out = {t: {"base": base[t], "post": post[t], "forgetting": base[t] - post[t],
+               "retention": post[t] / base[t] if base[t] else None} for t in tasks if t in base and t in post}
     if not out:
         raise LoadError(f"the baseline and this run share none of the retention tasks {', '.join(tasks)}")
     ratios = [v["retention"] for v in out.values()]
@@ -479,16 +465,9 @@ def forgetting(base: dict, post: dict, tasks=RETENTION_TASKS) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _first(rows: list, n: int) -> list:
-    return rows[:n] if n else rows
-
-
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main(argv=None) -> dict:
@@ -528,66 +507,64 @@ def main(argv=None) -> dict:
     pred_path = os.path.splitext(out_path)[0] + ".jsonl"
     baseline = None
     if args.baseline:
-        if not os.path.exists(args.baseline):
-            raise LoadError(f"baseline {args.baseline} does not exist")
-        with open(args.baseline) as f:
-            baseline = _need(_json(f.read(), args.baseline), ("tasks",), f"--baseline {args.baseline}")
+        text = _read(args.baseline, called="baseline ")
+        baseline = _need(_json(text, args.baseline), ("tasks",), f"--baseline {args.baseline}")
 
     # Data before the model: a missing file fails at once, not after minutes of loading weights.
     data = {}
     if "gsm8k" in tasks:
         shots = load_gsm8k("train", args.data_dir)[:args.fewshot] if args.fewshot else []
-        data["gsm8k"] = (_first(load_gsm8k("test", args.data_dir), limits["gsm8k"]), shots)
+        data["gsm8k"] = (load_gsm8k("test", args.data_dir)[:limits["gsm8k"] or None], shots)
     if "truthfulqa" in tasks:
-        data["truthfulqa"] = (_first(load_truthfulqa(args.data_dir), limits["truthfulqa"]), None)
+        data["truthfulqa"] = (load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None], None)
     if "mmlu" in tasks:
-        dev = defaultdict(list)
-        for row in (load_mmlu("dev", args.data_dir) if args.fewshot else []):
-            dev[row["subject"]].append(row)
+        dev = ({s: list(rows) for s, rows in groupby(load_mmlu("dev", args.data_dir), lambda r: r["subject"])}
+               if args.fewshot else {})   # load_mmlu keeps each subject's rows together
         data["mmlu"] = (stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed), dev)
 
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     checkpoint = None
     if args.checkpoint:
         ckpt = lora.load_adapter(model, args.checkpoint)
-        meta = {k: v for k, v in ckpt["meta"].items() if k != "base_config"}
-        checkpoint = {"path": args.checkpoint, "sha256": file_sha256(args.checkpoint), "lora": ckpt["lora"], "meta": meta}
+        checkpoint = {"path": args.checkpoint, "sha256": file_sha256(args.checkpoint), "lora": ckpt["lora"],
+                      "meta": {k: v for k, v in ckpt["meta"].items() if k != "base_config"}}
     result = {"model": args.model, "checkpoint": checkpoint, "device": args.device, "dtype": args.dtype,
               "data": args.data_dir or "huggingface hub", "tasks": {}, "predictions": pred_path}
     records = []
 
-    with lora.merged(model) if args.checkpoint else nullcontext():
+    with lora.merged(model):   # a no-op without a checkpoint
         for task in tasks:
             t0 = time.time()
             n = limits[task]
             examples, extra = data[task]
             mine, progress = distributed.share(examples), distributed.main_rank()
             if task == "gsm8k":
-                res, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
-                                       args.samples, args.temperature, distributed.seed(args.seed))
+                _, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
+                                     args.samples, args.temperature, distributed.seed(args.seed))
                 protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
                             "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
                             "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
                             "extraction": "strict-match, else flexible-extract (last number); numeric comparison"}
                 if args.samples:
-                    protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature, "seed": args.seed,
+                    protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature,
+                                             "seed": args.seed,
                                              "estimator": "1 - C(n-c, k) / C(n, k) (Chen et al. 2021)"}
             elif task == "truthfulqa":
-                res, recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)
+                _, recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)
                 protocol = {"lm_eval_task": "truthfulqa_mc1, truthfulqa_mc2", "prompt": "6-shot QA preamble + "
                             "\n\nQ: {question}\nA:", "continuation": "' ' + choice", "fewshot": 0,
                             "subset": f"validation, first {n}" if n else "validation, all", "score": "mc1"}
             else:
-                res, recs = eval_mmlu(model, tok, mine, extra, args.fewshot, args.batch_size, progress)
+                _, recs = eval_mmlu(model, tok, mine, extra, args.fewshot, args.batch_size, progress)
                 protocol = {"lm_eval_task": "mmlu", "prompt": "subject header + question + A-D lines + Answer:",
                             "continuation": "' A' .. ' D'", "fewshot": args.fewshot, "fewshot_from": "dev, first k",
                             "subset": (f"test, {n} stratified by subject (proportional), seed {args.seed}"
                                        if n else "test, all"), "subjects": len({ex["subject"] for ex in examples})}
-            if distributed.world() > 1:   # every rank's records in item order; GSM8K and TruthfulQA ids are positions
-                recs = distributed.gather(recs)
-                for i, r in enumerate(recs):
-                    r["id"] = r["id"] if task == "mmlu" else i
-                res = summary(recs)
+            # every rank's records in item order (GSM8K and TruthfulQA ids are positions), then the task's summary
+            recs = distributed.gather(recs)
+            for i, r in enumerate(recs):
+                r["id"] = r["id"] if task == "mmlu" else i
+            res = summary(recs)
             res["protocol"] = {"limit": n, **protocol}
             res["seconds"] = round(time.time() - t0, 2)
             result["tasks"][task] = res
@@ -607,17 +584,15 @@ def main(argv=None) -> dict:
     if distributed.main_rank():
         write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
         write_text(out_path, json.dumps(result, indent=2, default=str))
-    distributed.barrier()
-    if not distributed.main_rank():
-        return result
-    parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") +
-             "".join(f" pass@{k} {p['score']:.3f}" for k, p in v.get("pass_at_k", {}).items()) + f" n={v['n']}"
-             for t, v in result["tasks"].items()]
-    if "forgetting" in result:
-        m = result["forgetting"]["mean"]
-        parts.append(f"mean forgetting {m['forgetting']:+.3f}" +
-                     (f", retention {m['retention']:.3f}" if m["retention"] is not None else ""))
-    print(f"{name}: " + " | ".join(parts) + f" -> {out_path}")
+        parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") +
+                 "".join(f" pass@{k} {p['score']:.3f}" for k, p in v.get("pass_at_k", {}).items()) + f" n={v['n']}"
+                 for t, v in result["tasks"].items()]
+        if "forgetting" in result:
+            m = result["forgetting"]["mean"]
+            parts.append(f"mean forgetting {m['forgetting']:+.3f}" +
+                         (f", retention {m['retention']:.3f}" if m["retention"] is not None else ""))
+        print(f"{name}: " + " | ".join(parts) + f" -> {out_path}")
+    distributed.barrier()   # the files are on disk before any rank goes on (reproduce.py's next stage reads them)
     return result
 
 

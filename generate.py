@@ -10,7 +10,7 @@ Every experiment in the study is dominated by sampling rollouts (GRPO's groups, 
 teacher continuations, drift's state sets, GSM8K evaluation), so the structure is built for it:
 - prompts are left-padded and prefilled in one batched forward that computes logits for the last position only;
 - decoding writes into one preallocated cache (model.KVCache) and never loops over sequences in Python;
-- finished sequences are tracked by position (a boolean per row), never by comparing tokens with the pad id,
+- finished sequences are tracked per row (a finish reason, 0 while running), never by comparing tokens with the pad id,
   because Qwen base models use the same id (<|endoftext|>) for padding and EOS;
 - stop strings are checked in Python only for the rows whose new token could complete one (a precomputed
   vocabulary mask of "trigger" tokens), so the common step costs no decoding at all;
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from model import KVCache
 
@@ -37,16 +38,32 @@ class Rollout:
     finish: str       # "eos" | "stop" | "length"
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, device="cpu"):
-    """ids [B, T] and mask [B, T] (True = token) with the sequences right-aligned."""
+def pad(seqs: Sequence[Sequence[int]], side: str = "left", pad_id: int = 0, device="cpu"):
+    """ids [B, T] and mask [B, T] (True = token) of the sequences padded on `side`: "left" right-aligns them (a
+    batch of prompts ends at one column, where decoding goes on), "right" left-aligns them (continuations,
+    training rows)."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.bool)
     for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, T - len(s):] = torch.tensor(list(s))
-            mask[i, T - len(s):] = True
+        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, cols] = True
     return ids.to(device), mask.to(device)
+
+
+def longest_first(run, items: list, length, batch_size: int, desc: str | None = None) -> list:
+    """run(batch) -> a result per item of the batch, over batches of items of similar length(item), longest
+    first (so that each batch pads little); the results come back in the items' order. desc: a progress bar."""
+    order = sorted(range(len(items)), key=lambda i: -length(items[i]))
+    out = [None] * len(items)
+    with tqdm(total=len(items), desc=desc, unit="seq", disable=desc is None) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for i, result in zip(chunk, run([items[i] for i in chunk])):
+                out[i] = result
+            bar.update(len(chunk))
+    return out
 
 
 def sample_next(logits, temperature: float, top_p: float, top_k: int, generator):
@@ -66,11 +83,10 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
             filtered = filtered.masked_fill(filtered < kth, float("-inf"))
         if top_p < 1.0:
             sorted_logp, order = filtered.sort(dim=-1, descending=True)
-            cum = sorted_logp.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logp.softmax(-1) >= top_p          # keep the smallest set reaching top_p
+            p = sorted_logp.softmax(-1)
+            drop = p.cumsum(-1) - p >= top_p          # keep the smallest set reaching top_p
             filtered = filtered.scatter(-1, order, sorted_logp.masked_fill(drop, float("-inf")))
-        probs = filtered.softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -102,14 +118,13 @@ class DecodeGraph:
     """
 
     def __init__(self, model, cache: KVCache):
-        B = cache.valid.shape[0]
+        B, S = cache.valid.shape
         dev = cache.valid.device
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        S = cache.valid.shape[1]
-        self.slot.fill_(S - 1)  # warm-up really runs: let it write the last slot, which decoding fills later anyway
+        # warm-up really runs: let it write the last slot, which decoding fills later anyway
+        self.slot = torch.full((1,), S - 1, dtype=torch.long, device=dev)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up kernels outside the graph
@@ -136,8 +151,6 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
              top_k: int = 0, stop: Sequence[str] = (), seed: int | None = 0, batch_size: int = 64,
              progress: bool = False, cuda_graph: bool = True) -> list[Rollout]:
     """Sample a rollout per prompt (str or token ids). temperature=0 is greedy. Same seed, same rollouts (on CPU)."""
-    if not prompts:
-        return []
     prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -145,24 +158,10 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
         generator.seed()   # a fresh seed for this generator only: the caller's torch RNG is left as it was
     else:
         generator.manual_seed(seed)
-    # Longest prompts first: batches of similar lengths waste less padding.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out = [None] * len(prompts)
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(prompts), desc="rollouts", unit="seq")
-    for chunk in chunks:
-        rollouts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, temperature,
-                                   top_p, top_k, stop, generator, cuda_graph and device.type == "cuda")
-        for i, r in zip(chunk, rollouts):
-            out[i] = r
-        if bar:
-            bar.update(len(chunk))
-    if bar:
-        bar.close()
-    return out
+    use_graph = cuda_graph and device.type == "cuda"
+    return longest_first(lambda batch: _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p,
+                                                       top_k, stop, generator, use_graph),
+                         prompts, len, batch_size, "rollouts" if progress else None)
 
 
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, stop, generator,
@@ -170,7 +169,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     device = next(model.parameters()).device
     dtype = model.embed_tokens.weight.dtype
     B, P = len(prompts), max(len(p) for p in prompts)
-    ids, mask = left_pad(prompts, device=device)
+    ids, mask = pad(prompts, device=device)
     cache = KVCache.empty(model.config, B, P + max_new_tokens, device, dtype)
     logits = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]
     positions = mask.sum(-1)                        # next position of every row
@@ -178,15 +177,14 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     triggers = stop_triggers(tokenizer, stop, logits.shape[-1], device) if stop else None
     tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     logps = torch.zeros(B, max_new_tokens, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
-    reason = torch.zeros(B, dtype=torch.long, device=device)                     # index into FINISH
+    reason = torch.zeros(B, dtype=torch.long, device=device)    # index into FINISH; 0 (length) while a row runs
     step_fn = DecodeGraph(model, cache) if use_graph and max_new_tokens > 1 else None
     alive = torch.arange(B, device=device)          # the rows still in the decoding batch (logits, cache, positions)
     for t in range(max_new_tokens):
         token, logp = sample_next(logits, temperature, top_p, top_k, generator)
         tokens[alive, t], logps[alive, t] = token, logp
-        running = ~done[alive]
+        running = reason[alive] == 0
         ended = running & torch.isin(token, eos)
         reason[alive[ended]] = 1
         if triggers is not None:
@@ -198,8 +196,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
                     ended[stopped] = True
                     reason[alive[stopped]] = 2
         length[alive[ended]] = t + 1
-        done[alive[ended]] = True
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1 or bool((reason > 0).all()):
             break
         running &= ~ended
         if step_fn is None and 2 * int(running.sum()) <= len(alive):
@@ -213,68 +210,62 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
         else:
             logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
         positions = positions + 1
-    finish = [FINISH[i] for i in reason.tolist()]
-    n_new = length.tolist()
-    rows, lps = tokens.tolist(), logps.tolist()
     result = []
-    for b in range(B):
-        kept = rows[b][:n_new[b]]
-        body = kept[:-1] if finish[b] == "eos" else kept
-        text = tokenizer.decode(body)
-        if finish[b] == "stop":
+    for prompt, row, lp, n, why in zip(prompts, tokens.tolist(), logps.tolist(), length.tolist(), reason.tolist()):
+        text = tokenizer.decode(row[:n - 1] if FINISH[why] == "eos" else row[:n])
+        if FINISH[why] == "stop":
             text = text[:min(text.find(s) for s in stop if s in text)]
-        result.append(Rollout(list(prompts[b]), kept, text, lps[b][:n_new[b]], finish[b]))
+        result.append(Rollout(list(prompt), row[:n], text, lp[:n], FINISH[why]))
     return result
 
 
-@torch.inference_mode()
-def score(model, contexts, continuations, batch_size: int = 64) -> list[list[torch.Tensor]]:
+def score(model, contexts, continuations, batch_size: int = 64, desc: str | None = None) -> list[list[torch.Tensor]]:
     """log p(continuation tokens | context) for several continuations of each context.
 
-    contexts: list of token lists; continuations: per context, a list of token lists. Each context is
-    prefilled once (left-padded batch) and its cache rows are copied for its continuations, which then run
-    as right-padded batches of similar lengths; the first continuation token is scored from the context's
-    last logit, and the lm_head runs only where a real next token is scored (with a 150k vocabulary it
-    costs more per position than a small model's whole body, so padding must not reach it).
+    contexts: list of token lists; continuations: per context, a list of token lists. Contexts are batched by
+    length (longest_first, with the progress bar `desc`); each is prefilled once (left-padded batch) and its
+    cache rows are copied for its continuations, which then run as right-padded batches of similar lengths; the
+    first continuation token is scored from the context's last logit, and the lm_head runs only where a real
+    next token is scored (with a 150k vocabulary it costs more per position than a small model's whole body,
+    so padding must not reach it).
     Returns, per context and continuation, a 1-D tensor of per-token log-probs (float32, CPU).
     """
+    return longest_first(lambda batch: _score_batch(model, batch, batch_size), list(zip(contexts, continuations)),
+                         lambda item: len(item[0]) + max(map(len, item[1]), default=0), batch_size, desc)
+
+
+@torch.inference_mode()
+def _score_batch(model, batch, batch_size):
     device = next(model.parameters()).device
     dtype = model.embed_tokens.weight.dtype
-    out = [[None] * len(c) for c in continuations]
-    for start in range(0, len(contexts), batch_size):
-        ctx_idx = list(range(start, min(start + batch_size, len(contexts))))
-        ids, mask = left_pad([contexts[i] for i in ctx_idx], device=device)
-        pairs = sorted(((row, j) for row, i in enumerate(ctx_idx) for j in range(len(continuations[i]))),
-                       key=lambda rj: len(continuations[ctx_idx[rj[0]]][rj[1]]))
-        cache = KVCache.empty(model.config, len(ctx_idx), ids.shape[1], device, dtype)
-        last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
-        for p0 in range(0, len(pairs), batch_size):
-            part = pairs[p0:p0 + batch_size]
-            rows = torch.tensor([r for r, _ in part], device=device)
-            conts = [continuations[ctx_idx[r]][j] for r, j in part]
-            L = max(len(c) for c in conts)
-            cont_ids = torch.zeros(len(part), L, dtype=torch.long)
-            cont_mask = torch.zeros(len(part), L, dtype=torch.bool)
-            for k, c in enumerate(conts):
-                cont_ids[k, :len(c)] = torch.tensor(c)
-                cont_mask[k, :len(c)] = True
-            cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
-            sub = cache.select(rows, slots=ids.shape[1] + L)
-            hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
-            # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
-            first = last[rows].gather(-1, cont_ids[:, :1])
-            scored = cont_mask[:, 1:]
-            logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
-            rest = torch.zeros(scored.shape, device=device)
-            rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
-            per_token = torch.cat([first, rest], dim=1).cpu()
-            for k, (r, j) in enumerate(part):
-                out[ctx_idx[r]][j] = per_token[k, :len(conts[k])]
+    ids, mask = pad([context for context, _ in batch], device=device)
+    pairs = sorted(((row, j) for row, (_, conts) in enumerate(batch) for j in range(len(conts))),
+                   key=lambda rj: len(batch[rj[0]][1][rj[1]]))
+    cache = KVCache.empty(model.config, len(batch), ids.shape[1], device, dtype)
+    last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
+    out = [[None] * len(conts) for _, conts in batch]
+    for p0 in range(0, len(pairs), batch_size):
+        part = pairs[p0:p0 + batch_size]
+        rows = torch.tensor([r for r, _ in part], device=device)
+        conts = [batch[r][1][j] for r, j in part]
+        cont_ids, cont_mask = pad(conts, side="right", device=device)
+        sub = cache.select(rows, slots=ids.shape[1] + cont_ids.shape[1])
+        hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
+        # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
+        first = last[rows].gather(-1, cont_ids[:, :1])
+        scored = cont_mask[:, 1:]
+        logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
+        rest = torch.zeros(scored.shape, device=device)
+        rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
+        per_token = torch.cat([first, rest], dim=1).cpu()
+        for k, (r, j) in enumerate(part):
+            out[r][j] = per_token[k, :len(conts[k])]
     return out
 
 
 def main():
     import time
+    import lora
     from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, number
     from model import load_model
     p = FlagParser(description="Sample continuations of a prompt with the KV-cache sampler.")
@@ -296,11 +287,9 @@ def main():
     args = p.parse_args()
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     if args.checkpoint:
-        from lora import load_adapter
-        load_adapter(model, args.checkpoint)
-    from lora import merged
+        lora.load_adapter(model, args.checkpoint)
     t0 = time.time()
-    with merged(model):
+    with lora.merged(model):
         rollouts = generate(model, tok, [args.prompt] * args.n, args.max_new_tokens, args.temperature, args.top_p,
                             args.top_k, args.stop if args.stop is not None else ["Question:"], args.seed)
     dt = time.time() - t0

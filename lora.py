@@ -48,8 +48,7 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()   # adapter name -> A [r, in], B [out, r]
         self.scale, self.dropout = {}, {}
         self.active = None
         self.merged_weight = None
@@ -67,22 +66,19 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Parameter(B.to(w.device, dtype, copy=True), requires_grad=name == "default")
         self.scale[name], self.dropout[name] = cfg.alpha / cfg.r, cfg.dropout
 
-    def delta(self, name: str):
-        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scale[name]
-
     def merge(self):
+        """W + (alpha / r) B A of the active adapter, in float32, into merged_weight (the base weight stays)."""
         if self.active is not None:
-            self.merged_weight = (self.base.weight.float() + self.delta(self.active)).to(self.base.weight.dtype)
+            delta = (self.lora_B[self.active].float() @ self.lora_A[self.active].float()) * self.scale[self.active]
+            self.merged_weight = (self.base.weight.float() + delta).to(self.base.weight.dtype)
 
     def forward(self, x):
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight)
-        out = self.base(x)
-        name = self.active
+        out, name = self.base(x), self.active
         if name is None:
             return out
-        p = self.dropout[name] if self.training else 0.0
-        h = F.dropout(x, p) if p else x
+        h = F.dropout(x, self.dropout[name]) if self.training and self.dropout[name] else x
         return out + (h @ self.lora_A[name].t() @ self.lora_B[name].t()) * self.scale[name]
 
 
@@ -166,12 +162,8 @@ def merged(model):
 
 def adapter_state(model, name: str = "default") -> dict:
     """{'layers.0.self_attn.q_proj.lora_A': tensor, ...} for adapter `name` (CPU copies)."""
-    state = {}
-    for n, layer in lora_layers(model).items():
-        if name in layer.lora_A:
-            state[f"{n}.lora_A"] = layer.lora_A[name].detach().cpu().clone()
-            state[f"{n}.lora_B"] = layer.lora_B[name].detach().cpu().clone()
-    return state
+    return {f"{n}.{ab}": getattr(layer, ab)[name].detach().cpu().clone()
+            for n, layer in lora_layers(model).items() if name in layer.lora_A for ab in ("lora_A", "lora_B")}
 
 
 def save_checkpoint(path: str, model, meta: dict, name: str = "default", train_state: dict | None = None):
@@ -222,8 +214,9 @@ def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = 
         odd = sorted(set(ckpt["adapter"]) ^ set(expected))[0]
         raise LoadError(f"adapter tensors do not match the model (first mismatch: {odd})")
     for key, shape in expected.items():
-        if tuple(ckpt["adapter"][key].shape) != shape:
-            raise LoadError(f"adapter tensor {key} has shape {tuple(ckpt['adapter'][key].shape)}, the model needs {shape}")
+        got = tuple(ckpt["adapter"][key].shape)
+        if got != shape:
+            raise LoadError(f"adapter tensor {key} has shape {got}, the model needs {shape}")
     previous = active_adapter(model)
     add_lora(model, cfg, name, dtype, weights=ckpt["adapter"])
     if name != "default" and previous is not None:
@@ -244,13 +237,12 @@ def export_peft(model, out_dir: str, name: str = "default"):
     from safetensors.torch import save_file
     cfg = model.lora_configs[name]
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {f"base_model.model.model.{k.rsplit('.', 1)[0]}.{k.rsplit('.', 1)[1]}.weight": v.contiguous()
-               for k, v in adapter_state(model, name).items()}
+    tensors = {f"base_model.model.model.{k}.weight": v.contiguous() for k, v in adapter_state(model, name).items()}
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": getattr(model, "name_or_path", None),
-              "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets),
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
-              "inference_mode": True}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+              "base_model_name_or_path": getattr(model, "name_or_path", None), "r": cfg.r, "lora_alpha": cfg.alpha,
+              "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets), "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "init_lora_weights": True, "inference_mode": True}
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -264,14 +256,11 @@ def export_merged(model, model_dir: str, out_dir: str, name: str = "default"):
         if f.endswith(".json") and not f.startswith("model.safetensors") or f.endswith(".txt"):
             shutil.copy(os.path.join(model_dir, f), out_dir)
     with use_adapter(model, name), merged(model):
-        state = {}
-        for n, p in model.state_dict().items():
-            if ".lora_" in n or n.endswith(".merged_weight"):
-                continue
-            state["model." + n.replace(".base.", ".") if n != "lm_head.weight" else n] = p
-        for n, layer in lora_layers(model).items():
-            if layer.merged_weight is not None:   # a layer without adapter `name` keeps its base weight
-                state[f"model.{n}.weight"] = layer.merged_weight
+        # a layer without adapter `name` keeps its base weight
+        folded = {f"{n}.base.weight": layer.merged_weight for n, layer in lora_layers(model).items()
+                  if layer.merged_weight is not None}
+        state = {"model." + n.replace(".base.", ".") if n != "lm_head.weight" else n: folded.get(n, p)
+                 for n, p in model.state_dict().items() if ".lora_" not in n}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),
