@@ -54,6 +54,7 @@ import cli
 import distributed
 from cli import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, number, output_dir
 from evaluate import eval_gsm8k, gsm8k_prompt, load_gsm8k, resolve_data_dir
+from generate import pad
 from lora import (ALL_TARGETS, LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, merged,
                   save_checkpoint, use_adapter)
 from model import LoadError, load_model
@@ -391,17 +392,12 @@ def pad_rows(rows, device) -> tuple:
     the targets but the last (SFT's gold answer, GRPO's completion); OPD's continuation rows name theirs:
     the rollout prefix y_<t before the teacher's tokens.
     """
-    T = max(len(x) + len(s or ()) + len(c) for x, s, c in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    attn, target, state = (torch.zeros(len(rows), T, dtype=torch.bool) for _ in range(3))
+    ids, attn = pad([[*x, *(s or ()), *c] for x, s, c in rows], side="right")
+    target, state = torch.zeros_like(attn), torch.zeros_like(attn)
     for b, (x, s, c) in enumerate(rows):
-        own = s is None                                  # the targets' own prefixes are the states
-        s = [] if own else s
-        n = len(x) + len(s) + len(c)
-        ids[b, :n] = torch.tensor([*x, *s, *c])
-        attn[b, :n] = True
-        target[b, len(x) + len(s):n] = True
-        state[b, len(x):n - 1 if own else len(x) + len(s)] = True
+        n, start = len(x) + len(s or ()) + len(c), len(x) + len(s or ())
+        target[b, start:n] = True
+        state[b, len(x):n - 1 if s is None else start] = True   # states None: the targets' own prefixes
     return ids.to(device), attn.to(device), target.to(device), state.to(device)
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import evaluate
-import train_sft
 from lora import LoraConfig, add_lora, load_checkpoint, save_checkpoint
 from cli import run as cli
 from model import load_model
