@@ -29,9 +29,10 @@ With --frontier every run also keeps its adapter after a quarter and half of its
 which are evaluated too: frontier.png draws target accuracy against retention along each run, and results.md
 gives each method's retention at the target accuracies the methods share (retention at matched gain).
 
-Everything goes under --out: ckpt/, eval/, drift/, rollouts/ and the report. Rerunning is resumable: a finished
-stage's output is reused (unless its input checkpoint is newer), an interrupted training run continues from its
-last checkpoint (train_*.py --resume).
+Everything goes under --out: ckpt/, eval/, drift/, rollouts/ and the report. Rerunning is resumable: a stage's
+output is reused when the same command made it from the same inputs (each stage records both beside its output),
+an interrupted training run continues from its last checkpoint (train_*.py --resume); a changed command or input
+(another --extra, profile or teacher) runs the stage again.
 
 Where it lives: study/stages.py (the runs, their settings and running them), study/summary.py (results.json),
 study/stats.py (the bootstrap, intervals, conditions, predictions, correlations, frontier) and study/report.py

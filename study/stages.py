@@ -1,9 +1,15 @@
 """The study's stages: the trained runs, the settings they run with, and running every stage (train, evaluate,
 pass@k, drift, the --frontier snapshots' evaluations) as a call of the script that owns it, timed.
 
-A finished stage's output is reused (unless its input checkpoint is newer); an interrupted training run continues
-from its last checkpoint (train_*.py --resume).
+A stage's output is reused only when the same command made it from the same inputs. Each stage writes beside its
+output (`<output name>.command.json`) the script and flags it ran with and the sha256 of every checkpoint it read:
+an OPD run its teacher, an evaluation or a drift the adapter it measures (and an evaluation the base's results it
+compares with). Another command or another input runs the stage again: a finished run is trained anew, an
+unfinished one resumes (train_*.py --resume) only under the same command (--stop-after aside: it says where an
+invocation stops, not what the run is). Every reused stage says so in one line.
 """
+import glob
+import json
 import os
 import shlex
 import sys
@@ -12,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+import distributed
 import drift
 import evaluate
 import train_grpo
 import train_opd
 import train_sft
+from cli import output_dir, write_text
 from lora import load_checkpoint
 from model import LoadError
 from training import NonFiniteLoss, finished, snapshot_path, snapshot_steps
@@ -100,6 +108,50 @@ PROFILES = {
 
 
 # ----------------------------------------------------------------------------------------------
+# A stage's command, recorded beside its output: what decides whether the output is reused
+
+
+_sha256 = {}
+
+
+def sha256(path: str) -> str:
+    """evaluate.file_sha256, once per version of a file: a study reads every checkpoint several times."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _sha256:
+        _sha256[key] = evaluate.file_sha256(path)
+    return _sha256[key]
+
+
+def command(script: str, argv: list, inputs: list) -> dict:
+    """The script, its flags but --stop-after N, and the sha256 of each checkpoint in `inputs`."""
+    flags, it = [], iter(argv)
+    for a in it:
+        if a == "--stop-after":
+            next(it, None)
+        elif not a.startswith("--stop-after="):
+            flags.append(a)
+    return {"script": script, "argv": flags, "inputs": {p: sha256(p) for p in inputs}}
+
+
+def _record(out: str) -> str:
+    return os.path.splitext(out)[0] + ".command.json"
+
+
+def same_command(out: str, cmd: dict) -> bool:
+    """Whether `out` exists and was written by command `cmd` (its record says so)."""
+    if not (os.path.exists(out) and os.path.exists(_record(out))):
+        return False
+    with open(_record(out)) as f:
+        return json.load(f) == cmd
+
+
+def record(out: str, cmd: dict):
+    if distributed.main_rank():
+        write_text(output_dir(_record(out)), json.dumps(cmd, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
 # Running the stages
 
 
@@ -115,17 +167,16 @@ def _timed(costs: dict, key: str, fn):
         costs["peak_gpu_gib"][key] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def _newer(path: str, than: list[str]) -> bool:
-    """Whether `path` exists and is at least as new as every file in `than`."""
-    return os.path.exists(path) and all(os.path.getmtime(path) >= os.path.getmtime(t) for t in than)
-
-
 def stage(costs: dict, key: str, script: str, argv: list, out: str, inputs=()) -> str:
-    """script's main(argv), which writes `out`, unless `out` is there and newer than its inputs."""
-    if _newer(out, list(inputs)):
+    """script's main(argv), which writes `out`, unless the same command made `out` from the same inputs."""
+    cmd = command(script, argv, list(inputs))
+    if same_command(out, cmd):
+        print(f"reused {key}: {out} (the same command and inputs)", flush=True)
         return out
-    print(f"\n== {key}: python {script} {shlex.join(argv)}", flush=True)
+    again = " (its output was made by another command or from other inputs)" if os.path.exists(out) else ""
+    print(f"\n== {key}: python {script} {shlex.join(argv)}{again}", flush=True)
     _timed(costs, key, lambda: SCRIPTS[script].main(argv))
+    record(out, cmd)
     return out
 
 
@@ -143,18 +194,34 @@ def _finished(ckpt: str) -> bool:
 
 
 def train(args, stage: Stage, seed: int, costs: dict) -> dict:
-    """Train one run (or resume it, or reuse it when finished). Returns its status."""
+    """Train one run: reuse it when finished under the same command, resume it when unfinished under the same
+    command, else train it anew. Returns its status."""
     out = ckpt_path(args, stage.name, seed)
     status = {"checkpoint": out, "log": os.path.splitext(out)[0] + ".jsonl"}
-    if _finished(out):
-        return status
     prof = PROFILES[args.profile]["train"]
     # OPD takes the base model and data from its teacher's checkpoint, as a user would run it.
-    base = ["--teacher", ckpt_path(args, stage.teacher, seed)] if stage.teacher else ["--model", args.model] + _data_flag(args)
+    teacher = [ckpt_path(args, stage.teacher, seed)] if stage.teacher else []
+    base = ["--teacher", *teacher] if teacher else ["--model", args.model] + _data_flag(args)
     argv = (base + stage.flags + prof.get(stage.script, []) + prof.get(stage.name, []) + args.extra.get(stage.script, []) +
-            ["--seed", str(seed), "--out", out, "--device", args.device] + (["--resume"] if os.path.exists(out) else []) +
+            ["--seed", str(seed), "--out", out, "--device", args.device] +
             (["--snapshots", ",".join(map(str, FRONTIER))] if args.frontier else []))
+    cmd = command(stage.script, argv, teacher)
+    same = same_command(out, cmd)
     status["argv"] = argv
+    if same and _finished(out):
+        print(f"reused train/{stage.name}_s{seed}: {out} (the same command and inputs)", flush=True)
+        return status
+    if same:
+        status["argv"] = argv = argv + ["--resume"]
+    else:   # another command's run, finished or not, and its snapshots make way for this one
+        stale = [p for p in [out] + glob.glob(glob.escape(os.path.splitext(out)[0]) + "_at*.pt") if os.path.exists(p)]
+        if stale:
+            print(f"{out}: trained by another command or from other inputs; training it anew", flush=True)
+        distributed.barrier()      # every rank has looked at it before rank 0 removes it
+        if distributed.main_rank():
+            for p in stale:
+                os.remove(p)
+        record(out, cmd)           # before training: an interrupted run resumes under this record
     print(f"\n== train/{stage.name}_s{seed}: python {stage.script} {shlex.join(argv)}", flush=True)
     try:
         _timed(costs, f"train/{stage.name}_s{seed}", lambda: SCRIPTS[stage.script].main(argv))
@@ -184,8 +251,8 @@ def evaluate_model(args, name: str, checkpoint: str | None, costs: dict, passk: 
 
 
 def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
-    """--frontier: {fraction: evaluation} of the run's snapshots (those kept: a run trained without --frontier
-    has none, and is retrained only if its checkpoint is removed)."""
+    """--frontier: {fraction: evaluation} of the run's snapshots (a run trained without --frontier has none, and
+    is trained anew with them: its command differs)."""
     total = load_checkpoint(checkpoint)["train_state"]["total_steps"]
     out = {}
     for f in FRONTIER:
@@ -194,7 +261,7 @@ def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
         if os.path.exists(path):
             out[str(f)] = evaluate_model(args, f"{name}_at{step}", path, costs)
         else:
-            print(f"--frontier: {path} is missing (trained without --frontier?): no point at {f} of {name}", file=sys.stderr)
+            print(f"--frontier: {path} is missing: no point at {f} of {name}", file=sys.stderr)
     return out
 
 

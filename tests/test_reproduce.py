@@ -92,6 +92,33 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]     # steps 1-2 from the first call, 3-4 resumed
 
 
+def test_a_changed_command_trains_anew_and_the_same_command_reuses(tmp_path, capsys):
+    base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
+    reproduce.main(base)
+    ckpt, evaluation = (os.path.join(tmp_path, d, f) for d, f in (("ckpt", "sft_mild_s0.pt"), ("eval", "sft_mild_s0.json")))
+    changed = base + ["--extra", "train_sft.py=--lr 3e-3"]
+    reproduce.main(changed)       # the same --out, another learning rate: not the lr 1e-4 checkpoint reported again
+    assert torch.load(ckpt, weights_only=True)["meta"]["args"]["lr"] == pytest.approx(3e-3)
+    with open(evaluation) as f:   # and what reads the checkpoint ran again on the new one
+        assert json.load(f)["checkpoint"]["sha256"] == stages.sha256(ckpt)
+    mtimes = [os.path.getmtime(p) for p in (ckpt, evaluation)]
+    capsys.readouterr()
+    reproduce.main(changed)
+    assert [os.path.getmtime(p) for p in (ckpt, evaluation)] == mtimes    # the same command: every stage reused
+    printed = capsys.readouterr().out
+    assert "reused train/sft_mild_s0" in printed and "reused evaluate/sft_mild_s0" in printed
+
+
+def test_a_stage_is_keyed_on_its_flags_and_the_checkpoints_it_reads(tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"one")
+    key = stages.command("train_opd.py", ["--teacher", str(teacher), "--stop-after", "2"], [str(teacher)])
+    assert key == stages.command("train_opd.py", ["--teacher", str(teacher)], [str(teacher)])   # where it stops: no
+    assert key != stages.command("train_opd.py", ["--teacher", str(teacher), "--lr", "1e-3"], [str(teacher)])
+    teacher.write_bytes(b"another")
+    assert key != stages.command("train_opd.py", ["--teacher", str(teacher)], [str(teacher)])   # a retrained teacher
+
+
 def test_two_processes_share_a_study_by_seeds_and_a_final_run_reports_both(tmp_path, monkeypatch):
     base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
     train, other = stages.train, {}
