@@ -124,14 +124,15 @@ def sha256(path: str) -> str:
 
 
 def command(script: str, argv: list, inputs: list) -> dict:
-    """The script, its flags but --stop-after N, and the sha256 of each checkpoint in `inputs`."""
+    """The script, its flags but --stop-after N, and the sha256 of each checkpoint in `inputs` (None for one that is
+    missing: the script says so)."""
     flags, it = [], iter(argv)
     for a in it:
         if a == "--stop-after":
             next(it, None)
         elif not a.startswith("--stop-after="):
             flags.append(a)
-    return {"script": script, "argv": flags, "inputs": {p: sha256(p) for p in inputs}}
+    return {"script": script, "argv": flags, "inputs": {p: sha256(p) if os.path.exists(p) else None for p in inputs}}
 
 
 def _record(out: str) -> str:
@@ -167,7 +168,7 @@ def _timed(costs: dict, key: str, fn):
         costs["peak_gpu_gib"][key] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def stage(costs: dict, key: str, script: str, argv: list, out: str, inputs=()) -> str:
+def run_script(costs: dict, key: str, script: str, argv: list, out: str, inputs=()) -> str:
     """script's main(argv), which writes `out`, unless the same command made `out` from the same inputs."""
     cmd = command(script, argv, list(inputs))
     if same_command(out, cmd):
@@ -247,7 +248,7 @@ def evaluate_model(args, name: str, checkpoint: str | None, costs: dict, passk: 
     argv += ["--checkpoint", checkpoint] + ([] if passk else ["--baseline", base_json]) if checkpoint else []
     argv += args.extra.get("evaluate.py", [])
     inputs = [checkpoint] + ([] if passk else [base_json]) if checkpoint else []
-    return stage(costs, f"{'passk' if passk else 'evaluate'}/{name}", "evaluate.py", argv, out, inputs)
+    return run_script(costs, f"{'passk' if passk else 'evaluate'}/{name}", "evaluate.py", argv, out, inputs)
 
 
 def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
@@ -272,7 +273,7 @@ def measure_drift(args, name: str, checkpoint: str, features: str, costs: dict) 
     if features != args.features.split(",")[0]:
         argv.append("--no-policy-kl")     # the policy KLs do not depend on the features: measured in the first run
     argv += _data_flag(args) + args.extra.get("drift.py", [])
-    return stage(costs, f"drift/{name}_{features}", "drift.py", argv, out, [checkpoint])
+    return run_script(costs, f"drift/{name}_{features}", "drift.py", argv, out, [checkpoint])
 
 
 def check_only(args, only: set):
