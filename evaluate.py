@@ -23,8 +23,8 @@ Fixed subsets keep runs comparable: the first 500 GSM8K test and first 200 Truth
 --limit takes), and 500 MMLU test rows stratified over the subjects (each subject in proportion to its size,
 fixed seed). `--limit 0` evaluates the full splits. Output: a JSON (score, n, standard error and protocol per
 task, model and checkpoint identity, and with --baseline the forgetting/retention of Eq. 12) and a JSONL of every
-prediction. The standard error is lm-eval's (sample std / sqrt(n)); `bootstrap` turns the per-item results of
-several models into intervals of their differences, paired over the same items (reproduce.py uses it).
+prediction. The standard error is lm-eval's (sample std / sqrt(n)); the per-item results (`item_scores`) are what
+the study's paired bootstrap (study/stats.py) resamples into intervals of differences between models.
 
 Left out: lm-eval's other metrics (acc_norm, MMLU's per-subject macro averages) and chat templates; the paper
 evaluates base-model prompts only.
@@ -357,7 +357,7 @@ def eval_mmlu(model, tok, examples, dev_by_subject=None, fewshot=0, batch_size=6
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-item scores, their standard errors, and paired bootstrap intervals (Miller 2024, "Adding Error Bars to Evals")
+# Per-item scores and their standard errors
 
 
 def item_scores(records: list[dict]) -> dict:
@@ -392,56 +392,6 @@ def summary(records: list[dict]) -> dict:
     if passes:
         out["pass_at_k"] = {k: {"score": float(v.mean()), "stderr": stderr(v)} for k, v in passes.items()}
     return out
-
-
-def bootstrap(scores: dict, statistic, resamples: int = 2000, seed: int = 0, paired: bool = True) -> dict:
-    """A 95% percentile interval of statistic(means), resampling items and seeds with replacement (hierarchical).
-
-    scores: {model: {task: [seeds, items] array}}; every model's rows of one task score the same items in the
-    same order. Each resample draws, per task, as many items as there are, with replacement: one draw shared
-    by all models when `paired`, so that how hard an item is cancels out of a difference between models,
-    and one draw per model otherwise. It also draws S of a model's S seeds with replacement, the same seed
-    indices for every model that has S (seed s of a student and seed s of its teacher stay together), so the
-    interval covers seed-to-seed spread as well as item sampling; a model with one row (the base: greedy
-    decoding is deterministic) keeps it. statistic({model: {task: [R] means}}) -> [R] array.
-    Returns {estimate (on all items and seeds), ci95, std, resamples}."""
-    rng = np.random.default_rng(seed)
-
-    def draw(n):   # [resamples, n]: how often each of n items is drawn in each resample
-        return rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(float)
-
-    n_items = {t: X.shape[1] for m in scores.values() for t, X in m.items()}
-    shared = {t: draw(n) for t, n in n_items.items()} if paired else {}
-    counts = {(name, t): shared[t] if paired else draw(n_items[t]) for name, m in scores.items() for t in m}
-    seed_draws = {S: rng.integers(0, S, (resamples, S)) for S in sorted({len(X) for m in scores.values() for X in m.values()})
-                  if S > 1}
-
-    def means(weights, seeds):
-        out = {}
-        for name, m in scores.items():
-            out[name] = {}
-            for t, X in m.items():
-                per_seed = X @ weights(name, t).T / X.shape[1]     # [S, R]: each seed's mean on each resample's items
-                rows = seeds.get(len(X))
-                out[name][t] = per_seed.mean(0) if rows is None else np.take_along_axis(per_seed, rows.T, 0).mean(0)
-        return out
-
-    boot = np.asarray(statistic(means(lambda name, t: counts[name, t], seed_draws)), dtype=float)
-    estimate = float(np.asarray(statistic(means(lambda name, t: np.ones((1, n_items[t])), {})), dtype=float)[0])
-    boot = boot[np.isfinite(boot)]
-    if not len(boot):
-        return {"estimate": estimate, "ci95": [float("nan")] * 2, "std": float("nan"), "resamples": resamples}
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    return {"estimate": estimate, "ci95": [float(lo), float(hi)], "std": float(boot.std(ddof=1)),
-            "resamples": resamples}
-
-
-def verdict(interval: dict, direction: int = 1) -> str:
-    """holds: the 95% interval excludes zero on the predicted side (direction +1: above, -1: below);
-    contradicted: it excludes zero on the other side; undecided: it includes zero."""
-    lo, hi = (direction * x for x in interval["ci95"])
-    lo, hi = min(lo, hi), max(lo, hi)
-    return "holds" if lo > 0 else "contradicted" if hi < 0 else "undecided"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_cli_writes_json_and_jsonl_then_compares_a_checkpoint_with_the_baseline(
 
 
 # ----------------------------------------------------------------------------------------------
-# Standard errors and paired bootstrap intervals
+# Standard errors (the study's bootstrap intervals: tests/test_study.py)
 
 import numpy as np
 
@@ -237,49 +237,6 @@ def test_stderr_is_the_sample_std_over_root_n_and_every_task_reports_it():
     s = E.summary(records)
     assert s["score"] == s["mc1"] == pytest.approx(2 / 3) and s["mc2"] == pytest.approx(0.6)
     assert s["stderr"] == pytest.approx(E.stderr([1, 0, 1])) and s["mc2_stderr"] == pytest.approx(E.stderr([0.9, 0.2, 0.7]))
-
-
-def difference(a, b):
-    return lambda m: m[a]["t"] - m[b]["t"]
-
-
-def test_bootstrap_interval_covers_a_known_difference_and_narrows_with_n():
-    rng = np.random.default_rng(0)
-    covered, widths = 0, {}
-    for trial in range(40):
-        for n in (200, 800):
-            a, b = (rng.random(n) < 0.6).astype(float), (rng.random(n) < 0.5).astype(float)   # true difference 0.1
-            iv = E.bootstrap({"a": {"t": a[None]}, "b": {"t": b[None]}}, difference("a", "b"), resamples=500, seed=trial)
-            assert iv["ci95"][0] <= iv["estimate"] <= iv["ci95"][1]
-            assert iv["estimate"] == pytest.approx(a.mean() - b.mean())
-            widths.setdefault(n, []).append(iv["ci95"][1] - iv["ci95"][0])
-            covered += n == 800 and iv["ci95"][0] <= 0.1 <= iv["ci95"][1]
-    assert covered >= 34                                   # nominal 95% of 40: 38
-    assert np.mean(widths[800]) == pytest.approx(np.mean(widths[200]) / 2, rel=0.15)   # width ~ 1 / sqrt(n)
-
-
-def test_paired_interval_is_narrower_than_unpaired_on_correlated_items():
-    rng = np.random.default_rng(1)
-    easy = rng.random(500) < 0.5                       # how hard an item is decides most of both models' answers
-    a = (easy | (rng.random(500) < 0.1)).astype(float)
-    b = (easy & (rng.random(500) < 0.95)).astype(float)
-    scores = {"a": {"t": a[None]}, "b": {"t": b[None]}}
-    paired = E.bootstrap(scores, difference("a", "b"), resamples=1000)
-    unpaired = E.bootstrap(scores, difference("a", "b"), resamples=1000, paired=False)
-    assert paired["estimate"] == unpaired["estimate"]
-    assert paired["std"] < unpaired["std"] / 2
-    assert E.verdict(paired) == "holds" and E.verdict(paired, -1) == "contradicted"
-
-
-def test_hierarchical_bootstrap_widens_with_seed_to_seed_spread():
-    rng = np.random.default_rng(2)
-    base = (rng.random(400) < 0.5).astype(float)[None]
-    same = np.repeat((rng.random(400) < 0.55).astype(float)[None], 3, 0)                  # three identical seeds
-    spread = np.stack([(rng.random(400) < p).astype(float) for p in (0.40, 0.55, 0.70)])   # seeds far apart
-    narrow = E.bootstrap({"base": {"t": base}, "m": {"t": same}}, difference("m", "base"), resamples=1000)
-    wide = E.bootstrap({"base": {"t": base}, "m": {"t": spread}}, difference("m", "base"), resamples=1000)
-    assert wide["std"] > 1.5 * narrow["std"]
-    assert E.verdict({"ci95": [-0.01, 0.02]}) == "undecided"
 
 
 # ----------------------------------------------------------------------------------------------

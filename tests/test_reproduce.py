@@ -1,110 +1,18 @@
 """reproduce.py: a shortened study on the bundled tiny world writes Table 2, reuses finished stages and resumes
-an interrupted run; the paper's predictions are judged by the criteria they state."""
+an interrupted run (the statistics it reports: tests/test_study.py)."""
 import argparse
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import reproduce
 import training
-
-
-def run_scores(base, rng, gain=0.0, loss=0.0, seeds=3):
-    """Per task [seeds, n]: the base's answers, with a fraction `gain` of its wrong GSM8K answers turned right
-    and a fraction `loss` of its right retention answers turned wrong, drawn anew for each seed."""
-    out = {}
-    for task, X in base.items():
-        rows = []
-        for _ in range(seeds):
-            x = X[0].copy()
-            if task == "gsm8k":
-                x[(x == 0) & (rng.random(len(x)) < gain)] = 1
-            else:
-                x[(x > 0.5) & (rng.random(len(x)) < loss)] = 0
-            rows.append(x)
-        out[task] = np.stack(rows)
-    return out
-
-
-def kl_measure(values_per_prompt):
-    return [{"value": float(np.mean(v)), "per_prompt": list(v)} for v in values_per_prompt]
-
-
-def test_predictions_are_decided_from_intervals_of_their_differences():
-    rng = np.random.default_rng(0)
-    n = 800
-    base = {t: (rng.random(n) < p).astype(float)[None] for t, p in
-            (("gsm8k", 0.4), ("truthfulqa", 0.9), ("truthfulqa_mc2", 0.8), ("mmlu", 0.85))}
-    scores = {"base": base, "sft_mild": run_scores(base, rng, gain=0.15), "sft_stress": run_scores(base, rng, loss=0.15),
-              "grpo": run_scores(base, rng, gain=0.05), "opd_stress": run_scores(base, rng, gain=0.1, loss=0.01)}
-    stress_kl = rng.random((3, 64)) * 0.2
-    measures = {"sft_stress": {"kl_base_policy_target": kl_measure(stress_kl)},
-                "opd_stress": {"kl_base_policy_target": kl_measure(stress_kl + rng.normal(0, 0.001, (3, 64)))}}
-    p = reproduce.predictions(scores, measures)
-    assert [p[k]["verdict"] for k in ("P1", "P2", "P3", "P4 kl_base_policy_target")] == ["holds"] * 4
-    assert p["P4 kl_base_policy_target"]["similar"]
-    assert all(q["interval"]["ci95"][0] > 0 for k in ("P1", "P2", "P3") for q in p[k]["parts"])
-
-    scores["sft_mild"] = scores["sft_stress"]                              # mild forgets as much: undecided
-    scores["opd_stress"] = run_scores(base, rng, loss=0.30)               # the student forgets more than its teacher
-    measures["opd_stress"] = {"kl_base_policy_target": kl_measure(stress_kl * 2)}   # and drifts twice as far
-    p = reproduce.predictions(scores, measures)
-    assert p["P1"]["verdict"] == "undecided" and p["P1"]["parts"][0]["verdict"] == "holds"
-    assert p["P2"]["verdict"] == p["P3"]["verdict"] == p["P4 kl_base_policy_target"]["verdict"] == "contradicted"
-
-
-def test_the_papers_conditions_are_decided_from_intervals_too():
-    rng = np.random.default_rng(1)
-    n = 800
-    base = {t: (rng.random(n) < p).astype(float)[None] for t, p in
-            (("gsm8k", 0.4), ("truthfulqa", 0.9), ("truthfulqa_mc2", 0.8), ("mmlu", 0.85))}
-    paper = {"base": base, "sft_mild": run_scores(base, rng, gain=0.15), "grpo": run_scores(base, rng, gain=0.1),
-             "opd_stress": run_scores(base, rng, gain=0.1)}
-    stress = run_scores(base, rng, loss=0.15)
-    stress["gsm8k"] = np.stack([np.where(rng.random(n) < 0.3, 0.0, row) for row in paper["base"]["gsm8k"].repeat(3, 0)])
-    c = reproduce.conditions({**paper, "sft_stress": stress})       # the paper's regime: a stress run below both
-    assert {k: v["verdict"] for k, v in c.items()} == {"C1": "holds", "C2": "holds", "C3": "holds", "C3b": "holds",
-                                                         "C4": "holds"}
-    better = run_scores(base, rng, gain=0.3, loss=0.15)              # a stress run better on the target than mild
-    c = reproduce.conditions({**paper, "sft_stress": better})
-    assert c["C3"]["verdict"] == c["C3b"]["verdict"] == "contradicted" and c["C3"]["parts"][1]["verdict"] == "holds"
-    low = {t: X * (rng.random(X.shape) < 0.5) for t, X in base.items()}   # a base at 0.2 on the target
-    assert reproduce.conditions({"base": low})["C1"]["verdict"] == "contradicted"
-
-
-def test_mmd_difference_resamples_seeds_and_shared_replicates():
-    rng = np.random.default_rng(1)
-    a = rng.normal(0.02, 0.002, (3, 200))
-    same = reproduce.replicate_interval(a, a + rng.normal(0, 1e-5, (3, 200)), 0.0)
-    assert same["ci95"][0] < 0 < same["ci95"][1] and same["ci95"][1] - same["ci95"][0] < 1e-4
-    far = reproduce.replicate_interval(a + 0.01, a, 0.01)
-    assert far["ci95"][0] > 0.009
-
-
-def test_retention_along_a_curve_at_a_matched_accuracy():
-    acc, ret = [np.array([0.3]), np.array([0.4]), np.array([0.5])], [np.array([1.0]), np.array([0.9]), np.array([0.7])]
-    assert reproduce.along(acc, ret, 0.45)[0] == pytest.approx(0.8)
-    assert reproduce.along(acc, ret, 0.4)[0] == pytest.approx(0.9)
-    assert np.isnan(reproduce.along(acc, ret, 0.6)[0])
-    down = reproduce.along([np.array([0.3, 0.3]), np.array([0.2, 0.3])], [np.array([1.0, 1.0]), np.array([0.9, 0.8])], 0.25)
-    assert down[0] == pytest.approx(0.95) and np.isnan(down[1])             # the second curve never moves
-
-
-def test_correlations_pearson_and_spearman():
-    x = np.arange(10.0)
-    c = reproduce.correlation(x, x ** 3)
-    assert c["spearman"]["estimate"] == pytest.approx(1.0) and 0.8 < c["pearson"]["estimate"] < 1.0
-    assert reproduce.correlation(x, -2 * x)["pearson"]["estimate"] == pytest.approx(-1.0)
-    assert list(reproduce._ranks(np.array([3.0, 1.0, 3.0, 2.0]))) == [2.5, 0.0, 2.5, 1.0]
-
-
-def test_mean_std_over_seeds_skips_missing_values():
-    assert reproduce.mean_std([]) is None
-    v = reproduce.mean_std([0.4, None, 0.6])
-    assert v["mean"] == pytest.approx(0.5) and v["std"] == pytest.approx(0.1414, abs=1e-4) and v["n"] == 2
+from model import LoadError
+from study import stages
+from study.stats import MEASURES
+from study.summary import read_log
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +30,7 @@ def quick_study(tmp_path_factory):
 
 def test_quick_study_writes_table_2_with_every_model(quick_study):
     out, summary = quick_study
-    names = ["base"] + [s.name for s in reproduce.stages()]
+    names = ["base"] + [s.name for s in stages.stages()]
     assert list(summary["models"]) == names
     for name in names[1:]:
         row = summary["models"][name]
@@ -140,10 +48,10 @@ def test_quick_study_writes_table_2_with_every_model(quick_study):
     for name in names[1:]:
         iv = summary["models"][name]["intervals"]
         assert all(iv[k]["ci95"][0] <= iv[k]["ci95"][1] for k in ("gain_gsm8k", "gain_mmlu", "forgetting", "retention"))
-        assert set(summary["models"][name]["measures"]) == set(reproduce.MEASURES)
+        assert set(summary["models"][name]["measures"]) == set(MEASURES)
         curve = summary["frontier"]["curves"][name]
-        assert curve["fractions"] == [0.0, *reproduce.FRONTIER, 1.0] and len(curve["retention"]) == 4
-    assert set(summary["correlations"]) == set(reproduce.MEASURES) and len(summary["points"]) == len(names) - 1
+        assert curve["fractions"] == [0.0, *stages.FRONTIER, 1.0] and len(curve["retention"]) == 4
+    assert set(summary["correlations"]) == set(MEASURES) and len(summary["points"]) == len(names) - 1
     assert os.path.exists(os.path.join(out, "ckpt", "sft_stress_s0_at2.pt"))   # --snapshots 0.25,0.5 of 3 steps: 1, 2
     assert {p["verdict"] for p in summary["predictions"].values()} <= {"holds", "contradicted", "undecided"}
     assert set(summary["conditions"]) == {"C1", "C2", "C3", "C3b", "C4"} and "**C3b**" in md
@@ -180,13 +88,40 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
     second = reproduce.main([a.replace(" --stop-after 2", "") for a in stop])
     run = second["models"]["sft_mild"]["runs"][0]
     assert "--resume" in run["argv"] and "failed" not in run
-    log = reproduce._log(run["log"])
+    log = read_log(run["log"])
     assert [r["step"] for r in log] == [1, 2, 3, 4]     # steps 1-2 from the first call, 3-4 resumed
+
+
+def test_a_changed_command_trains_anew_and_the_same_command_reuses(tmp_path, capsys):
+    base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
+    reproduce.main(base)
+    ckpt, evaluation = (os.path.join(tmp_path, d, f) for d, f in (("ckpt", "sft_mild_s0.pt"), ("eval", "sft_mild_s0.json")))
+    changed = base + ["--extra", "train_sft.py=--lr 3e-3"]
+    reproduce.main(changed)       # the same --out, another learning rate: not the lr 1e-4 checkpoint reported again
+    assert torch.load(ckpt, weights_only=True)["meta"]["args"]["lr"] == pytest.approx(3e-3)
+    with open(evaluation) as f:   # and what reads the checkpoint ran again on the new one
+        assert json.load(f)["checkpoint"]["sha256"] == stages.sha256(ckpt)
+    mtimes = [os.path.getmtime(p) for p in (ckpt, evaluation)]
+    capsys.readouterr()
+    reproduce.main(changed)
+    assert [os.path.getmtime(p) for p in (ckpt, evaluation)] == mtimes    # the same command: every stage reused
+    printed = capsys.readouterr().out
+    assert "reused train/sft_mild_s0" in printed and "reused evaluate/sft_mild_s0" in printed
+
+
+def test_a_stage_is_keyed_on_its_flags_and_the_checkpoints_it_reads(tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"one")
+    key = stages.command("train_opd.py", ["--teacher", str(teacher), "--stop-after", "2"], [str(teacher)])
+    assert key == stages.command("train_opd.py", ["--teacher", str(teacher)], [str(teacher)])   # where it stops: no
+    assert key != stages.command("train_opd.py", ["--teacher", str(teacher), "--lr", "1e-3"], [str(teacher)])
+    teacher.write_bytes(b"another")
+    assert key != stages.command("train_opd.py", ["--teacher", str(teacher)], [str(teacher)])   # a retrained teacher
 
 
 def test_two_processes_share_a_study_by_seeds_and_a_final_run_reports_both(tmp_path, monkeypatch):
     base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
-    train, other = reproduce.train, {}
+    train, other = stages.train, {}
 
     def concurrently(args, stage, seed, costs):   # the second process (seed 1 only) runs while the first trains
         if seed == 0 and not other:
@@ -194,12 +129,12 @@ def test_two_processes_share_a_study_by_seeds_and_a_final_run_reports_both(tmp_p
             other.update(reproduce.main(base + ["--seeds", "2", "--first-seed", "1"]))
         return train(args, stage, seed, costs)
 
-    monkeypatch.setattr(reproduce, "train", concurrently)
+    monkeypatch.setattr(stages, "train", concurrently)
     first = reproduce.main(base)                                         # seed 0, and it writes its report last
     monkeypatch.undo()
     assert [r["seed"] for r in other["models"]["sft_mild"]["runs"]] == [1]
     assert {"train/sft_mild_s0", "train/sft_mild_s1"} <= set(first["costs"]["seconds"])   # both processes' costs
-    ckpts = [reproduce.ckpt_path(argparse.Namespace(out=str(tmp_path)), "sft_mild", s) for s in (0, 1)]
+    ckpts = [stages.ckpt_path(argparse.Namespace(out=str(tmp_path)), "sft_mild", s) for s in (0, 1)]
     mtimes = [os.path.getmtime(c) for c in ckpts]
     final = reproduce.main(base + ["--seeds", "2"])
     assert [os.path.getmtime(c) for c in ckpts] == mtimes                 # nothing retrained
@@ -210,9 +145,9 @@ def test_two_processes_share_a_study_by_seeds_and_a_final_run_reports_both(tmp_p
 
 def test_only_refuses_unknown_runs_and_students_without_their_teacher(tmp_path):
     base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only"]
-    with pytest.raises(reproduce.LoadError, match="no run named sft"):
+    with pytest.raises(LoadError, match="no run named sft"):
         reproduce.main(base + ["sft"])
-    with pytest.raises(reproduce.LoadError, match="opd_stress learns from sft_stress"):
+    with pytest.raises(LoadError, match="opd_stress learns from sft_stress"):
         reproduce.main(base + ["opd_stress"])
     assert not os.path.exists(os.path.join(tmp_path, "eval"))   # refused before any stage ran
 
@@ -228,4 +163,4 @@ def test_a_checkpoint_written_on_a_gpu_is_read_on_a_cpu_only_machine(tiny_dir, t
         save_checkpoint(path, model, {"method": "sft"}, train_state={"step": 2, "total_steps": 4,
                                                                       "optimizer": {"exp_avg": torch.ones(3)}})
     assert not torch.cuda.is_available()
-    assert reproduce._finished(path) is False
+    assert stages._finished(path) is False

@@ -1,0 +1,318 @@
+"""The study's stages: the trained runs, the settings they run with, and running every stage (train, evaluate,
+pass@k, drift, the --frontier snapshots' evaluations) as a call of the script that owns it, timed.
+
+A stage's output is reused only when the same command made it from the same inputs. Each stage writes beside its
+output (`<output name>.command.json`) the script and flags it ran with and the sha256 of every checkpoint it read:
+an OPD run its teacher, an evaluation or a drift the adapter it measures (and an evaluation the base's results it
+compares with). Another command or another input runs the stage again: a finished run is trained anew, an
+unfinished one resumes (train_*.py --resume) only under the same command (--stop-after aside: it says where an
+invocation stops, not what the run is). Every reused stage says so in one line.
+"""
+import glob
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import distributed
+import drift
+import evaluate
+import train_grpo
+import train_opd
+import train_sft
+from cli import output_dir, write_text
+from lora import load_checkpoint
+from model import LoadError
+from training import NonFiniteLoss, finished, snapshot_path, snapshot_steps
+
+SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py": train_opd,
+           "evaluate.py": evaluate, "drift.py": drift}
+FRONTIER = (0.25, 0.5)    # --frontier: the fractions of every run kept (train_*.py --snapshots) and evaluated
+
+
+@dataclass
+class Stage:
+    """One trained run: its name, the script, the flags that make it this method, and its teacher (a run's name)."""
+    name: str
+    script: str
+    flags: list
+    label: str                      # the row name in the report
+    states: str                     # state source
+    signal: str
+    teacher: str | None = None      # train_opd.py --teacher: that run's checkpoint of the same seed
+    curve: str = "loss"             # the log's figure training_curves.png draws
+
+
+def stages() -> list[Stage]:
+    """The study's trained runs, in dependency order (a teacher before its students)."""
+    return [
+        Stage("sft_mild", "train_sft.py", ["--preset", "mild"], "SFT mild", "dataset", "gold tokens"),
+        Stage("sft_stress", "train_sft.py", ["--preset", "stress"], "SFT stress", "dataset", "gold tokens"),
+        Stage("grpo", "train_grpo.py", [], "GRPO", "learner", "exact-answer reward", curve="reward"),
+        Stage("sft_learner", "train_sft.py", ["--states", "learner"], "SFT on own correct samples (RFT)", "learner",
+              "own correct samples", curve="accepted"),
+        Stage("opd_stress", "train_opd.py", [], "OPD (stress teacher)", "learner", "teacher continuation", "sft_stress"),
+        Stage("opd_mild", "train_opd.py", [], "OPD (mild teacher)", "learner", "teacher continuation", "sft_mild"),
+        Stage("opd_kl", "train_opd.py", ["--signal", "kl"], "OPD one-step KL (stress teacher)", "learner",
+              "exact KL", "sft_stress"),
+        Stage("opd_sampled_kl", "train_opd.py", ["--signal", "sampled-kl"], "OPD sampled KL (stress teacher)", "learner",
+              "sampled KL", "sft_stress", curve="reverse_kl_sampled"),
+        Stage("opd_stress_on_teacher_states", "train_opd.py", ["--states", "teacher"], "OPD signal on teacher states",
+              "teacher", "teacher continuation", "sft_stress"),
+        Stage("opd_stress_on_data_states", "train_opd.py", ["--states", "data"], "OPD signal on dataset states",
+              "dataset", "teacher continuation", "sft_stress"),
+    ]
+
+
+# Per-setting flags added to the scripts' defaults. "paper": none (the scripts' defaults are the paper's).
+# "tiny": the tiny world on 2 CPU cores, about half an hour a seed; "quick": a smoke run.
+PROFILES = {
+    "paper": {"train": {}, "evaluate": [], "drift": [], "passk": ["--samples", "8"]},
+    "tiny": {
+        # The SFT presets unchanged (mild: 1 epoch, lr 1e-4, r 16; stress: 5 epochs, lr 5e-4, r 64) over all 7,473
+        # train problems, as in the paper (mild in batches of 8: 935 steps; stress in batches of 16: 2,340 steps).
+        # RFT: the first 1,000 problems (125 steps of 8 prompts x 8 samples). GRPO: 300 steps of 8 prompts x 8
+        # samples at lr 3e-4; OPD: 50 steps of 8 prompts at lr 2e-4 (tiny/README.md: how these were chosen).
+        "train": {
+            "train_sft.py": ["--batch-size", "8", "--save-every", "100"],
+            "sft_stress": ["--batch-size", "16"],
+            "sft_learner": ["--limit", "1000"],
+            "train_grpo.py": ["--max-steps", "300", "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-4",
+                              "--save-every", "50"],
+            "train_opd.py": ["--max-steps", "50", "--lr", "2e-4", "--save-every", "10"],
+        },
+        # every target and retention item (1,319 / 817 / 535: narrower intervals, about 20 s a model); 256 new tokens
+        "evaluate": ["--batch-size", "128", "--limit", "0"],
+        "drift": ["--batch-size", "128", "--prompts", "64"],   # 64 prompts x 4 rollouts, a state every 16 tokens
+        "passk": ["--batch-size", "256", "--limit", "200", "--samples", "8"],   # the first 200 problems x 8 samples
+    },
+    "quick": {
+        "train": {
+            "train_sft.py": ["--limit", "32", "--max-steps", "3", "--batch-size", "8"],
+            "train_grpo.py": ["--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--group-size", "4",
+                              "--max-new-tokens", "64"],
+            "train_opd.py": ["--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "24", "--cuts", "2",
+                             "--continuation-tokens", "8"],
+            "sft_learner": ["--group-size", "4", "--max-new-tokens", "96"],   # tiny solutions: about 40 tokens
+        },
+        "evaluate": ["--limit", "12", "--max-new-tokens", "32"],
+        "drift": ["--prompts", "4", "--samples-per-prompt", "2", "--max-new-tokens", "24", "--bootstrap", "20",
+                  "--state-stride", "4"],
+        "passk": ["--limit", "4", "--samples", "2", "--max-new-tokens", "16"],
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# A stage's command, recorded beside its output: what decides whether the output is reused
+
+
+_sha256 = {}
+
+
+def sha256(path: str) -> str:
+    """evaluate.file_sha256, once per version of a file: a study reads every checkpoint several times."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _sha256:
+        _sha256[key] = evaluate.file_sha256(path)
+    return _sha256[key]
+
+
+def command(script: str, argv: list, inputs: list) -> dict:
+    """The script, its flags but --stop-after N, and the sha256 of each checkpoint in `inputs` (None for one that is
+    missing: the script says so)."""
+    flags, it = [], iter(argv)
+    for a in it:
+        if a == "--stop-after":
+            next(it, None)
+        elif not a.startswith("--stop-after="):
+            flags.append(a)
+    return {"script": script, "argv": flags, "inputs": {p: sha256(p) if os.path.exists(p) else None for p in inputs}}
+
+
+def _record(out: str) -> str:
+    return os.path.splitext(out)[0] + ".command.json"
+
+
+def same_command(out: str, cmd: dict) -> bool:
+    """Whether `out` exists and was written by command `cmd` (its record says so)."""
+    if not (os.path.exists(out) and os.path.exists(_record(out))):
+        return False
+    with open(_record(out)) as f:
+        return json.load(f) == cmd
+
+
+def record(out: str, cmd: dict):
+    if distributed.main_rank():
+        write_text(output_dir(_record(out)), json.dumps(cmd, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the stages
+
+
+def _timed(costs: dict, key: str, fn):
+    """Run a stage, recording its wall seconds and, on CUDA, its peak GPU memory (what the real run costs)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn()
+    costs["seconds"][key] = round(time.perf_counter() - t0, 1)
+    if cuda:
+        costs["peak_gpu_gib"][key] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def run_script(costs: dict, key: str, script: str, argv: list, out: str, inputs=()) -> str:
+    """script's main(argv), which writes `out`, unless the same command made `out` from the same inputs."""
+    cmd = command(script, argv, list(inputs))
+    if same_command(out, cmd):
+        print(f"reused {key}: {out} (the same command and inputs)", flush=True)
+        return out
+    again = " (its output was made by another command or from other inputs)" if os.path.exists(out) else ""
+    print(f"\n== {key}: python {script} {shlex.join(argv)}{again}", flush=True)
+    _timed(costs, key, lambda: SCRIPTS[script].main(argv))
+    record(out, cmd)
+    return out
+
+
+def _data_flag(args) -> list:
+    """--data-dir for the scripts when given (without it they find tiny/data for --model tiny, else the hub)."""
+    return ["--data-dir", args.data_dir] if args.data_dir else []
+
+
+def ckpt_path(args, name: str, seed: int) -> str:
+    return os.path.join(args.out, "ckpt", f"{name}_s{seed}.pt")
+
+
+def _finished(ckpt: str) -> bool:
+    return os.path.exists(ckpt) and finished(load_checkpoint(ckpt))   # read onto the CPU, wherever it was trained
+
+
+def train(args, stage: Stage, seed: int, costs: dict) -> dict:
+    """Train one run: reuse it when finished under the same command, resume it when unfinished under the same
+    command, else train it anew. Returns its status."""
+    out = ckpt_path(args, stage.name, seed)
+    status = {"checkpoint": out, "log": os.path.splitext(out)[0] + ".jsonl"}
+    prof = PROFILES[args.profile]["train"]
+    # OPD takes the base model and data from its teacher's checkpoint, as a user would run it.
+    teacher = [ckpt_path(args, stage.teacher, seed)] if stage.teacher else []
+    base = ["--teacher", *teacher] if teacher else ["--model", args.model] + _data_flag(args)
+    argv = (base + stage.flags + prof.get(stage.script, []) + prof.get(stage.name, []) + args.extra.get(stage.script, []) +
+            ["--seed", str(seed), "--out", out, "--device", args.device] +
+            (["--snapshots", ",".join(map(str, FRONTIER))] if args.frontier else []))
+    cmd = command(stage.script, argv, teacher)
+    same = same_command(out, cmd)
+    status["argv"] = argv
+    if same and _finished(out):
+        print(f"reused train/{stage.name}_s{seed}: {out} (the same command and inputs)", flush=True)
+        return status
+    if same:
+        status["argv"] = argv = argv + ["--resume"]
+    else:   # another command's run, finished or not, and its snapshots make way for this one
+        stale = [p for p in [out] + glob.glob(glob.escape(os.path.splitext(out)[0]) + "_at*.pt") if os.path.exists(p)]
+        if stale:
+            print(f"{out}: trained by another command or from other inputs; training it anew", flush=True)
+        distributed.barrier()      # every rank has looked at it before rank 0 removes it
+        if distributed.main_rank():
+            for p in stale:
+                os.remove(p)
+        record(out, cmd)           # before training: an interrupted run resumes under this record
+    print(f"\n== train/{stage.name}_s{seed}: python {stage.script} {shlex.join(argv)}", flush=True)
+    try:
+        _timed(costs, f"train/{stage.name}_s{seed}", lambda: SCRIPTS[stage.script].main(argv))
+    except NonFiniteLoss as e:  # a collapse is a result: report it, go on with the other runs
+        print(f"{stage.name}: {e}", file=sys.stderr)
+        status["failed"] = str(e)
+        return status
+    except SystemExit as e:     # Ctrl-C or SIGTERM: the trainer checkpointed its last step
+        if e.code in (130, 143):
+            print(f"{stage.name} (seed {seed}) stopped: the same reproduce.py command resumes it", file=sys.stderr)
+        raise
+    if not _finished(out):  # e.g. --stop-after among the extra flags: nothing to evaluate yet
+        status["failed"] = "stopped before its last step; rerun reproduce.py to resume it"
+    return status
+
+
+def evaluate_model(args, name: str, checkpoint: str | None, costs: dict, passk: bool = False) -> str:
+    """evaluate.py on every task with the base as --baseline, or (passk) GSM8K's pass@k from sampled completions."""
+    out = os.path.join(args.out, "eval", f"{name}_passk.json" if passk else f"{name}.json")
+    base_json = os.path.join(args.out, "eval", "base.json")
+    flags = ["--tasks", "gsm8k"] + PROFILES[args.profile]["passk"] if passk else PROFILES[args.profile]["evaluate"]
+    argv = ["--model", args.model, "--out", out, "--device", args.device] + flags + _data_flag(args)
+    argv += ["--checkpoint", checkpoint] + ([] if passk else ["--baseline", base_json]) if checkpoint else []
+    argv += args.extra.get("evaluate.py", [])
+    inputs = [checkpoint] + ([] if passk else [base_json]) if checkpoint else []
+    return run_script(costs, f"{'passk' if passk else 'evaluate'}/{name}", "evaluate.py", argv, out, inputs)
+
+
+def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
+    """--frontier: {fraction: evaluation} of the run's snapshots (a run trained without --frontier has none, and
+    is trained anew with them: its command differs)."""
+    total = load_checkpoint(checkpoint)["train_state"]["total_steps"]
+    out = {}
+    for f in FRONTIER:
+        step = snapshot_steps([f], total)[0]
+        path = snapshot_path(checkpoint, step)
+        if os.path.exists(path):
+            out[str(f)] = evaluate_model(args, f"{name}_at{step}", path, costs)
+        else:
+            print(f"--frontier: {path} is missing: no point at {f} of {name}", file=sys.stderr)
+    return out
+
+
+def measure_drift(args, name: str, checkpoint: str, features: str, costs: dict) -> str:
+    out = os.path.join(args.out, "drift", f"{name}_{features}.json")
+    argv = ["--model", args.model, "--checkpoint", checkpoint, "--out", out, "--features", features, "--device",
+            args.device, "--cache-dir", os.path.join(args.out, "rollouts")] + PROFILES[args.profile]["drift"]
+    if features != args.features.split(",")[0]:
+        argv.append("--no-policy-kl")     # the policy KLs do not depend on the features: measured in the first run
+    argv += _data_flag(args) + args.extra.get("drift.py", [])
+    return run_script(costs, f"drift/{name}_{features}", "drift.py", argv, out, [checkpoint])
+
+
+def check_only(args, only: set):
+    """--only names known runs, and each OPD run among them has its teacher: in --only too, or already trained."""
+    names = [s.name for s in stages()]
+    unknown = sorted(only - set(names))
+    if unknown:
+        raise LoadError(f"--only: no run named {', '.join(unknown)} (the runs: {', '.join(names)})")
+    for s in stages():
+        if s.name in only and s.teacher and s.teacher not in only and not all(
+                _finished(ckpt_path(args, s.teacher, seed)) for seed in range(args.seeds)):
+            raise LoadError(f"--only: {s.name} learns from {s.teacher}, which is not trained under {args.out}: "
+                            f"add {s.teacher} to --only")
+
+
+def run_stages(args, costs: dict) -> dict:
+    """The base's evaluations, then every trained run of seeds --first-seed.. with its evaluations, drift and
+    snapshots. Returns {run: [status per seed]}."""
+    only = set(args.only.split(",")) if args.only else None
+    if only:
+        check_only(args, only)
+    evaluate_model(args, "base", None, costs)
+    evaluate_model(args, "base", None, costs, passk=True)
+    runs = {}
+    for seed in range(args.first_seed, args.seeds):
+        for s in stages():
+            if only and s.name not in only:
+                continue
+            if s.teacher and any("failed" in r for r in runs.get(s.teacher, []) if r["seed"] == seed):
+                continue  # its teacher did not train
+            status = train(args, s, seed, costs)
+            status["seed"] = seed
+            name = f"{s.name}_s{seed}"
+            if "failed" not in status:
+                status["eval"] = evaluate_model(args, name, status["checkpoint"], costs)
+                status["passk"] = evaluate_model(args, name, status["checkpoint"], costs, passk=True)
+                status["drift"] = {f: measure_drift(args, name, status["checkpoint"], f, costs)
+                                   for f in args.features.split(",")}
+                if args.frontier:
+                    status["snapshots"] = snapshots(args, name, status["checkpoint"], costs)
+            runs.setdefault(s.name, []).append(status)
+    return runs

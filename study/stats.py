@@ -1,0 +1,274 @@
+"""The study's statistics: intervals of differences (paired over items, hierarchical over seeds), the paper's
+conditions and predictions decided from them, drift measures against forgetting, and retention at matched target
+gain. Every interval is a 95% percentile bootstrap (Miller 2024, "Adding Error Bars to Evals"); evaluate.py gives
+each score its standard error, this file the intervals of the differences the study is about.
+"""
+import warnings
+
+import numpy as np
+
+from evaluate import RETENTION_TASKS
+
+BOOTSTRAP = 2000          # resamples of every interval
+SIMILAR = 0.25            # P4: "similar drift" = a difference interval around zero narrower than this x the drift
+TASK_KEYS = ("gsm8k", "truthfulqa", "truthfulqa_mc2", "mmlu")
+# the drift measures set against forgetting: MMD² of rollout states, and the policy KLs on target / retention prompts
+MEASURES = {"mmd2_lexical": "MMD² lexical", "mmd2_hidden": "MMD² hidden",
+            "kl_base_policy_target": "KL(π0‖π) target", "kl_policy_base_target": "KL(π‖π0) target",
+            "kl_base_policy_retention": "KL(π0‖π) retention", "kl_policy_base_retention": "KL(π‖π0) retention"}
+
+
+def bootstrap(scores: dict, statistic, resamples: int = 2000, seed: int = 0, paired: bool = True) -> dict:
+    """A 95% percentile interval of statistic(means), resampling items and seeds with replacement (hierarchical).
+
+    scores: {model: {task: [seeds, items] array}}; every model's rows of one task score the same items in the
+    same order. Each resample draws, per task, as many items as there are, with replacement: one draw shared
+    by all models when `paired`, so that how hard an item is cancels out of a difference between models,
+    and one draw per model otherwise. It also draws S of a model's S seeds with replacement, the same seed
+    indices for every model that has S (seed s of a student and seed s of its teacher stay together), so the
+    interval covers seed-to-seed spread as well as item sampling; a model with one row (the base: greedy
+    decoding is deterministic) keeps it. statistic({model: {task: [R] means}}) -> [R] array.
+    Returns {estimate (on all items and seeds), ci95, std, resamples}."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):   # [resamples, n]: how often each of n items is drawn in each resample
+        return rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(float)
+
+    n_items = {t: X.shape[1] for m in scores.values() for t, X in m.items()}
+    shared = {t: draw(n) for t, n in n_items.items()} if paired else {}
+    counts = {(name, t): shared[t] if paired else draw(n_items[t]) for name, m in scores.items() for t in m}
+    seed_draws = {S: rng.integers(0, S, (resamples, S)) for S in sorted({len(X) for m in scores.values() for X in m.values()})
+                  if S > 1}
+
+    def means(weights, seeds):
+        out = {}
+        for name, m in scores.items():
+            out[name] = {}
+            for t, X in m.items():
+                per_seed = X @ weights(name, t).T / X.shape[1]     # [S, R]: each seed's mean on each resample's items
+                rows = seeds.get(len(X))
+                out[name][t] = per_seed.mean(0) if rows is None else np.take_along_axis(per_seed, rows.T, 0).mean(0)
+        return out
+
+    boot = np.asarray(statistic(means(lambda name, t: counts[name, t], seed_draws)), dtype=float)
+    estimate = float(np.asarray(statistic(means(lambda name, t: np.ones((1, n_items[t])), {})), dtype=float)[0])
+    boot = boot[np.isfinite(boot)]
+    if not len(boot):
+        return {"estimate": estimate, "ci95": [float("nan")] * 2, "std": float("nan"), "resamples": resamples}
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"estimate": estimate, "ci95": [float(lo), float(hi)], "std": float(boot.std(ddof=1)),
+            "resamples": resamples}
+
+
+def verdict(interval: dict, direction: int = 1) -> str:
+    """holds: the 95% interval excludes zero on the predicted side (direction +1: above, -1: below);
+    contradicted: it excludes zero on the other side; undecided: it includes zero."""
+    lo, hi = (direction * x for x in interval["ci95"])
+    lo, hi = min(lo, hi), max(lo, hi)
+    return "holds" if lo > 0 else "contradicted" if hi < 0 else "undecided"
+
+
+
+def eq12(m: dict, name: str):
+    """Mean forgetting F and mean retention R of model `name` (Eq. 12) from per-task means (arrays over resamples)."""
+    F = np.mean([m["base"][t] - m[name][t] for t in RETENTION_TASKS], 0)
+    R = np.mean([m[name][t] / m["base"][t] for t in RETENTION_TASKS], 0)
+    return F, R
+
+
+def interval(scores: dict, names, statistic, tasks=TASK_KEYS) -> dict:
+    """bootstrap of statistic over the base and models `names` (only `tasks` resampled)."""
+    chosen = {n: {t: scores[n][t] for t in tasks} for n in dict.fromkeys(["base", *names])}
+    return bootstrap(chosen, statistic, BOOTSTRAP)
+
+
+def differences(scores: dict, name: str) -> dict:
+    """A model against the base: each task's gain, and F and R of Eq. 12, with their intervals."""
+    out = {f"gain_{t}": interval(scores, [name], lambda m, t=t: m[name][t] - m["base"][t], [t]) for t in TASK_KEYS}
+    out["forgetting"] = interval(scores, [name], lambda m: eq12(m, name)[0], RETENTION_TASKS)
+    out["retention"] = interval(scores, [name], lambda m: eq12(m, name)[1], RETENTION_TASKS)
+    return out
+
+
+def replicate_interval(a: np.ndarray, b: np.ndarray, estimate: float, seed: int = 0) -> dict:
+    """Interval of mean(a) - mean(b) for per-seed bootstrap replicates a, b [seeds, B] of an MMD² (drift.py
+    resamples rollouts with the same draws for every model): each resample draws seeds with replacement and
+    one replicate index, shared by both models."""
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, len(a), (BOOTSTRAP, len(a)))
+    j = rng.integers(0, a.shape[1], (BOOTSTRAP, 1))
+    boot = a[seeds, j].mean(1) - b[seeds, j].mean(1)
+    return {"estimate": estimate, "ci95": np.quantile(boot, [0.025, 0.975]).tolist(), "std": float(boot.std(ddof=1)),
+            "resamples": BOOTSTRAP}
+
+
+def drift_interval(measures: dict, a: str, b: str, key: str) -> dict:
+    """Interval of drift measure `key` of run a minus run b (seed s with seed s)."""
+    if key.startswith("mmd2"):
+        ra, rb = (np.array([d["replicates"] for d in measures[n][key]]) for n in (a, b))
+        est = np.mean([d["value"] for d in measures[a][key]]) - np.mean([d["value"] for d in measures[b][key]])
+        return replicate_interval(ra, rb, float(est))
+    per_prompt = {n: {key: np.array([d["per_prompt"] for d in measures[n][key]])} for n in (a, b)}
+    return bootstrap(per_prompt, lambda m: m[a][key] - m[b][key], BOOTSTRAP)
+
+
+def combined(parts: list[dict]) -> str:
+    """A prediction of several parts holds when all hold, is contradicted when any is, else undecided."""
+    verdicts = [p["verdict"] for p in parts]
+    return "contradicted" if "contradicted" in verdicts else "holds" if all(v == "holds" for v in verdicts) else "undecided"
+
+
+def decided(text: str, iv: dict, digits: int = 3) -> dict:
+    """One difference of a prediction or condition: its interval and the verdict read from it."""
+    return {"difference": text, "interval": iv, "verdict": verdict(iv), "digits": digits}
+
+
+def predictions(scores: dict, measures: dict) -> dict:
+    """The paper's predictions P1-P4, each decided from the 95% intervals of the differences it is about.
+
+    A difference predicted positive *holds* when its interval lies above zero, is *contradicted* when it lies
+    below, and is *undecided* when it includes zero; a prediction of several differences holds when all hold
+    and is contradicted when any is. P1: stress SFT forgets (F > 0) and mild SFT keeps more (R mild - R stress
+    > 0). P2: the on-policy runs, GRPO and OPD from the stress teacher, keep more than stress SFT
+    (R - R stress > 0). P3: the OPD student beats its degraded teacher on the target and on retention.
+    P4, per drift measure: stress SFT and OPD have similar drift (the interval of the difference includes zero
+    and its half-width is under a quarter of the larger drift, so a difference that large would have shown)
+    and different retention; a measure whose difference interval excludes zero separates the two runs and
+    contradicts P4 for that measure."""
+    part = decided
+
+    def R_minus(a, b, text):
+        return part(text, interval(scores, [a, b], lambda m: eq12(m, a)[1] - eq12(m, b)[1], RETENTION_TASKS))
+
+    claims = {"P1": "stress SFT forgets, mild SFT does not", "P2": "the on-policy runs retain more than stress SFT",
+              "P3": "the OPD student beats its degraded teacher", "P4": "similar drift can come with different retention"}
+    out = {}
+    if {"sft_mild", "sft_stress"} <= set(scores):
+        out["P1"] = [part("F(SFT stress)", interval(scores, ["sft_stress"], lambda m: eq12(m, "sft_stress")[0],
+                                                    RETENTION_TASKS)),
+                     R_minus("sft_mild", "sft_stress", "R(SFT mild) - R(SFT stress)")]
+    if {"grpo", "opd_stress", "sft_stress"} <= set(scores):
+        out["P2"] = [R_minus("grpo", "sft_stress", "R(GRPO) - R(SFT stress)"),
+                     R_minus("opd_stress", "sft_stress", "R(OPD) - R(SFT stress)")]
+    if {"opd_stress", "sft_stress"} <= set(scores):
+        out["P3"] = [part("GSM8K(OPD) - GSM8K(SFT stress)", interval(
+                         scores, ["opd_stress", "sft_stress"], lambda m: m["opd_stress"]["gsm8k"] - m["sft_stress"]["gsm8k"],
+                         ["gsm8k"])),
+                     R_minus("opd_stress", "sft_stress", "R(OPD) - R(SFT stress)")]
+    result = {k: {"claim": claims[k], "parts": v, "verdict": combined(v)} for k, v in out.items()}
+    if {"opd_stress", "sft_stress"} <= set(measures):
+        retention = out["P3"][1]
+        for key in measures["sft_stress"]:
+            d = drift_interval(measures, "opd_stress", "sft_stress", key)
+            scale = max(abs(np.mean([x["value"] for x in measures[n][key]])) for n in ("opd_stress", "sft_stress"))
+            width = (d["ci95"][1] - d["ci95"][0]) / 2
+            similar = bool(d["ci95"][0] <= 0 <= d["ci95"][1] and width < SIMILAR * scale)
+            p4 = ("contradicted" if verdict(d) != "undecided" else
+                  "holds" if similar and retention["verdict"] != "undecided" else "undecided")
+            result[f"P4 {key}"] = {"claim": claims["P4"], "verdict": p4, "similar": similar,
+                                   "half_width_over_drift": width / scale if scale else None,
+                                   "parts": [part(f"{MEASURES[key]}(OPD) - {MEASURES[key]}(SFT stress)", d, 5), retention]}
+    return result
+
+
+def conditions(scores: dict) -> dict:
+    """The four conditions of the paper's experiment that a world must meet before P1-P4 test anything, each
+    decided like a prediction (every difference's interval above zero). C1: the base's target accuracy is within
+    [0.30, 0.60] and its retention scores above chance (0.25: four choices). C2: mild SFT raises the target with
+    mean retention R of at least 0.98. C3: stress SFT is a degraded teacher, below mild SFT on the target and on
+    retention; C3b: below the base on the target too, as the paper's was. C4: GRPO and OPD from the stress
+    teacher train long enough to raise the target."""
+    def part(text, names, statistic, tasks):
+        return decided(text, interval(scores, names, statistic, tasks))
+
+    def gain(name, label):
+        return part(f"GSM8K({label}) - GSM8K(base)", [name], lambda m: m[name]["gsm8k"] - m["base"]["gsm8k"], ["gsm8k"])
+
+    retention = RETENTION_TASKS
+    out = {"C1": [part("GSM8K(base) - 0.30", [], lambda m: m["base"]["gsm8k"] - 0.30, ["gsm8k"]),
+                  part("0.60 - GSM8K(base)", [], lambda m: 0.60 - m["base"]["gsm8k"], ["gsm8k"])] +
+                 [part(f"{t}(base) - 0.25", [], lambda m, t=t: m["base"][t] - 0.25, [t]) for t in ("truthfulqa", "mmlu")]}
+    if "sft_mild" in scores:
+        out["C2"] = [gain("sft_mild", "SFT mild"),
+                     part("R(SFT mild) - 0.98", ["sft_mild"], lambda m: eq12(m, "sft_mild")[1] - 0.98, retention)]
+    if {"sft_mild", "sft_stress"} <= set(scores):
+        pair = ["sft_mild", "sft_stress"]
+        out["C3"] = [part("GSM8K(SFT mild) - GSM8K(SFT stress)", pair,
+                          lambda m: m["sft_mild"]["gsm8k"] - m["sft_stress"]["gsm8k"], ["gsm8k"]),
+                     part("R(SFT mild) - R(SFT stress)", pair,
+                          lambda m: eq12(m, "sft_mild")[1] - eq12(m, "sft_stress")[1], retention)]
+        out["C3b"] = [part("GSM8K(base) - GSM8K(SFT stress)", ["sft_stress"],
+                           lambda m: m["base"]["gsm8k"] - m["sft_stress"]["gsm8k"], ["gsm8k"])]
+    if {"grpo", "opd_stress"} <= set(scores):
+        out["C4"] = [gain("grpo", "GRPO"), gain("opd_stress", "OPD")]
+    return {k: {"parts": v, "verdict": combined(v)} for k, v in out.items()}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing their mean rank (Spearman's convention)."""
+    r = np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+    for v in np.unique(x)[np.unique(x, return_counts=True)[1] > 1]:
+        r[x == v] = r[x == v].mean()
+    return r
+
+
+def correlation(x, y, seed: int = 0) -> dict:
+    """Pearson and Spearman correlation of x with y, each with a 95% bootstrap interval over the points."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    draws = np.random.default_rng(seed).integers(0, len(x), (BOOTSTRAP, len(x)))
+    out = {"n": len(x)}
+    with warnings.catch_warnings():   # a resample of one repeated point has no correlation: NaN, dropped
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, f in (("pearson", lambda a, b: np.corrcoef(a, b)[0, 1]),
+                        ("spearman", lambda a, b: np.corrcoef(_ranks(a), _ranks(b))[0, 1])):
+            boot = np.array([f(x[d], y[d]) for d in draws])
+            boot = boot[np.isfinite(boot)]
+            out[name] = {"estimate": float(f(x, y)), "ci95": np.quantile(boot, [0.025, 0.975]).tolist() if len(boot)
+                         else [float("nan")] * 2}
+    return out
+
+
+def along(acc: list, ret: list, level: float) -> np.ndarray:
+    """Retention where a curve through points (acc_k, ret_k), k = 0, 1, .. (arrays over resamples) first reaches
+    target accuracy `level`, linear between points; NaN where it never does."""
+    out = np.full(np.shape(acc[0]), np.nan)
+    for a0, a1, r0, r1 in zip(acc, acc[1:], ret, ret[1:]):
+        moved = a0 != a1
+        hit = np.isnan(out) & moved & (np.minimum(a0, a1) <= level) & (level <= np.maximum(a0, a1))
+        w = (level - a0) / np.where(moved, a1 - a0, 1)
+        out = np.where(hit, r0 + w * (r1 - r0), out)
+    return out
+
+
+def frontier(scores: dict, names: list[str]) -> dict:
+    """Each method's trajectory (base, its --frontier snapshots: the scores named `name@fraction`, the final adapter)
+    as target accuracy against mean retention, per seed and in the mean; and each method's retention at the target
+    accuracies at least two methods reach, with intervals (retention at matched target gain)."""
+    curves = {}
+    for name in names:
+        points = sorted((k for k in scores if k.startswith(f"{name}@")), key=lambda k: float(k.split("@")[1])) + [name]
+        if len(points) == 1:
+            continue
+        means = {n: {t: scores[n][t].mean(1) for t in TASK_KEYS} for n in ["base", *points]}   # per seed
+        curves[name] = {"fractions": [0.0] + [float(p.split("@")[1]) for p in points[:-1]] + [1.0], "points": points,
+                        "gsm8k": [float(scores["base"]["gsm8k"].mean())] + [float(means[p]["gsm8k"].mean()) for p in points],
+                        "retention": [1.0] + [float(eq12(means, p)[1].mean()) for p in points],
+                        "per_seed": {"gsm8k": [means[p]["gsm8k"].tolist() for p in points],
+                                     "retention": [eq12(means, p)[1].tolist() for p in points]}}
+    base_acc = float(scores["base"]["gsm8k"].mean())
+    ranges = [(min(c["gsm8k"]), max(c["gsm8k"])) for c in curves.values()]
+    levels = [lv for lv in np.round(np.arange(min([base_acc] + [r[0] for r in ranges]), max([base_acc] + [r[1] for r in ranges]),
+                                              0.01), 2)
+              if abs(lv - base_acc) >= 0.005 and sum(lo <= lv <= hi for lo, hi in ranges) >= 2]
+    levels = [levels[i] for i in np.linspace(0, len(levels) - 1, min(len(levels), 8)).round().astype(int)] if levels else []
+    table = {}
+    for lv in levels:
+        table[f"{lv:.2f}"] = {}
+        for name, c in curves.items():
+            if not min(c["gsm8k"]) <= lv <= max(c["gsm8k"]):
+                continue
+            def statistic(m, c=c, lv=lv):
+                return along([m["base"]["gsm8k"]] + [m[p]["gsm8k"] for p in c["points"]],
+                             [np.ones_like(m["base"]["gsm8k"])] + [eq12(m, p)[1] for p in c["points"]], lv)
+            table[f"{lv:.2f}"][name] = interval(scores, c["points"], statistic, ("gsm8k", *RETENTION_TASKS))
+    return {"curves": curves, "base_gsm8k": base_acc, "matched": table}

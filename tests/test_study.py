@@ -1,0 +1,146 @@
+"""The study's statistics (study/stats.py): the paired, seed-hierarchical bootstrap covers a known difference and
+narrows as 1/sqrt(n), pairing and seeds do what they should; the paper's predictions and conditions are decided
+from the intervals of their differences; MMD² differences, retention along a curve, correlations, mean ± std."""
+import numpy as np
+import pytest
+
+from study.stats import _ranks, along, bootstrap, conditions, correlation, predictions, replicate_interval, verdict
+from study.summary import mean_std
+
+
+def difference(a, b):
+    return lambda m: m[a]["t"] - m[b]["t"]
+
+
+def test_bootstrap_interval_covers_a_known_difference_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    covered, widths = 0, {}
+    for trial in range(40):
+        for n in (200, 800):
+            a, b = (rng.random(n) < 0.6).astype(float), (rng.random(n) < 0.5).astype(float)   # true difference 0.1
+            iv = bootstrap({"a": {"t": a[None]}, "b": {"t": b[None]}}, difference("a", "b"), resamples=500, seed=trial)
+            assert iv["ci95"][0] <= iv["estimate"] <= iv["ci95"][1]
+            assert iv["estimate"] == pytest.approx(a.mean() - b.mean())
+            widths.setdefault(n, []).append(iv["ci95"][1] - iv["ci95"][0])
+            covered += n == 800 and iv["ci95"][0] <= 0.1 <= iv["ci95"][1]
+    assert covered >= 34                                   # nominal 95% of 40: 38
+    assert np.mean(widths[800]) == pytest.approx(np.mean(widths[200]) / 2, rel=0.15)   # width ~ 1 / sqrt(n)
+
+
+def test_paired_interval_is_narrower_than_unpaired_on_correlated_items():
+    rng = np.random.default_rng(1)
+    easy = rng.random(500) < 0.5                       # how hard an item is decides most of both models' answers
+    a = (easy | (rng.random(500) < 0.1)).astype(float)
+    b = (easy & (rng.random(500) < 0.95)).astype(float)
+    scores = {"a": {"t": a[None]}, "b": {"t": b[None]}}
+    paired = bootstrap(scores, difference("a", "b"), resamples=1000)
+    unpaired = bootstrap(scores, difference("a", "b"), resamples=1000, paired=False)
+    assert paired["estimate"] == unpaired["estimate"]
+    assert paired["std"] < unpaired["std"] / 2
+    assert verdict(paired) == "holds" and verdict(paired, -1) == "contradicted"
+
+
+def test_hierarchical_bootstrap_widens_with_seed_to_seed_spread():
+    rng = np.random.default_rng(2)
+    base = (rng.random(400) < 0.5).astype(float)[None]
+    same = np.repeat((rng.random(400) < 0.55).astype(float)[None], 3, 0)                  # three identical seeds
+    spread = np.stack([(rng.random(400) < p).astype(float) for p in (0.40, 0.55, 0.70)])   # seeds far apart
+    narrow = bootstrap({"base": {"t": base}, "m": {"t": same}}, difference("m", "base"), resamples=1000)
+    wide = bootstrap({"base": {"t": base}, "m": {"t": spread}}, difference("m", "base"), resamples=1000)
+    assert wide["std"] > 1.5 * narrow["std"]
+    assert verdict({"ci95": [-0.01, 0.02]}) == "undecided"
+
+
+def run_scores(base, rng, gain=0.0, loss=0.0, seeds=3):
+    """Per task [seeds, n]: the base's answers, with a fraction `gain` of its wrong GSM8K answers turned right
+    and a fraction `loss` of its right retention answers turned wrong, drawn anew for each seed."""
+    out = {}
+    for task, X in base.items():
+        rows = []
+        for _ in range(seeds):
+            x = X[0].copy()
+            if task == "gsm8k":
+                x[(x == 0) & (rng.random(len(x)) < gain)] = 1
+            else:
+                x[(x > 0.5) & (rng.random(len(x)) < loss)] = 0
+            rows.append(x)
+        out[task] = np.stack(rows)
+    return out
+
+
+def kl_measure(values_per_prompt):
+    return [{"value": float(np.mean(v)), "per_prompt": list(v)} for v in values_per_prompt]
+
+
+def test_predictions_are_decided_from_intervals_of_their_differences():
+    rng = np.random.default_rng(0)
+    n = 800
+    base = {t: (rng.random(n) < p).astype(float)[None] for t, p in
+            (("gsm8k", 0.4), ("truthfulqa", 0.9), ("truthfulqa_mc2", 0.8), ("mmlu", 0.85))}
+    scores = {"base": base, "sft_mild": run_scores(base, rng, gain=0.15), "sft_stress": run_scores(base, rng, loss=0.15),
+              "grpo": run_scores(base, rng, gain=0.05), "opd_stress": run_scores(base, rng, gain=0.1, loss=0.01)}
+    stress_kl = rng.random((3, 64)) * 0.2
+    measures = {"sft_stress": {"kl_base_policy_target": kl_measure(stress_kl)},
+                "opd_stress": {"kl_base_policy_target": kl_measure(stress_kl + rng.normal(0, 0.001, (3, 64)))}}
+    p = predictions(scores, measures)
+    assert [p[k]["verdict"] for k in ("P1", "P2", "P3", "P4 kl_base_policy_target")] == ["holds"] * 4
+    assert p["P4 kl_base_policy_target"]["similar"]
+    assert all(q["interval"]["ci95"][0] > 0 for k in ("P1", "P2", "P3") for q in p[k]["parts"])
+
+    scores["sft_mild"] = scores["sft_stress"]                              # mild forgets as much: undecided
+    scores["opd_stress"] = run_scores(base, rng, loss=0.30)               # the student forgets more than its teacher
+    measures["opd_stress"] = {"kl_base_policy_target": kl_measure(stress_kl * 2)}   # and drifts twice as far
+    p = predictions(scores, measures)
+    assert p["P1"]["verdict"] == "undecided" and p["P1"]["parts"][0]["verdict"] == "holds"
+    assert p["P2"]["verdict"] == p["P3"]["verdict"] == p["P4 kl_base_policy_target"]["verdict"] == "contradicted"
+
+
+def test_the_papers_conditions_are_decided_from_intervals_too():
+    rng = np.random.default_rng(1)
+    n = 800
+    base = {t: (rng.random(n) < p).astype(float)[None] for t, p in
+            (("gsm8k", 0.4), ("truthfulqa", 0.9), ("truthfulqa_mc2", 0.8), ("mmlu", 0.85))}
+    paper = {"base": base, "sft_mild": run_scores(base, rng, gain=0.15), "grpo": run_scores(base, rng, gain=0.1),
+             "opd_stress": run_scores(base, rng, gain=0.1)}
+    stress = run_scores(base, rng, loss=0.15)
+    stress["gsm8k"] = np.stack([np.where(rng.random(n) < 0.3, 0.0, row) for row in paper["base"]["gsm8k"].repeat(3, 0)])
+    c = conditions({**paper, "sft_stress": stress})       # the paper's regime: a stress run below both
+    assert {k: v["verdict"] for k, v in c.items()} == {"C1": "holds", "C2": "holds", "C3": "holds", "C3b": "holds",
+                                                         "C4": "holds"}
+    better = run_scores(base, rng, gain=0.3, loss=0.15)              # a stress run better on the target than mild
+    c = conditions({**paper, "sft_stress": better})
+    assert c["C3"]["verdict"] == c["C3b"]["verdict"] == "contradicted" and c["C3"]["parts"][1]["verdict"] == "holds"
+    low = {t: X * (rng.random(X.shape) < 0.5) for t, X in base.items()}   # a base at 0.2 on the target
+    assert conditions({"base": low})["C1"]["verdict"] == "contradicted"
+
+
+def test_mmd_difference_resamples_seeds_and_shared_replicates():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.02, 0.002, (3, 200))
+    same = replicate_interval(a, a + rng.normal(0, 1e-5, (3, 200)), 0.0)
+    assert same["ci95"][0] < 0 < same["ci95"][1] and same["ci95"][1] - same["ci95"][0] < 1e-4
+    far = replicate_interval(a + 0.01, a, 0.01)
+    assert far["ci95"][0] > 0.009
+
+
+def test_retention_along_a_curve_at_a_matched_accuracy():
+    acc, ret = [np.array([0.3]), np.array([0.4]), np.array([0.5])], [np.array([1.0]), np.array([0.9]), np.array([0.7])]
+    assert along(acc, ret, 0.45)[0] == pytest.approx(0.8)
+    assert along(acc, ret, 0.4)[0] == pytest.approx(0.9)
+    assert np.isnan(along(acc, ret, 0.6)[0])
+    down = along([np.array([0.3, 0.3]), np.array([0.2, 0.3])], [np.array([1.0, 1.0]), np.array([0.9, 0.8])], 0.25)
+    assert down[0] == pytest.approx(0.95) and np.isnan(down[1])             # the second curve never moves
+
+
+def test_correlations_pearson_and_spearman():
+    x = np.arange(10.0)
+    c = correlation(x, x ** 3)
+    assert c["spearman"]["estimate"] == pytest.approx(1.0) and 0.8 < c["pearson"]["estimate"] < 1.0
+    assert correlation(x, -2 * x)["pearson"]["estimate"] == pytest.approx(-1.0)
+    assert list(_ranks(np.array([3.0, 1.0, 3.0, 2.0]))) == [2.5, 0.0, 2.5, 1.0]
+
+
+def test_mean_std_over_seeds_skips_missing_values():
+    assert mean_std([]) is None
+    v = mean_std([0.4, None, 0.6])
+    assert v["mean"] == pytest.approx(0.5) and v["std"] == pytest.approx(0.1414, abs=1e-4) and v["n"] == 2
