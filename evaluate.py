@@ -213,6 +213,18 @@ def extract_answer(text: str) -> str | None:
     return _normalize(next(g for g in found[-1] if g))   # the alternative that matched
 
 
+LM_EVAL_GSM8K = ("exact_match,strict-match", "exact_match,flexible-extract")
+
+
+def lm_eval_filters(completion: str, gold_answer_text: str) -> dict:
+    """lm-eval's two GSM8K scores of a completion, as it reports them: exact string match (after its regexes_to_ignore)
+    of strict-match's first "#### N" (none: "[invalid]") and of flexible-extract's last number. The study's score,
+    is_correct, takes strict-match, else flexible-extract, and compares them as numbers."""
+    strict, flexible, gold = STRICT.findall(completion), FLEXIBLE.findall(completion), _normalize(gold_answer_text)
+    return {"exact_match,strict-match": bool(strict) and _normalize(strict[0]) == gold,
+            "exact_match,flexible-extract": bool(flexible) and _normalize(next(g for g in flexible[-1] if g)) == gold}
+
+
 def is_correct(completion: str, gold_answer_text: str) -> bool:
     """lm-eval's exact match on the extracted answer, made numeric ("18.00" == "18"); the GRPO reward."""
     pred, gold = extract_answer(completion), _normalize(gold_answer_text)
@@ -280,7 +292,8 @@ def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=
     prompts = [gsm8k_prompt(ex["question"], fewshot) for ex in examples]
     rollouts = complete(prompts, 0.0)
     records = [{"task": "gsm8k", "id": i, "prediction": extract_answer(r.text), "gold": _normalize(ex["answer"]),
-                "correct": is_correct(r.text, ex["answer"]), "finish": r.finish, "completion": r.text}
+                "correct": is_correct(r.text, ex["answer"]), **lm_eval_filters(r.text, ex["answer"]),
+                "finish": r.finish, "completion": r.text}
                for i, (ex, r) in enumerate(zip(examples, rollouts))]
     if samples:    # pass@k: n completions per problem at temperature T (one seeded stream)
         sampled = complete([p for p in prompts for _ in range(samples)], temperature, seed)
@@ -368,6 +381,8 @@ def item_scores(records: list[dict]) -> dict:
         out[r["task"]].append(float(r["correct"]))
         if r["task"] == "truthfulqa":
             out["truthfulqa_mc2"].append(r["mc2"])
+        for key in (k for k in LM_EVAL_GSM8K if k in r):
+            out[key].append(float(r[key]))
         for k in ks(r.get("samples", 0)):       # gsm8k with --samples: each problem's pass@k estimate
             out[f"gsm8k_pass@{k}"].append(pass_at_k(r["samples"], r["samples_correct"], k))
     return {t: np.array(v) for t, v in out.items()}
@@ -388,6 +403,8 @@ def summary(records: list[dict]) -> dict:
     if task == "truthfulqa" and records:
         out.update(mc1=out["score"], mc2=float(scores["truthfulqa_mc2"].mean()),
                    mc2_stderr=stderr(scores["truthfulqa_mc2"]))
+    for key in (k for k in LM_EVAL_GSM8K if k in scores):   # lm-eval's names, beside the study's score
+        out.update({key: float(scores[key].mean()), key.replace("exact_match", "exact_match_stderr"): stderr(scores[key])})
     passes = {key.split("@")[1]: v for key, v in scores.items() if key.startswith("gsm8k_pass@")}
     if passes:
         out["pass_at_k"] = {k: {"score": float(v.mean()), "stderr": stderr(v)} for k, v in passes.items()}
@@ -494,7 +511,9 @@ def main(argv=None) -> dict:
                 protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
                             "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
                             "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
-                            "extraction": "strict-match, else flexible-extract (last number); numeric comparison"}
+                            "extraction": "score: strict-match, else flexible-extract (last number), numeric comparison; "
+                                          "lm-eval's two filters beside it as exact_match,strict-match and "
+                                          "exact_match,flexible-extract"}
                 if args.samples:
                     protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature,
                                              "seed": args.seed,

@@ -265,3 +265,38 @@ def export_merged(model, model_dir: str, out_dir: str, name: str = "default"):
         state.pop("lm_head.weight", None)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),
               metadata={"format": "pt"})
+
+
+def main(argv=None):
+    """python lora.py export CKPT --peft DIR --merged DIR: a trainer's checkpoint for the tools of the field."""
+    from cli import FlagParser, output_dir
+    from model import load_model, resolve_model_dir
+    p = FlagParser(description="Export a trainer's LoRA checkpoint: a PEFT adapter directory (peft, vLLM) and/or a "
+                               "merged Hugging Face model directory (transformers, lm_eval --model hf).")
+    export = p.add_subparsers(dest="command", required=True).add_parser("export", help="write --peft and/or --merged")
+    export.add_argument("checkpoint", help="the trainer's checkpoint (.pt)")
+    export.add_argument("--peft", metavar="DIR", help="adapter_config.json + adapter_model.safetensors")
+    export.add_argument("--merged", metavar="DIR", help="config, tokenizer and model.safetensors, the adapter folded in")
+    export.add_argument("--model", help="the base model (default: the one the checkpoint names)")
+    args = p.parse_args(argv)
+    if not (args.peft or args.merged):
+        export.error("say where: --peft DIR, --merged DIR, or both")
+    ckpt = load_checkpoint(args.checkpoint)
+    base = args.model or ckpt["meta"].get("base_model")
+    if not base:
+        raise LoadError(f"{args.checkpoint} does not name its base model; pass --model")
+    model, _ = load_model(base, with_tokenizer=False)
+    load_adapter(model, ckpt)
+    for kind, out in (("peft", args.peft), ("merged", args.merged)):
+        if out:
+            output_dir(os.path.join(out, "x"), f"--{kind}")
+            if kind == "peft":
+                export_peft(model, out)
+            else:
+                export_merged(model, resolve_model_dir(base), out)
+            print(f"{kind}: {out}")
+
+
+if __name__ == "__main__":
+    from cli import run
+    run(main)

@@ -231,7 +231,8 @@ def ema(values: list, span: float | None = None) -> list:
 
 
 def plot(summary: dict, out_dir: str) -> list[str]:
-    """training_curves.png (each run's loss or reward per step, with its moving average), retention_vs_drift.png and
+    """training_curves.png (each run's loss or reward per step, with its moving average, and --eval-every's validation
+    accuracy dashed), retention_vs_drift.png and
     (--frontier) frontier.png; returns their names."""
     try:
         import matplotlib
@@ -259,12 +260,17 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     curves = {s.name: s.curve for s in stages()}
     fig, axes = grid(len(trained), 4, 4.0, 3.5)
     for ax, (name, row) in zip(axes, trained.items()):
-        key = curves.get(name, "loss")
+        key, val = curves.get(name, "loss"), None
         for r, color in zip(row["runs"], ("C0", "C1", "C2", "C3", "C4")):
-            log = [x for x in read_log(r["log"]) if key in x]
-            x, y = [e["step"] for e in log], [e[key] for e in log]
+            log = read_log(r["log"])
+            x, y = [e["step"] for e in log if key in e], [e[key] for e in log if key in e]
             ax.plot(x, y, color=color, lw=0.6, alpha=0.25)       # every step, faint: mostly noise
             ax.plot(x, ema(y), color=color, lw=1.8, label=f"seed {r['seed']}" if "seed" in r else None)
+            points = [(e["step"], e["val_accuracy"]) for e in log if "val_accuracy" in e]   # --eval-every
+            if points:
+                val = val or ax.twinx()
+                val.plot(*zip(*points), color=color, ls="--", marker=".", lw=1.0)
+                val.set_ylabel("validation accuracy (dashed)", fontsize=8)
         ax.set_title(row["label"], fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(CURVE_LABELS.get(key, key), fontsize=8)

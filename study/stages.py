@@ -76,14 +76,15 @@ PROFILES = {
         # The SFT presets unchanged (mild: 1 epoch, lr 1e-4, r 16; stress: 5 epochs, lr 5e-4, r 64) over all 7,473
         # train problems, as in the paper (mild in batches of 8: 935 steps; stress in batches of 16: 2,340 steps).
         # RFT: the first 1,000 problems (125 steps of 8 prompts x 8 samples). GRPO: 300 steps of 8 prompts x 8
-        # samples at lr 3e-4; OPD: 50 steps of 8 prompts at lr 2e-4 (tiny/README.md: how these were chosen).
+        # samples at lr 3e-4; OPD: 50 steps of 8 prompts at lr 2e-4 (tiny/README.md: how these were chosen). Every run
+        # logs greedy accuracy on the first 200 validation problems about ten times (--eval-every).
         "train": {
-            "train_sft.py": ["--batch-size", "8", "--save-every", "100"],
-            "sft_stress": ["--batch-size", "16"],
-            "sft_learner": ["--limit", "1000"],
+            "train_sft.py": ["--batch-size", "8", "--save-every", "100", "--eval-every", "100"],
+            "sft_stress": ["--batch-size", "16", "--eval-every", "250"],
+            "sft_learner": ["--limit", "1000", "--eval-every", "25"],
             "train_grpo.py": ["--max-steps", "300", "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-4",
-                              "--save-every", "50"],
-            "train_opd.py": ["--max-steps", "50", "--lr", "2e-4", "--save-every", "10"],
+                              "--save-every", "50", "--eval-every", "30"],
+            "train_opd.py": ["--max-steps", "50", "--lr", "2e-4", "--save-every", "10", "--eval-every", "5"],
         },
         # every target and retention item (1,319 / 817 / 535: narrower intervals, about 20 s a model); 256 new tokens
         "evaluate": ["--batch-size", "128", "--limit", "0"],
@@ -92,11 +93,12 @@ PROFILES = {
     },
     "quick": {
         "train": {
-            "train_sft.py": ["--limit", "32", "--max-steps", "3", "--batch-size", "8"],
+            "train_sft.py": ["--limit", "32", "--max-steps", "3", "--batch-size", "8", "--eval-every", "1",
+                             "--eval-limit", "4"],
             "train_grpo.py": ["--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--group-size", "4",
-                              "--max-new-tokens", "64"],
+                              "--max-new-tokens", "64", "--eval-every", "1", "--eval-limit", "4"],
             "train_opd.py": ["--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "24", "--cuts", "2",
-                             "--continuation-tokens", "8"],
+                             "--continuation-tokens", "8", "--eval-every", "1", "--eval-limit", "4"],
             "sft_learner": ["--group-size", "4", "--max-new-tokens", "96"],   # tiny solutions: about 40 tokens
         },
         "evaluate": ["--limit", "12", "--max-new-tokens", "32"],

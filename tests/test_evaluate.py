@@ -275,3 +275,22 @@ def test_samples_add_pass_at_k_per_item_and_per_task(tiny_dir, tmp_path):
     assert s["pass_at_k"]["2"]["score"] == pytest.approx((0 + 0.5 + 1) / 3)
     assert s["pass_at_k"]["4"]["score"] == pytest.approx(2 / 3)
     assert list(E.item_scores(records)["gsm8k_pass@2"]) == pytest.approx([0, 0.5, 1])
+
+
+def test_gsm8k_reports_lm_evals_two_filters_beside_the_studys_score():
+    """Issue 28: lm-eval's exact_match,strict-match and exact_match,flexible-extract (string match after its
+    regexes_to_ignore) beside the study's score (strict, else flexible, compared as numbers)."""
+    cases = [("3 + 4 = 7\n#### 7", True, True, True),        # both filters find 7
+             ("so the answer is 7.", False, True, True),     # no "#### ": strict-match is [invalid]
+             ("#### 7.00", False, False, True),              # "7.00" != "7" as strings, equal as numbers
+             ("#### 8\nor 7", False, True, False),           # the study takes the strict answer, 8
+             ("no number", False, False, False)]
+    records = []
+    for i, (text, strict, flexible, correct) in enumerate(cases):
+        got = E.lm_eval_filters(text, "4 + 3 = 7\n#### 7")
+        assert got == {"exact_match,strict-match": strict, "exact_match,flexible-extract": flexible}, text
+        assert E.is_correct(text, "#### 7") == correct, text
+        records.append({"task": "gsm8k", "id": i, "correct": correct, **got})
+    result = E.summary(records)
+    assert result["score"] == 0.6 and result["exact_match,strict-match"] == 0.2
+    assert result["exact_match,flexible-extract"] == 0.6 and result["exact_match_stderr,strict-match"] > 0

@@ -1,4 +1,6 @@
 """lora.py: a fresh adapter is a no-op, merging is exact, the base is the reference, checkpoints round-trip."""
+import os
+
 import pytest
 import torch
 
@@ -148,3 +150,27 @@ def test_merged_export_of_adapters_with_different_targets(tiny_dir, tmp_path):
         hf = Qwen3ForCausalLM.from_pretrained(str(tmp_path / name)).eval()
         with torch.no_grad(), use_adapter(model, name):
             torch.testing.assert_close(hf(IDS).logits, model(IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_the_export_command_writes_what_peft_and_transformers_load_with_our_logits(tiny_dir, tmp_path):
+    """Issue 28: `python lora.py export CKPT --peft DIR --merged DIR` on a trainer's checkpoint."""
+    import subprocess
+    import sys
+    peft = pytest.importorskip("peft")
+    from transformers import Qwen3ForCausalLM
+    model, _ = load_model(tiny_dir)
+    trained_adapter(model, LoraConfig(r=4, alpha=16, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
+    save_checkpoint(str(tmp_path / "run.pt"), model, {"method": "sft"})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "lora.py"), "export", str(tmp_path / "run.pt"),
+                        "--peft", str(tmp_path / "peft"), "--merged", str(tmp_path / "merged")],
+                       capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    merged = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    adapted = peft.PeftModel.from_pretrained(Qwen3ForCausalLM.from_pretrained(tiny_dir), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, model(IDS), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(adapted(IDS).logits, model(IDS), atol=1e-5, rtol=1e-5)
+    r = subprocess.run([sys.executable, os.path.join(root, "lora.py"), "export", str(tmp_path / "run.pt")],
+                       capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: say where")

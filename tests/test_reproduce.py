@@ -12,6 +12,7 @@ import training
 from model import LoadError
 from study import stages
 from study.stats import MEASURES
+from study.summary import read_log as read_jsonl
 from study.summary import read_log
 
 
@@ -39,6 +40,9 @@ def test_quick_study_writes_table_2_with_every_model(quick_study):
             assert row[key] is not None and row[key]["n"] == 1, (name, key)
         assert row["drift_lexical"]["mmd2"] is not None and row["drift_hidden"]["mmd2"] is not None
         assert row["locality"]["state_nll_base"]["mean"] > 0   # every trainer logged state locality
+        if name != "base":   # --eval-every 1: validation accuracy after every step, drawn in training_curves.png
+            logs = [read_jsonl(r["log"]) for r in row["runs"]]
+            assert logs and all(log and all("val_accuracy" in line for line in log) for log in logs), name
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
     assert "## Table 2" in md and "(0.448)" in md and "OPD signal on teacher states" in md

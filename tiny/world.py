@@ -403,6 +403,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
     parser.add_argument("--train", type=int, default=7473, help="target-task train problems (GSM8K's count)")
     parser.add_argument("--test", type=int, default=1319, help="target-task test problems (GSM8K's count)")
+    parser.add_argument("--validation", type=int, default=500,
+                        help="target-task validation problems (settings are chosen on them; drawn last, from a stream "
+                             "of their own, so every other file is what it was before the split existed)")
     parser.add_argument("--eval-frac", type=float, default=0.6, help="fraction of facts in the test sets")
     parser.add_argument("--truthfulqa", type=int, default=817, help="TruthfulQA items to write (the real count)")
     parser.add_argument("--docs", type=int, default=150_000, help="corpus documents")
@@ -459,6 +462,15 @@ def main(argv=None):
             lambda: calculator_tape(rng)]
     corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
 
+    # Validation: new problems, in neither train nor test nor the corpus.
+    seen |= {t.split("\n", 1)[0].removeprefix("Question: ") for t in corpus if t.startswith("Question: ")}
+    validation_rng, split["validation"] = random.Random(f"{args.seed}/validation"), []
+    while len(split["validation"]) < args.validation:
+        q, a = problem(validation_rng, args.scale)
+        if q not in seen:
+            seen.add(q)
+            split["validation"].append({"question": q, "answer": annotate(a)})
+
     os.makedirs(args.out, exist_ok=True)
     for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "tokenizer"]:
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
@@ -483,7 +495,8 @@ def main(argv=None):
                    "pad_token": "<|endoftext|>", "add_bos_token": False, "clean_up_tokenization_spaces": False,
                    "model_max_length": 2048}, f, indent=1)
     n_tokens = sum(len(e.ids) for e in tok.encode_batch(corpus))
-    print(f"wrote {args.out}: gsm8k {len(split['train'])}/{len(split['test'])}, truthfulqa {len(truthfulqa)}, "
+    print(f"wrote {args.out}: gsm8k {len(split['train'])}/{len(split['validation'])}/{len(split['test'])} "
+          f"(train/validation/test), truthfulqa {len(truthfulqa)}, "
           f"mmlu {sum(len(s['test']) for s in mmlu.values())} test over {len(mmlu)} subjects, "
           f"corpus {len(corpus)} documents / {n_tokens / 1e6:.1f}M tokens, vocab {tok.get_vocab_size()}")
 
