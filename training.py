@@ -2,16 +2,20 @@
 
 Each trainer (train_sft.py, train_grpo.py, train_opd.py) writes its own loop, as nanoGPT's train.py does:
 
-    model, tok, optimizer, resumed = training.setup(args, meta)     # fresh | --init | --resume; AdamW
-    step, position = training.start(resumed)                        # where the run is: step, data position
-    with cli.stop_at_step_end():                                    # Ctrl-C / SIGTERM end the step, then stop
-        while step < total and not training.stopping(args, step, start, save):
-            micro = [...]                                           # the step's micro-batches (states + signal)
-            for batch in micro: loss = ...; loss.backward()         # the method's loss (Eq. 5, 6 or 7)
-            stats = training.over_ranks(sums, params, ...)          # figures and gradients of every rank
-            grad_norm = training.clip_gradients(params, args.clip)  # then the lr of the schedule, optimizer.step()
-            step += 1; training.log(args, bar, record); save on --save-every and --snapshots
-    training.finish(args, save, step, total)
+    model, tok, optimizer, resumed = training.setup(args, meta)   # fresh | --init | --resume; AdamW
+    step, position = training.start(resumed, total)               # where the run is: step, data position
+    save = lambda snapshot=False: training.save(args, model, optimizer, meta, step, total, position, snapshot)
+    with cli.stop_at_step_end():                                  # Ctrl-C / SIGTERM end the step, then stop
+        while step < total and not training.stopping(args, step, first, saved, save):
+            micro = [...]                                         # the step's micro-batches: states + signal
+            for batch in micro: loss = ...; training.add(sums, loss, figures); loss.backward()   # Eq. 5, 6 or 7
+            stats = training.over_ranks(sums, params, ...)        # figures (and gradients) of every rank
+            grad_norm = training.clip_gradients(params, ...)      # clip
+            lr = training.schedule(optimizer, step, total, args)  # warmup, cosine decay
+            optimizer.step(); optimizer.zero_grad(); step += 1
+            training.log(args, bar, record, ...)                  # JSONL, progress bar; --eval-every's val_accuracy
+            saved = training.checkpoint(args, step, total, save, saved)   # --save-every, --snapshots
+    training.finish(args, method, save, saved, step, total)
 
 Contracts:
 - `loss(micro_batch) -> (loss, figures)`: the step's loss is the SUM of the micro-batch losses, so a trainer divides
