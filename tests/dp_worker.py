@@ -89,3 +89,8 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Leave without the interpreter's teardown: under load, gloo's threads sometimes met it and aborted a rank that
+    # had finished its work ("terminate called without an active exception", seen in 1 of 3 loaded runs).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

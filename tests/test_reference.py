@@ -87,12 +87,15 @@ def behaviour(root: str) -> dict:
     # A random model never solves a problem: accept and reward by a fixed rule of the sampled tokens instead, so that
     # the learner-state SFT and GRPO have something to learn from.
     rule = lambda tokens: sum(tokens) % 3 == 0   # noqa: E731
-    train_sft.is_correct = lambda completion, gold: rule(completion.encode())
+    real, train_sft.is_correct = train_sft.is_correct, lambda completion, gold: rule(completion.encode())
     result = {}
-    for name, (script, argv) in runs.items():
-        extra = {"reward_fn": lambda rollout, example: float(rule(rollout.tokens))} if script is train_grpo else {}
-        script.main(common + ["--out", out(f"{name}.pt")] + argv, **extra)
-        result[name] = trained(out(f"{name}.pt"))
+    try:
+        for name, (script, argv) in runs.items():
+            extra = {"reward_fn": lambda rollout, example: float(rule(rollout.tokens))} if script is train_grpo else {}
+            script.main(common + ["--out", out(f"{name}.pt")] + argv, **extra)
+            result[name] = trained(out(f"{name}.pt"))
+    finally:
+        train_sft.is_correct = real   # the other tests' learner-state SFT accepts by the real rule
     result["sft"]["snapshot"] = torch.load(out("sft_at2.pt"), weights_only=True)["adapter"]
     teacher = out("sft.pt")
     opd = {"opd_continuation": ["--cuts", "2", "--continuation-tokens", "6"],
