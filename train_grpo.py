@@ -16,7 +16,9 @@ on those states is a scalar reward, 1 when evaluate.is_correct accepts the compl
 Honest simplifications (read them before comparing numbers with other GRPO runs):
 1. One optimizer step per batch of rollouts by default (--mu 1, fully on-policy, as TRL's default): then
    ρ = 1 up to numerics (the sampler runs merged bf16 weights, the learner unmerged ones under autocast) and
-   the clip only guards that mismatch. --mu k takes k steps on each batch, where the clip does real work.
+   the clip only guards that mismatch, which is logged before each batch's first update as TRL and tinker name it
+   (sampling/importance_sampling_ratio/{min,mean,max}, kl_sample_train). --mu k takes k steps on each batch, where
+   the clip does real work; a stop (Ctrl-C, --stop-after) then waits for the end of the cycle.
 2. The KL reference is the base policy, not a frozen copy of the starting policy; with --init they differ.
    β defaults to 0 (as DAPO and Dr. GRPO): the paper's comparison is about states, and a KL term would
    pull the learner's states back toward the base on purpose.

@@ -29,12 +29,14 @@ A step has two halves, and they are two functions below:
          A_t = -Σ_{k≥t} γ^(k-t) (log π_S(y_k | s_k) - log π_T(y_k | s_k)),   y ~ π_S,  γ = --discount (0)
      Its expected gradient at γ = 0 is the exact gradient of Σ_t KL(π_S(·|s_t) || π_T(·|s_t)) (`kl --kl
      reverse`) at the sampled states; logged: reverse_kl_sampled (the per-token estimate, every step) and its
-     mean over 32-token bins of response position (reverse_kl_by_position). Needs --states student.
+     mean over 32-token bins of response position (reverse_kl_by_position), and, as GRPO, the sampler-learner
+     mismatch (sampling/importance_sampling_ratio/{min,mean,max}, kl_sample_train). Needs --states student; its
+     adapter dropout defaults to 0, as GRPO's (the ratio is taken against the dropout-free sampler).
 Losses are summed over supervised tokens (states, for kl) and divided by their count in the optimizer step.
 
 Teacher and student are ONE base model with two LoRA adapters, "teacher" (frozen, from --teacher) and
 "default" (the student: fresh, or --init); switching is a flag per layer, never a second copy of the base.
-Flags, logging, checkpoints and --resume are training.py's; `python train_opd.py --teacher X.pt` needs nothing
+The loop is main()'s, its pieces (flags, checkpoints, --resume, logging) training.py's plain functions; `python train_opd.py --teacher X.pt` needs nothing
 else, because --model and --data-dir default to what the teacher's checkpoint records.
 
 Logged per step (JSONL, training.py): loss; supervised tokens; response length; sample/learn seconds; tokens/s
