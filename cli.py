@@ -132,11 +132,13 @@ def device(text: str) -> str:
     """An argparse type: a device this torch has ("cuda" on a CPU-only build is a one-line error, not a traceback)."""
     import torch
     try:
-        kind = torch.device(text).type
+        dev = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ..)")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees no CUDA device")
+    kind, count = dev.type, torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "cuda" and (dev.index or 0) >= count:
+        seen = f"{count} CUDA device{'s' if count > 1 else ''}" if count else "no CUDA device"
+        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees {seen}")
     if kind not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
     return text

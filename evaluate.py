@@ -47,7 +47,7 @@ import torch
 import distributed
 import lora
 from generate import generate, score
-from cli import COUNT, RATE, SIZE, FlagParser, number, output_dir, run, write_text
+from cli import COUNT, RATE, SIZE, FlagParser, device, number, output_dir, run, write_text
 from model import TINY_DIR, LoadError, load_model
 
 TASKS = ("gsm8k", "truthfulqa", "mmlu")
@@ -457,7 +457,7 @@ def main(argv=None) -> dict:
     p.add_argument("--temperature", type=RATE, default=1.0, help="GSM8K pass@k: sampling temperature")
     p.add_argument("--seed", type=number(int), default=0, help="seed of the stratified MMLU subset and of the samples")
     p.add_argument("--batch-size", type=SIZE, default=64, help="prompts per generation / contexts per scoring batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    choices=["float32", "bfloat16", "float16"], help="the base model's weights")
     args = p.parse_args(argv)

@@ -266,7 +266,7 @@ def _score_batch(model, batch, batch_size):
 def main():
     import time
     import lora
-    from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, number
+    from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number
     from model import load_model
     p = FlagParser(description="Sample continuations of a prompt with the KV-cache sampler.")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id")
@@ -281,7 +281,7 @@ def main():
     p.add_argument("--top-k", type=COUNT, default=0, help="keep the k most likely tokens (0 = all)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable); default 'Question:'")
     p.add_argument("--seed", type=number(int), default=0, help="sampling seed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    choices=["float32", "bfloat16", "float16"], help="the model's weights")
     args = p.parse_args()

@@ -53,7 +53,7 @@ import shlex
 import torch
 
 import distributed
-from cli import COUNT, SIZE, FlagParser, output_dir, run, write_text
+from cli import COUNT, SIZE, FlagParser, device, output_dir, run, write_text
 from study import report, summary
 from study.stages import FRONTIER, run_stages
 
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--features", default="lexical,hidden", help="drift representations (drift.py --features)")
     p.add_argument("--extra", action="append", default=[], metavar='SCRIPT="FLAGS"',
                    help='flags appended to every call of a script, e.g. --extra train_grpo.py="--max-steps 50"')
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if args.first_seed >= args.seeds:
         p.error(f"--first-seed {args.first_seed}: the seeds are 0..{args.seeds - 1}")
