@@ -217,8 +217,67 @@ def combined(parts: list[dict]) -> str:
 
 
 def decided(text: str, iv: dict, digits: int = 3) -> dict:
-    """One difference of a prediction or condition: its interval and the verdict read from it."""
-    return {"difference": text, "interval": iv, "verdict": verdict(iv), "digits": digits}
+    """One difference of a prediction or condition: its interval, the verdict read from it and its test's p-value."""
+    return {"difference": text, "interval": iv, "verdict": verdict(iv), "digits": digits, "p": iv.get("p")}
+
+
+def one_sided(x: float, df: float) -> float:
+    """P(T > x) for Student's T with df degrees of freedom."""
+    p = t_two_sided(x, df) / 2
+    return p if x > 0 else 1 - p
+
+
+def equivalence(iv: dict, margin: float) -> tuple[str, float]:
+    """Two one-sided tests (TOST) of a difference against ±margin: *equivalent* when the 90% interval lies inside
+    (both one-sided tests at 5%), *different* when the 95% interval lies wholly beyond the margin (so it excludes
+    zero too), else *undecided*; with the p-value of the outcome (TOST's larger one-sided p for equivalent, the
+    test of |difference| > margin for different, the smaller of the two when undecided)."""
+    est, se, df = iv["estimate"], iv["std"], iv.get("df", math.inf)
+    if not se > 0:
+        return ("equivalent" if abs(est) < margin else "different"), 0.0
+    p_same = max(one_sided((est + margin) / se, df), one_sided((margin - est) / se, df))
+    p_apart = min(one_sided((est - margin) / se, df), one_sided((-est - margin) / se, df))
+    if -margin < iv["ci90"][0] and iv["ci90"][1] < margin:
+        return "equivalent", p_same
+    if iv["ci95"][0] > margin or iv["ci95"][1] < -margin:
+        return "different", p_apart
+    return "undecided", min(p_same, p_apart)
+
+
+def holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: the k-th smallest times (m - k + 1), made monotone, capped at 1."""
+    order, out, running = np.argsort(p), [1.0] * len(p), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - k) * p[i]))
+        out[i] = running
+    return out
+
+
+def multiplicity(conditions: dict, predictions: dict, alpha: float = 0.05) -> dict:
+    """Holm-adjusts every verdict the study decides (each distinct difference of C1-C4 and P1-P4 once; P4's drift
+    tests one per measure): each part gains p_holm and verdict_holm (its verdict when p_holm < alpha, else
+    undecided), each condition and prediction verdict_holm. Returns how many tests the family holds."""
+    decisions = {**conditions, **predictions}
+    tests = {}
+    for key, c in decisions.items():
+        for q in c["parts"]:
+            tests.setdefault(q["difference"] if not key.startswith("P4") or q is not c["parts"][0] else key, []).append(q)
+    names = [k for k, qs in tests.items() if qs[0]["p"] is not None and math.isfinite(qs[0]["p"])]
+    for name, p in zip(names, holm([tests[k][0]["p"] for k in names])):
+        for q in tests[name]:
+            q["p_holm"], q["verdict_holm"] = p, q["verdict"] if p < alpha else "undecided"
+    for key, c in decisions.items():
+        held = [q.get("verdict_holm", "undecided") for q in c["parts"]]
+        c["verdict_holm"] = (p4(held[0], held[1]) if key.startswith("P4") else
+                             combined([{"verdict": v} for v in held]))
+    return {"tests": len(names), "alpha": alpha, "method": "Holm"}
+
+
+def p4(drift: str, retention: str) -> str:
+    """P4 for one measure: holds when the drifts are equivalent and the retentions differ, contradicted when the
+    drifts are different, else undecided."""
+    return "contradicted" if drift == "different" else "holds" if drift == "equivalent" and retention != "undecided" \
+        else "undecided"
 
 
 def predictions(scores: dict, measures: dict) -> dict:
@@ -229,10 +288,12 @@ def predictions(scores: dict, measures: dict) -> dict:
     and is contradicted when any is. P1: stress SFT forgets (F > 0) and mild SFT keeps more (R mild - R stress
     > 0). P2: the on-policy runs, GRPO and OPD from the stress teacher, keep more than stress SFT
     (R - R stress > 0). P3: the OPD student beats its degraded teacher on the target and on retention.
-    P4, per drift measure: stress SFT and OPD have similar drift (the interval of the difference includes zero
-    and its half-width is under a quarter of the larger drift, so a difference that large would have shown)
-    and different retention; a measure whose difference interval excludes zero separates the two runs and
-    contradicts P4 for that measure."""
+    P4, per drift measure: stress SFT and OPD have equivalent drift and different retention. Equivalence is two
+    one-sided tests against a margin fixed before the study (SIMILAR = 0.25 of stress SFT's drift on the measure):
+    the drifts are *equivalent* when the 90% interval of their difference lies inside ±margin, *different* when
+    the 95% interval lies wholly beyond it (which contradicts P4 for that measure), else undecided. Mild SFT
+    against stress SFT is the control beside it: a measure that tracks forgetting should call those two
+    different."""
     part = decided
 
     def R_minus(a, b, text):
@@ -259,13 +320,18 @@ def predictions(scores: dict, measures: dict) -> dict:
         for key in measures["sft_stress"]:
             d = drift_interval(measures, "opd_stress", "sft_stress", key)
             scale = max(abs(np.mean([x["value"] for x in measures[n][key]])) for n in ("opd_stress", "sft_stress"))
-            width = (d["ci95"][1] - d["ci95"][0]) / 2
-            similar = bool(d["ci95"][0] <= 0 <= d["ci95"][1] and width < SIMILAR * scale)
-            p4 = ("contradicted" if verdict(d) != "undecided" else
-                  "holds" if similar and retention["verdict"] != "undecided" else "undecided")
-            result[f"P4 {key}"] = {"claim": claims["P4"], "verdict": p4, "similar": similar,
-                                   "half_width_over_drift": width / scale if scale else None,
-                                   "parts": [part(f"{MEASURES[key]}(OPD) - {MEASURES[key]}(SFT stress)", d, 5), retention]}
+            margin = SIMILAR * abs(np.mean([x["value"] for x in measures["sft_stress"][key]]))
+            drift = part(f"{MEASURES[key]}(OPD) - {MEASURES[key]}(SFT stress)", d, 5)
+            drift["verdict"], drift["p"] = equivalence(d, margin)
+            control = None
+            if key in measures.get("sft_mild", {}):
+                control = part(f"{MEASURES[key]}(SFT mild) - {MEASURES[key]}(SFT stress)",
+                               drift_interval(measures, "sft_mild", "sft_stress", key), 5)
+                control["verdict"], control["p"] = equivalence(control["interval"], margin)
+            result[f"P4 {key}"] = {"claim": claims["P4"], "verdict": p4(drift["verdict"], retention["verdict"]),
+                                   "similar": drift["verdict"] == "equivalent", "margin": margin, "control": control,
+                                   "half_width_over_drift": (d["ci95"][1] - d["ci95"][0]) / 2 / scale if scale else None,
+                                   "parts": [drift, retention]}
     return result
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import evaluate
 from study.stages import FRONTIER, stages
 from study.stats import (MEASURES, TASK_KEYS, conditions, correlation, differences, frontier, interval,
-                         predictions)
+                         multiplicity, predictions)
 
 
 def read_json(path: str) -> dict:
@@ -135,6 +135,7 @@ def summarize(args, runs: dict, costs: dict) -> dict:
         summary["models"][stage.name] = row
     summary["conditions"] = conditions(scores)
     summary["predictions"] = predictions(scores, measures)
+    summary["multiplicity"] = multiplicity(summary["conditions"], summary["predictions"])
     summary["correlations"] = {k: correlation([p[k] for p in points], [p["forgetting"] for p in points])
                                for k in MEASURES if points and all(k in p for p in points)}
     summary["points"] = points
