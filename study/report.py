@@ -148,10 +148,17 @@ def intervals_tables(summary: dict) -> list[str]:
     if summary["correlations"]:
         out += ["", "## Which drift measure tracks forgetting", "",
                 f"Correlation of each measure with the mean forgetting F across all trained runs and seeds "
-                f"({len(summary['points'])} points), 95% bootstrap intervals over the points.", "",
-                "| measure | Pearson r | Spearman ρ |", "| --- | --- | --- |"]
+                f"({len(summary['points'])} points), 95% bootstrap intervals over the points; then Pearson's r resampled by "
+                "method (a method's seeds are one cluster), its range with each method left out, and the partial r on "
+                "the run's GSM8K accuracy (does the measure track forgetting beyond how far the target moved?), "
+                "resampled by method.", "",
+                "| measure | Pearson r | R² | Spearman ρ | r by method | leave one method out | partial r on GSM8K |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
         for k, c in summary["correlations"].items():
-            out.append(f"| {MEASURES[k]} | {ci(c['pearson'], 2)} | {ci(c['spearman'], 2)} |")
+            loo = list(c.get("leave_one_method_out", {}).values())
+            out.append(f"| {MEASURES[k]} | {ci(c['pearson'], 2)} | {c['pearson'].get('r2', float('nan')):.2f} | "
+                       f"{ci(c['spearman'], 2)} | {ci(c.get('pearson_by_method'), 2)} | "
+                       + (f"{min(loo):+.2f} to {max(loo):+.2f}" if loo else "–") + f" | {ci(c.get('partial'), 2)} |")
     fr = summary.get("frontier")
     if fr and fr["matched"]:
         names = list(fr["curves"])

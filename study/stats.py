@@ -376,19 +376,44 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def correlation(x, y, seed: int = 0) -> dict:
-    """Pearson and Spearman correlation of x with y, each with a 95% bootstrap interval over the points."""
+def _partial(x, y, z):
+    """Pearson's r of x and y after removing from each its least-squares line in z (the partial correlation)."""
+    Z = np.stack([np.ones_like(z), z], 1)
+    rx, ry = (v - Z @ np.linalg.lstsq(Z, v, rcond=None)[0] for v in (x, y))
+    return np.corrcoef(rx, ry)[0, 1]
+
+
+def correlation(x, y, seed: int = 0, groups=None, control=None) -> dict:
+    """Pearson (with R²) and Spearman correlation of x with y, each with a 95% bootstrap interval over the points.
+
+    With `groups` (each point's method) also Pearson's r resampled by method (a method's seeds are one cluster: they
+    are not independent points, and one method far from the rest can carry r alone), r with each method left out,
+    and with `control` (each point's target gain) the partial r on it, also resampled by method."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    draws = np.random.default_rng(seed).integers(0, len(x), (BOOTSTRAP, len(x)))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(x), (BOOTSTRAP, len(x)))
     out = {"n": len(x)}
     with warnings.catch_warnings():   # a resample of one repeated point has no correlation: NaN, dropped
         warnings.simplefilter("ignore", RuntimeWarning)
-        for name, f in (("pearson", lambda a, b: np.corrcoef(a, b)[0, 1]),
-                        ("spearman", lambda a, b: np.corrcoef(_ranks(a), _ranks(b))[0, 1])):
-            boot = np.array([f(x[d], y[d]) for d in draws])
+
+        def summary(f, draws):
+            boot = np.array([f(d) for d in draws])
             boot = boot[np.isfinite(boot)]
-            out[name] = {"estimate": float(f(x, y)), "ci95": np.quantile(boot, [0.025, 0.975]).tolist() if len(boot)
-                         else [float("nan")] * 2}
+            return {"estimate": float(f(np.arange(len(x)))),
+                    "ci95": np.quantile(boot, [0.025, 0.975]).tolist() if len(boot) else [float("nan")] * 2}
+        out["pearson"] = summary(lambda d: np.corrcoef(x[d], y[d])[0, 1], draws)
+        out["pearson"]["r2"] = out["pearson"]["estimate"] ** 2
+        out["spearman"] = summary(lambda d: np.corrcoef(_ranks(x[d]), _ranks(y[d]))[0, 1], draws)
+        if groups is not None:
+            groups = np.asarray(groups)
+            names = list(dict.fromkeys(groups))
+            members = [np.flatnonzero(groups == g) for g in names]
+            clusters = [np.concatenate([members[k] for k in row]) for row in rng.integers(0, len(names), (BOOTSTRAP, len(names)))]
+            out["pearson_by_method"] = summary(lambda d: np.corrcoef(x[d], y[d])[0, 1], clusters)
+            out["leave_one_method_out"] = {g: float(np.corrcoef(x[groups != g], y[groups != g])[0, 1]) for g in names}
+            if control is not None:
+                z = np.asarray(control, float)
+                out["partial"] = summary(lambda d: _partial(x[d], y[d], z[d]), clusters)
     return out
 
 

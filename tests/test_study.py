@@ -218,6 +218,24 @@ def test_correlations_pearson_and_spearman():
     assert list(_ranks(np.array([3.0, 1.0, 3.0, 2.0]))) == [2.5, 0.0, 2.5, 1.0]
 
 
+def test_correlation_resampled_by_method_is_wider_when_one_method_carries_it():
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(6), 5)                       # six methods, five seeds each
+    x, y = rng.normal(0, 1, 30), rng.normal(0, 1, 30)         # no correlation within the five ordinary methods
+    x[groups == 5] += 6
+    y[groups == 5] += 6                                       # one method far from the rest on both axes
+    gain = rng.normal(0, 1, 30)
+    c = correlation(x, y, groups=groups, control=gain)
+    point, cluster = (c[k]["ci95"][1] - c[k]["ci95"][0] for k in ("pearson", "pearson_by_method"))
+    assert c["pearson"]["estimate"] > 0.7 and c["pearson"]["r2"] == pytest.approx(c["pearson"]["estimate"] ** 2)
+    assert cluster > 1.5 * point and c["pearson_by_method"]["ci95"][0] < 0 < c["pearson"]["ci95"][0]
+    assert abs(c["leave_one_method_out"][5]) < 0.6 < min(v for g, v in c["leave_one_method_out"].items() if g != 5)
+    assert c["partial"]["estimate"] == pytest.approx(c["pearson"]["estimate"], abs=0.15)   # the gain is unrelated
+    noise = rng.normal(0, 0.3, (2, 30))              # both track the gain and nothing else: the partial r vanishes
+    c = correlation(gain + noise[0], gain + noise[1], groups=groups, control=gain)
+    assert c["pearson"]["estimate"] > 0.8 and abs(c["partial"]["estimate"]) < 0.4
+
+
 def test_mean_std_over_seeds_skips_missing_values():
     assert mean_std([]) is None
     v = mean_std([0.4, None, 0.6])
