@@ -233,7 +233,9 @@ def equivalence(iv: dict, margin: float) -> tuple[str, float]:
     zero too), else *undecided*; with the p-value of the outcome (TOST's larger one-sided p for equivalent, the
     test of |difference| > margin for different, the smaller of the two when undecided)."""
     est, se, df = iv["estimate"], iv["std"], iv.get("df", math.inf)
-    if not se > 0:
+    if not se >= 0:                   # no interval (NaN): nothing is decided
+        return "undecided", math.nan
+    if se == 0:
         return ("equivalent" if abs(est) < margin else "different"), 0.0
     p_same = max(one_sided((est + margin) / se, df), one_sided((margin - est) / se, df))
     p_apart = min(one_sided((est - margin) / se, df), one_sided((-est - margin) / se, df))
