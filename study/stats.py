@@ -63,7 +63,8 @@ def seed_interval(values, boot, estimate: float, items: int) -> dict:
         return {"estimate": estimate, "ci95": [math.nan] * 2, "ci90": [math.nan] * 2, "std": math.nan,
                 "df": math.nan, "p": math.nan, "seeds": S}
     var = v_item + v_seed
-    df = var ** 2 / (v_item ** 2 / max(items - 1, 1) + (v_seed ** 2 / (len(values) - 1) if v_seed else 0)) if var else math.inf
+    df = var ** 2 / (v_item ** 2 / max(items - 1, 1) + (v_seed ** 2 / (len(values) - 1) if v_seed else 0)) if var \
+        else float(max(items - 1, 1))   # no spread at all: the items alone, as when the seeds agree
     if v_seed and v_seed >= v_item:   # the seeds' part leads: their own S - 1 (Satterthwaite's df, larger, undercovers at S = 3)
         df = len(values) - 1
     se = math.sqrt(var)
