@@ -21,7 +21,7 @@ What it runs, in order (each a call of the script that owns it, with the flags s
    of every model from 8 samples per problem (evaluate.py --samples 8, eval/<model>_passk.json).
 4. drift.py of every adapter against the base: lexical features (the paper's) and the base model's hidden states.
 5. results.json, results.md (Table 2 with the paper's numbers beside ours; every difference from the base with a
-   95% interval, paired over items and hierarchical over seeds; drift and the policy KLs, and how each tracks
+   95% interval, paired over items and a t-interval over seeds; drift and the policy KLs, and how each tracks
    forgetting; pass@k; the state-source x signal grid and state locality; the paper's conditions C1-C4 and
    predictions P1-P4, each decided from the interval of its difference)
    and plots (training curves; retention against each drift measure).
@@ -35,7 +35,7 @@ an interrupted training run continues from its last checkpoint (train_*.py --res
 (another --extra, profile or teacher) runs the stage again.
 
 Where it lives: study/stages.py (the runs, their settings and running them), study/summary.py (results.json),
-study/stats.py (the bootstrap, intervals, conditions, predictions, correlations, frontier) and study/report.py
+study/stats.py (the intervals, conditions, predictions, correlations, frontier) and study/report.py
 (results.md and the plots); this file is the command.
 
 Settings. With a real model every stage runs the scripts' defaults, which are the paper's protocol

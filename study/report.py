@@ -7,7 +7,7 @@ import sys
 
 from cli import write_text
 from study.stages import FRONTIER, stages
-from study.stats import BOOTSTRAP, MEASURES, TASK_KEYS, conditions, predictions
+from study.stats import BOOTSTRAP, EQUIVALENCE, MEASURES, SIMILAR, TASK_KEYS, conditions, predictions
 from study.summary import read_log
 
 CURVE_LABELS = {"loss": "loss (nats per supervised token)", "reward": "mean exact-answer reward",
@@ -78,19 +78,34 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
             loc = row["locality"]
             lines.append(f"| {row['label']} | {row['states']} | {row['signal']} | {fmt(loc['state_nll_base'])} | "
                          f"{fmt(loc['target_nll_start'])} | {fmt(loc['target_nll_end'])} |")
+    mult = summary.get("multiplicity")
     lines += ["", "## The paper's conditions: is this the paper's experiment?", "",
               " ".join(line.strip() for line in conditions.__doc__.split("\n")), ""]
-    def parts(decision):   # each difference with its interval and the verdict read from it
-        return "; ".join(f"{q['difference']} {ci(q['interval'], q['digits'])} {q['verdict']}" for q in decision["parts"])
+    if mult:
+        lines += [f"Multiplicity: this report decides {mult['tests']} verdicts (each distinct difference of C1-C4 and "
+                  f"P1-P4 once, P4's drift test once per measure). Beside each raw verdict (its own interval, 5%) is "
+                  f"{mult['method']}'s, from the same t-tests' p-values adjusted over all {mult['tests']}: a verdict "
+                  f"whose adjusted p is not under {mult['alpha']} becomes undecided.", ""]
+
+    def parts(decision):   # each difference with its interval, the verdict read from it, its p raw and Holm-adjusted
+        return "; ".join(f"{q['difference']} {ci(q['interval'], q['digits'])} {q['verdict']}" +
+                         (f" (p {q['p']:.2g}, Holm {q['p_holm']:.2g})" if "p_holm" in q else "") for q in decision["parts"])
+
+    def holm(decision):
+        return f" (Holm: **{decision['verdict_holm']}**)" if "verdict_holm" in decision else ""
 
     for key, c in summary.get("conditions", {}).items():
-        lines.append(f"- **{key}**: **{c['verdict']}** ({parts(c)})")
+        lines.append(f"- **{key}**: **{c['verdict']}**{holm(c)} ({parts(c)})")
     lines += ["", "## The paper's predictions, decided from intervals", "",
-              predictions.__doc__.split("\n\n")[1].strip().replace("\n    ", " "), ""]
+              predictions.__doc__.split("\n\n")[1].strip().replace("\n    ", " "),
+              "", f"P4's margin, {SIMILAR} x stress SFT's drift: {EQUIVALENCE}.", ""]
     for key, p in summary["predictions"].items():
-        width = (f"; half-width {p['half_width_over_drift']:.2f} x the drift" if p.get("half_width_over_drift") is not None
-                 else "")
-        lines.append(f"- **{key}** {p['claim']}: **{p['verdict']}** ({parts(p)}{width})")
+        extra = ""
+        if "margin" in p:
+            control = p.get("control")
+            extra = f"; margin ±{p['margin']:.5f}" + (f"; control: {control['difference']} "
+                                                        f"{ci(control['interval'], 5)} {control['verdict']}" if control else "")
+        lines.append(f"- **{key}** {p['claim']}: **{p['verdict']}**{holm(p)} ({parts(p)}{extra})")
     lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     lines += cost_table(summary["costs"])
     path = os.path.join(out_dir, "results.md")
@@ -111,7 +126,9 @@ def intervals_tables(summary: dict) -> list[str]:
     models = {k: v for k, v in summary["models"].items() if "intervals" in v}
     base = summary["models"]["base"]
     out = ["", "## Differences from the base, with 95% intervals", "",
-           f"Paired over the same items and hierarchical over seeds (study.stats.bootstrap, {BOOTSTRAP} resamples). "
+           f"Paired over the same items; t-intervals over seeds with the items' variance added (study.stats.studentized: "
+           f"SE² = the item bootstrap's variance ({BOOTSTRAP} resamples) + the per-seed values' variance / S, t with S - 1 "
+           "degrees of freedom when the seeds' part leads, else Satterthwaite's). "
            "The base's standard errors (lm-evaluation-harness's sample std / √n): " +
            ", ".join(f"{t} {base[t]['mean']:.3f} ± {v:.3f}" for t, v in base["stderr"].items()) + ".", "",
            "| model | Δ GSM8K | Δ TruthfulQA MC1 | Δ TruthfulQA MC2 | Δ MMLU | mean forgetting F | mean retention R |",
@@ -131,10 +148,17 @@ def intervals_tables(summary: dict) -> list[str]:
     if summary["correlations"]:
         out += ["", "## Which drift measure tracks forgetting", "",
                 f"Correlation of each measure with the mean forgetting F across all trained runs and seeds "
-                f"({len(summary['points'])} points), 95% bootstrap intervals over the points.", "",
-                "| measure | Pearson r | Spearman ρ |", "| --- | --- | --- |"]
+                f"({len(summary['points'])} points), 95% bootstrap intervals over the points; then Pearson's r resampled by "
+                "method (a method's seeds are one cluster), its range with each method left out, and the partial r on "
+                "the run's GSM8K accuracy (does the measure track forgetting beyond how far the target moved?), "
+                "resampled by method.", "",
+                "| measure | Pearson r | R² | Spearman ρ | r by method | leave one method out | partial r on GSM8K |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
         for k, c in summary["correlations"].items():
-            out.append(f"| {MEASURES[k]} | {ci(c['pearson'], 2)} | {ci(c['spearman'], 2)} |")
+            loo = list(c.get("leave_one_method_out", {}).values())
+            out.append(f"| {MEASURES[k]} | {ci(c['pearson'], 2)} | {c['pearson'].get('r2', float('nan')):.2f} | "
+                       f"{ci(c['spearman'], 2)} | {ci(c.get('pearson_by_method'), 2)} | "
+                       + (f"{min(loo):+.2f} to {max(loo):+.2f}" if loo else "–") + f" | {ci(c.get('partial'), 2)} |")
     fr = summary.get("frontier")
     if fr and fr["matched"]:
         names = list(fr["curves"])

@@ -13,7 +13,7 @@ import numpy as np
 import evaluate
 from study.stages import FRONTIER, stages
 from study.stats import (MEASURES, TASK_KEYS, conditions, correlation, differences, frontier, interval,
-                         predictions)
+                         multiplicity, predictions)
 
 
 def read_json(path: str) -> dict:
@@ -131,11 +131,14 @@ def summarize(args, runs: dict, costs: dict) -> dict:
             measures[stage.name] = drift_measures([r.get("drift", {}) for r in per_seed])
             row["measures"] = {k: mean_std([d["value"] for d in v]) for k, v in measures[stage.name].items()}
             points += [{"run": stage.name, **{k: v[i]["value"] for k, v in measures[stage.name].items()},
-                        **{k: e["forgetting"]["mean"][k] for k in ("forgetting", "retention")}} for i, e in enumerate(evals)]
+                        **{k: e["forgetting"]["mean"][k] for k in ("forgetting", "retention")},
+                        "gsm8k": e["tasks"]["gsm8k"]["score"]} for i, e in enumerate(evals)]
         summary["models"][stage.name] = row
     summary["conditions"] = conditions(scores)
     summary["predictions"] = predictions(scores, measures)
-    summary["correlations"] = {k: correlation([p[k] for p in points], [p["forgetting"] for p in points])
+    summary["multiplicity"] = multiplicity(summary["conditions"], summary["predictions"])
+    summary["correlations"] = {k: correlation([p[k] for p in points], [p["forgetting"] for p in points],
+                                              groups=[p["run"] for p in points], control=[p["gsm8k"] for p in points])
                                for k in MEASURES if points and all(k in p for p in points)}
     summary["points"] = points
     if args.frontier:
