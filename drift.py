@@ -7,15 +7,18 @@
 Both policies (the checkpoint's, and the baseline checkpoint's or else the base model's) sample rollouts on
 the same fixed prompt set: the first `--prompts` GSM8K test questions in evaluate.py's 0-shot prompt,
 `--samples-per-prompt` rollouts each, temperature sampling with a fixed seed, the adapter merged for speed.
-Every `--state-stride` tokens of a rollout y gives a state s_t = (x, y_<t), t = 0, stride, 2*stride, ... < |y|.
-The two state sets are embedded and compared with four distances, each a plain function below:
-MMD² (RBF kernel, unbiased), centroid L2, sliced Wasserstein-1 and the Jaccard distance of the vocabularies.
+Every `--state-stride` tokens of a rollout y, and its end, give a state s_t = (x, y_<t), t = stride, 2*stride,
+... < |y| and t = |y|. A state is represented by its generated part y_<t alone: the prompt x is the same for both
+policies, and its words would dilute every distance. The two state sets are compared with four distances, each
+a plain function below: MMD² (RBF kernel, unbiased), centroid L2, sliced Wasserstein-1 and the Jaccard distance
+of the vocabularies. The MMD²'s bandwidth is the baseline's median pairwise state distance (`bandwidth_from`),
+so the MMD²s of different policies against one baseline are on one scale and can be compared.
 
 Representations (--features):
-- lexical (the paper's): hashed word uni- and bi-gram counts of the state's text (prompt + decoded y_<t),
-  L2-normalized. The paper names lexical features as a limitation, hence:
-- hidden: the base model's final-norm last-layer hidden states, mean-pooled over the state's tokens (prompt
-  and y_<t). Always the base model's, so both policies' states are embedded by the same function.
+- lexical (the paper's): hashed word uni- and bi-gram counts of the decoded y_<t, L2-normalized. The paper
+  names lexical features as a limitation, hence:
+- hidden: the base model's final-norm last-layer hidden states of y_<t's tokens (read with x in context),
+  mean-pooled. Always the base model's, so both policies' states are embedded by the same function.
 
 The policy KL (RL's Razor, Shenfeld et al. 2025, found forgetting to track E_x[KL(π0 ‖ π)] on the new task):
 per token, exact over the vocabulary, KL(π0 ‖ π) at every state of the baseline policy's rollouts and
@@ -23,13 +26,20 @@ KL(π ‖ π0) at every state of the policy's own, averaged over a prompt's stat
 baseline (the base: all adapters switched off, no second model). Measured on the drift prompts and on the
 retention tasks' contexts (--retention-prompts TruthfulQA and MMLU contexts, one rollout of
 --retention-tokens each: the first state is the context where the answer is scored), where forgetting shows.
+They are never items the evaluations score (`retention_contexts` in the output says where they came from):
+the data dir's extra ones, truthfulqa/extra.json (mc_task.json's layout) and mmlu/extra/<subject>_extra.csv
+(the hendrycks layout), else the items beyond evaluate.py's default limits (TruthfulQA's questions after the
+first 200, MMLU test rows outside its stratified 500), unless `--evaluated all` says the evaluations scored
+every item (--limit 0): then a task without extra contexts has none.
 It does not depend on --features; --no-policy-kl skips it.
 
 Rollouts are cached as JSONL under --cache-dir, keyed by a hash of model, checkpoint contents, prompts and
 sampling settings (batch size, dtype and device included), so each policy is sampled once per study; the
 output JSON records whether each was.
-The MMD's spread is a bootstrap over rollouts (a rollout's states are prefixes of one another, so resampling
-single states would understate it): the paper's P4 compares MMDs of 0.01093 and 0.01092, and only a spread
+The MMD's spread is a bootstrap over prompts, the unit the prompt set was drawn in: a resample draws the
+prompts with replacement, once for both policies (paired), and each brings all its rollouts' states (a
+rollout's states are prefixes of one another, and a prompt's rollouts alike, so resampling less would
+understate it): the paper's P4 compares MMDs of 0.01093 and 0.01092, and only a spread
 says whether two such numbers differ at all. Kernels are summed in blocks of --block states: memory stays
 O(block²) however many states there are.
 
@@ -47,9 +57,9 @@ from tqdm import tqdm
 import generate
 import distributed
 import lora
-from evaluate import (GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, load_mmlu, load_truthfulqa,
-                      mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
-from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, number, output_dir, run, write_text
+from evaluate import (DEFAULT_LIMITS, GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, load_mmlu,
+                      load_truthfulqa, mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
+from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number, output_dir, run, write_text
 from model import LoadError, load_model
 from training import divergences
 
@@ -78,23 +88,25 @@ def lexical_features(texts: list[str], dim: int = 4096) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[int]], batch_size: int = 16):
-    """[N, H] float32, one row per state: phi(s) = mean of the final-norm last-layer hidden states over s's tokens.
+def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[int]], batch_size: int = 16,
+                    starts: list[int] | None = None):
+    """[N, H] float32, one row per state: phi(s) = mean of the final-norm last-layer hidden states over s's tokens
+    from starts[r] on (default 0: all of them).
 
     sequences[r] holds rollout r's prompt + the tokens its last state needs; state_lengths[r] the token
     counts of its states. The model is causal, so one forward over the whole sequence gives every prefix's
-    hidden states, and a prefix mean is a cumulative sum divided by its length."""
+    hidden states, and the mean over tokens a .. L - 1 is a difference of cumulative sums over L - a."""
     device = next(model.parameters()).device
     rows = []
     for i in tqdm(range(0, len(sequences), batch_size), desc="hidden states", disable=len(sequences) <= batch_size):
         seqs = sequences[i:i + batch_size]
         ids, mask = generate.pad(seqs, device=device)
         h = model(ids, mask, return_hidden=True).float() * mask[..., None]
-        csum = h.cumsum(1)                                                       # padding adds zeros
+        csum = torch.nn.functional.pad(h.cumsum(1), (0, 0, 1, 0))   # [:, k]: the first k tokens' sum; padding adds 0
         for b, lengths in enumerate(state_lengths[i:i + batch_size]):
-            pad = ids.shape[1] - len(seqs[b])
+            pad, a = ids.shape[1] - len(seqs[b]), starts[i + b] if starts else 0
             L = torch.tensor(lengths, device=device)
-            rows.append((csum[b, pad + L - 1] / L[:, None]).cpu())
+            rows.append(((csum[b, pad + L] - csum[b, pad + a]) / (L - a)[:, None]).cpu())
     return torch.cat(rows)
 
 
@@ -109,7 +121,7 @@ def sq_dists(A, B):
 
 
 def median_bandwidth(Z, max_points: int = 1000, seed: int = 0) -> float:
-    """Median heuristic: sigma = median ||z_i - z_j|| over pairs i < j of the pooled states Z
+    """Median heuristic: sigma = median ||z_i - z_j|| over pairs i < j of the states Z
     (of a seeded random subsample of max_points states when there are more; 1.0 if that median is 0)."""
     if len(Z) > max_points:
         Z = Z[torch.randperm(len(Z), generator=torch.Generator().manual_seed(seed))[:max_points].to(Z.device)]
@@ -178,11 +190,12 @@ def jaccard_distance(A: set, B: set) -> float:
     return 1 - len(A & B) / len(A | B) if A | B else 0.0
 
 
-def bootstrap_weights(groups: list[int], n: int, seed: int = 0):
-    """[len(groups), n] multiplicities: each column resamples the groups (rollouts) with replacement,
-    and every state counts as often as its rollout was drawn."""
+def bootstrap_weights(groups: list[int], n: int, seed: int = 0, units: int | None = None):
+    """[len(groups), n] multiplicities: each column resamples the units 0 .. units - 1 (default max + 1: prompts)
+    with replacement, and every state counts as often as its unit was drawn. The same seed and units give the same
+    draws, so two state sets grouped by the same prompts are resampled together (paired)."""
     groups = torch.tensor(groups)
-    R = int(groups.max()) + 1
+    R = units or int(groups.max()) + 1
     draws = torch.randint(0, R, (n, R), generator=torch.Generator().manual_seed(seed))
     counts = torch.zeros(n, R, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, R, dtype=torch.float64))
     return counts[:, groups].T.contiguous()
@@ -190,16 +203,18 @@ def bootstrap_weights(groups: list[int], n: int, seed: int = 0):
 
 def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int = 128, seed: int = 0,
           block: int = 4096) -> dict:
-    """Every distance between state sets X and Y, plus the MMD²'s bootstrap spread over rollouts."""
-    sigma = median_bandwidth(torch.cat([X, Y]), seed=seed)
-    out = {"bandwidth": sigma, "mmd2": mmd2(X, Y, sigma, block=block)}
+    """Every distance of the policy's states X from the baseline's Y, the MMD² with Y's own median bandwidth (one
+    scale for every policy against that baseline), plus the MMD²'s bootstrap spread over prompts: groups_x and
+    groups_y name each state's prompt, and a resample draws the prompts once for both sets."""
+    sigma = median_bandwidth(Y, seed=seed)
+    out = {"bandwidth": sigma, "bandwidth_from": "baseline median", "mmd2": mmd2(X, Y, sigma, block=block)}
     out["mmd"] = max(out["mmd2"], 0.0) ** 0.5
     if n_bootstrap:
-        wx = bootstrap_weights(groups_x, n_bootstrap, seed).to(X.device)
-        wy = bootstrap_weights(groups_y, n_bootstrap, seed + 1).to(X.device)
+        units = max(groups_x + groups_y) + 1
+        wx, wy = (bootstrap_weights(g, n_bootstrap, seed, units).to(X.device) for g in (groups_x, groups_y))
         boot = mmd2(X, Y, sigma, wx, wy, block).cpu()
         ci95 = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-        out["mmd2_bootstrap"] = {"resamples": n_bootstrap, "over": "rollouts", "std": boot.std().item(),
+        out["mmd2_bootstrap"] = {"resamples": n_bootstrap, "over": "prompts", "std": boot.std().item(),
                                  "mean": boot.mean().item(), "ci95": ci95, "replicates": boot.tolist()}
     out["centroid_l2"] = centroid_distance(X, Y)
     out["sliced_wasserstein"] = sliced_wasserstein(X, Y, n_projections, seed)
@@ -254,11 +269,27 @@ def kl_measures(model, base_rollouts, policy_rollouts, reference, batch_size) ->
             "per_prompt": {"kl_base_policy": at_base, "kl_policy_base": at_policy}}
 
 
-def retention_prompts(data_dir, n: int) -> list[str]:
-    """The retention tasks' contexts as evaluate.py scores them: the first n TruthfulQA questions (with the
-    6-shot preamble) and n MMLU test rows stratified over the subjects (seed 0)."""
-    return ([truthfulqa_prompt(ex["question"]) for ex in load_truthfulqa(data_dir)[:n]] +
-            [mmlu_prompt(ex) for ex in stratified_subset(load_mmlu("test", data_dir), n, 0)])
+def retention_prompts(data_dir, n: int, evaluated: str) -> tuple[list[str], dict]:
+    """n TruthfulQA and n MMLU contexts, posed as evaluate.py poses them but none of them an item it scores (the
+    module docstring says which), and where each task's came from."""
+    extra = lambda *path: data_dir is not None and os.path.exists(os.path.join(data_dir, *path))   # noqa: E731
+    beyond = evaluated == "default"
+    if extra("truthfulqa", "extra.json"):
+        tqa, where = load_truthfulqa(data_dir, "extra.json"), {"truthfulqa": "truthfulqa/extra.json"}
+    else:
+        tqa = load_truthfulqa(data_dir)[DEFAULT_LIMITS["truthfulqa"]:] if beyond else []
+        where = {"truthfulqa": f"after evaluate.py's first {DEFAULT_LIMITS['truthfulqa']}" if beyond else "none"}
+    if extra("mmlu", "extra"):
+        mmlu, where["mmlu"] = load_mmlu("extra", data_dir), "mmlu/extra/"
+    else:
+        test = load_mmlu("test", data_dir) if beyond else []
+        scored = {ex["id"] for ex in stratified_subset(test, DEFAULT_LIMITS["mmlu"], 0)}
+        mmlu = [ex for ex in test if ex["id"] not in scored]
+        where["mmlu"] = f"outside evaluate.py's stratified {DEFAULT_LIMITS['mmlu']}" if beyond else "none"
+    tqa, mmlu = tqa[:n], stratified_subset(mmlu, n, 0)
+    where = {task: {"from": where[task], "contexts": len(items), "evaluated": evaluated}
+             for task, items in (("truthfulqa", tqa), ("mmlu", mmlu))}
+    return [truthfulqa_prompt(ex["question"]) for ex in tqa] + [mmlu_prompt(ex) for ex in mmlu], where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,21 +326,23 @@ def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, 
 
 
 def states(rollouts, stride: int):
-    """State lengths t = 0, stride, ... < |y| of every rollout, and the rollout each state belongs to."""
-    lengths = [list(range(0, len(r["tokens"]), stride)) for r in rollouts]
-    return lengths, [i for i, ls in enumerate(lengths) for _ in ls]
+    """The generated parts' lengths t = stride, 2 stride, ... < |y| and |y| of every rollout (y_<t is never empty),
+    and the prompt each state belongs to (the bootstrap's unit)."""
+    lengths = [[*range(stride, len(r["tokens"]), stride), len(r["tokens"])] if r["tokens"] else [] for r in rollouts]
+    return lengths, [r["prompt_index"] for r, ls in zip(rollouts, lengths) for _ in ls]
 
 
-def embed(rollouts, lengths, args, model, tok, prompts):
-    """State features [N, d] and the set of words the states use."""
-    texts = [prompts[r["prompt_index"]] + tok.decode(r["tokens"][:t]) for r, ls in zip(rollouts, lengths) for t in ls]
+def embed(rollouts, lengths, args, model, tok):
+    """Features [N, d] of the states' generated parts y_<t (not the prompt, which both policies share) and the set
+    of words they use."""
+    texts = [tok.decode(r["tokens"][:t]) for r, ls in zip(rollouts, lengths) for t in ls]
     vocab = {w for text in texts for w in words(text)}
     if args.features == "lexical":
         return lexical_features(texts, args.hash_dim), vocab
     seqs = [r["prompt_ids"] + r["tokens"][:(ls or [0])[-1]] for r, ls in zip(rollouts, lengths)]
     with lora.use_adapter(model, None):   # always the base model's space
         X = hidden_features(model, seqs, [[len(r["prompt_ids"]) + t for t in ls] for r, ls in zip(rollouts, lengths)],
-                            args.batch_size)
+                            args.batch_size, [len(r["prompt_ids"]) for r in rollouts])
     return X, vocab
 
 
@@ -330,7 +363,7 @@ def main(argv=None) -> dict:
     p.add_argument("--state-stride", type=SIZE, default=16, help="a state every this many rollout tokens")
     p.add_argument("--features", choices=["lexical", "hidden"], default="lexical", help="state representation")
     p.add_argument("--hash-dim", type=SIZE, default=4096, help="buckets of the hashed lexical features")
-    p.add_argument("--bootstrap", type=COUNT, default=200, help="bootstrap resamples (over rollouts) for the MMD²")
+    p.add_argument("--bootstrap", type=COUNT, default=200, help="bootstrap resamples (over prompts) for the MMD²")
     p.add_argument("--projections", type=SIZE, default=128, help="random directions of the sliced Wasserstein")
     p.add_argument("--block", type=SIZE, default=4096, help="states per kernel tile (memory ~ 3 x block² x 8 bytes)")
     p.add_argument("--batch-size", type=SIZE, default=64, help="sequences per sampling / forward batch")
@@ -338,10 +371,12 @@ def main(argv=None) -> dict:
                    help="skip the policy KLs (they do not depend on --features: one run of the two suffices)")
     p.add_argument("--retention-prompts", type=COUNT, default=32,
                    help="TruthfulQA and MMLU contexts (this many of each) where the policy KLs are also measured")
+    p.add_argument("--evaluated", choices=["default", "all"], default="default", help="retention items the "
+                   "evaluations score: evaluate.py's default limits or all (--limit 0); KL contexts avoid them")
     p.add_argument("--retention-tokens", type=SIZE, default=32, help="length of the one rollout per retention context")
     p.add_argument("--seed", type=number(int), default=0,
                    help="seed of sampling, projections, bandwidth subsample, bootstrap")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     args.device = distributed.init(args.device)   # under torchrun: rollouts and policy KLs split over the ranks
     name = os.path.splitext(os.path.basename(args.checkpoint))[0]
@@ -354,8 +389,8 @@ def main(argv=None) -> dict:
     # data before the model: a missing file fails at once
     args.data_dir = resolve_data_dir(model_name, args.data_dir)
     prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
-    contexts = (retention_prompts(args.data_dir, args.retention_prompts)
-                if args.policy_kl and args.retention_prompts else [])
+    contexts, where = (retention_prompts(args.data_dir, args.retention_prompts, args.evaluated)
+                       if args.policy_kl and args.retention_prompts else ([], None))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tok = load_model(model_name, device=args.device, dtype=dtype)
     for side, ckpt in checkpoints.items():   # both on the one base, before any sampling: a mismatch fails at once
@@ -366,7 +401,7 @@ def main(argv=None) -> dict:
         rollouts, path, sampled = policy_rollouts(model, tok, model_name, ckpt, side, prompts, args,
                                                   args.max_new_tokens, args.samples_per_prompt)
         lengths, groups = states(rollouts, args.state_stride)
-        X, vocab = embed(rollouts, lengths, args, model, tok, prompts)
+        X, vocab = embed(rollouts, lengths, args, model, tok)
         state_sets[side] = (X.to(args.device), groups, vocab, rollouts)
         tokens = sum(len(r["tokens"]) for r in rollouts)
         result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path,
@@ -378,6 +413,7 @@ def main(argv=None) -> dict:
     if args.policy_kl:
         reference = "baseline" if args.baseline_checkpoint else None
         result["policy_kl"] = {"target": kl_measures(model, rollouts_b, rollouts_p, reference, args.batch_size)}
+        result["retention_contexts"] = where
         if contexts:
             base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args,
                                                 args.retention_tokens, 1)[0] for side, ckpt in sides.items())

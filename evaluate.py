@@ -119,7 +119,7 @@ def load_gsm8k(split: str = "test", data_dir: str | None = None) -> list[dict]:
     return _nonempty(rows, path)
 
 
-def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
+def load_truthfulqa(data_dir: str | None = None, name: str = "mc_task.json") -> list[dict]:
     """TruthfulQA multiple choice as [{question, mc1: {choices, labels}, mc2: {choices, labels}}].
 
     Locally: the original v0 mc_task.json ({answer text: 0/1} per target set), which is the hub's
@@ -127,7 +127,7 @@ def load_truthfulqa(data_dir: str | None = None) -> list[dict]:
     if data_dir is None:
         return [{"question": r["question"], "mc1": dict(r["mc1_targets"]), "mc2": dict(r["mc2_targets"])}
                 for r in _hub("truthfulqa/truthful_qa", "multiple_choice", "validation")]
-    path = os.path.join(data_dir, "truthfulqa", "mc_task.json")
+    path = os.path.join(data_dir, "truthfulqa", name)   # drift.py reads extra.json, in the same layout
     rows = _json(_read(path), path)
     if not isinstance(rows, list):
         raise LoadError(f"{path} is not a JSON list of questions")

@@ -88,7 +88,9 @@ PROFILES = {
         },
         # every target and retention item (1,319 / 817 / 535: narrower intervals, about 20 s a model); 256 new tokens
         "evaluate": ["--batch-size", "128", "--limit", "0"],
-        "drift": ["--batch-size", "128", "--prompts", "64"],   # 64 prompts x 4 rollouts, a state every 16 tokens
+        # 64 prompts x 4 rollouts, a state every 16 tokens; the evaluations score every retention item (--limit 0), so
+        # the policy KLs' retention contexts are only the data dir's extra ones
+        "drift": ["--batch-size", "128", "--prompts", "64", "--evaluated", "all"],
         "passk": ["--batch-size", "256", "--limit", "200", "--samples", "8"],   # the first 200 problems x 8 samples
     },
     "quick": {

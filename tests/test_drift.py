@@ -52,10 +52,10 @@ def resampled_mmd2_reference(X, Y, ix, iy, sigma):
     return within(X, ix) + within(Y, iy) - 2 * np.mean([k(X[a], Y[b]) for a in ix for b in iy])
 
 
-def test_bootstrap_mmd_is_the_estimator_on_resampled_rollouts():
+def test_bootstrap_mmd_is_the_estimator_on_resampled_groups():
     g = torch.Generator().manual_seed(2)
     X, Y = torch.randn(12, 3, generator=g).double(), torch.randn(9, 3, generator=g).double()
-    groups_x = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4]     # states grouped into rollouts
+    groups_x = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4]     # states grouped into prompts
     wx, wy = drift.bootstrap_weights(groups_x, 4), drift.bootstrap_weights(list(range(9)), 4, seed=1)
     boot = drift.mmd2(X, Y, 1.5, wx, wy)
     for b in range(4):
@@ -76,6 +76,42 @@ def test_bootstrap_is_centred_on_the_estimate():
     boot = d["mmd2_bootstrap"]
     assert abs(boot["mean"] - d["mmd2"]) < boot["std"]
     assert boot["ci95"][0] < d["mmd2"] < boot["ci95"][1]
+
+
+def test_two_policies_against_one_baseline_share_its_bandwidth():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(80, 4, generator=g)
+    near, far = (drift.drift(base + s * torch.randn(80, 4, generator=g), base, list(range(80)), list(range(80)),
+                             n_bootstrap=0) for s in (0.1, 3.0))
+    assert near["bandwidth"] == far["bandwidth"] == drift.median_bandwidth(base)   # one scale: comparable MMD²s
+    assert near["bandwidth_from"] == "baseline median" and near["mmd2"] < far["mmd2"]
+
+
+def test_bootstrap_resamples_prompts_for_both_policies_at_once():
+    rollouts = [{"prompt_index": i // 2, "tokens": list(range(n))} for i, n in enumerate([5, 9, 3, 7, 4, 8])]
+    lengths, groups = drift.states(rollouts, stride=4)
+    assert lengths == [[4, 5], [4, 8, 9], [3], [4, 7], [4], [4, 8]]   # generated parts y_<t, the whole rollout last
+    assert groups == [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2]                  # a state's unit is its prompt
+    g = torch.Generator().manual_seed(7)
+    X, Y = torch.randn(len(groups), 3, generator=g), torch.randn(6, 3, generator=g)
+    groups_y = [0, 1, 1, 2, 2, 2]
+    d = drift.drift(X, Y, groups, groups_y, n_bootstrap=50)
+    assert d["mmd2_bootstrap"]["over"] == "prompts"
+    wx, wy = drift.bootstrap_weights(groups, 50, 0, 3), drift.bootstrap_weights(groups_y, 50, 0, 3)
+    for p in range(3):   # constant within a prompt, and the same draws for the policy's and the baseline's states
+        rows = wx[torch.tensor(groups) == p]
+        assert (rows == rows[0]).all() and torch.equal(rows[0], wy[groups_y.index(p)])
+    assert d["mmd2_bootstrap"]["replicates"] == pytest.approx(drift.mmd2(X, Y, d["bandwidth"], wx, wy).tolist())
+
+
+def test_lexical_features_see_the_generated_part_not_the_prompt():
+    tok = type("Tok", (), {"decode": staticmethod(lambda ids: " ".join(f"w{i}" for i in ids))})()
+    args = type("Args", (), {"features": "lexical", "hash_dim": 64})()
+    rollouts = [{"prompt_index": 0, "prompt_ids": [1, 2], "tokens": [7, 8, 9]},
+                {"prompt_index": 1, "prompt_ids": [3, 4, 5], "tokens": [7, 8, 9]}]   # other prompts, same rollout
+    lengths, _ = drift.states(rollouts, stride=2)
+    X, vocab = drift.embed(rollouts, lengths, args, None, tok)
+    assert torch.equal(X[:2], X[2:]) and vocab == {"w7", "w8", "w9"}
 
 
 def test_sliced_wasserstein_in_one_dimension_is_scipys_wasserstein():
@@ -157,6 +193,45 @@ def test_hidden_features_are_mean_pooled_prefix_states(tiny_dir):
     X = drift.hidden_features(model, seqs, lengths)
     direct = [model(torch.tensor([s[:L]]), return_hidden=True)[0].mean(0) for s, ls in zip(seqs, lengths) for L in ls]
     assert torch.allclose(X, torch.stack(direct), atol=1e-5)
+    # pooled from token `start` on (the generated part after a prompt), the prompt still in context
+    X = drift.hidden_features(model, seqs, [[3, 6], [2, 3]], starts=[2, 1])
+    direct = [model(torch.tensor([s[:L]]), return_hidden=True)[0][a:].mean(0)
+              for s, a, ls in zip(seqs, [2, 1], [[3, 6], [2, 3]]) for L in ls]
+    assert torch.allclose(X, torch.stack(direct), atol=1e-5)
+
+
+def write_retention_data(root, truthfulqa: int, mmlu_rows: int):
+    """TruthfulQA questions q0.. and one MMLU subject of rows r0.. in evaluate.py's layouts."""
+    (root / "truthfulqa").mkdir(parents=True)
+    items = [{"question": f"q{i}", "mc1_targets": {"yes": 1, "no": 0}, "mc2_targets": {"yes": 1, "no": 0}}
+             for i in range(truthfulqa)]
+    (root / "truthfulqa" / "mc_task.json").write_text(json.dumps(items))
+    (root / "mmlu" / "test").mkdir(parents=True)
+    (root / "mmlu" / "test" / "art_test.csv").write_text("".join(f"r{i},a,b,c,d,A\n" for i in range(mmlu_rows)))
+
+
+def test_retention_contexts_are_never_evaluated_items(tmp_path, monkeypatch):
+    import evaluate
+    write_retention_data(tmp_path, truthfulqa=10, mmlu_rows=12)
+    monkeypatch.setitem(evaluate.DEFAULT_LIMITS, "truthfulqa", 6)   # what evaluate.py scores by default
+    monkeypatch.setitem(evaluate.DEFAULT_LIMITS, "mmlu", 8)
+    scored = {evaluate.truthfulqa_prompt(f"q{i}") for i in range(6)} | {evaluate.mmlu_prompt(ex) for ex in
+              evaluate.stratified_subset(evaluate.load_mmlu("test", str(tmp_path)), 8, 0)}
+    contexts, where = drift.retention_prompts(str(tmp_path), 3, "default")
+    assert len(contexts) == 6 and not scored & set(contexts)
+    assert contexts[:3] == [evaluate.truthfulqa_prompt(f"q{i}") for i in (6, 7, 8)]
+    assert where["truthfulqa"]["contexts"] == where["mmlu"]["contexts"] == 3
+    # evaluations of every item (--limit 0) leave none, and the output says so
+    contexts, where = drift.retention_prompts(str(tmp_path), 3, "all")
+    assert contexts == [] and where["truthfulqa"]["from"] == where["mmlu"]["from"] == "none"
+    # extra contexts in the data dir are used whatever the evaluations scored
+    write_retention_data(tmp_path / "extra", truthfulqa=2, mmlu_rows=2)
+    os.rename(tmp_path / "extra" / "truthfulqa" / "mc_task.json", tmp_path / "truthfulqa" / "extra.json")
+    (tmp_path / "mmlu" / "extra").mkdir()
+    os.rename(tmp_path / "extra" / "mmlu" / "test" / "art_test.csv", tmp_path / "mmlu" / "extra" / "art_extra.csv")
+    contexts, where = drift.retention_prompts(str(tmp_path), 3, "all")
+    assert contexts[:2] == [evaluate.truthfulqa_prompt(f"q{i}") for i in (0, 1)] and len(contexts) == 4
+    assert where["truthfulqa"]["from"] == "truthfulqa/extra.json" and where["mmlu"]["from"] == "mmlu/extra/"
 
 
 GSM8K_LINES = [
@@ -184,8 +259,12 @@ def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, mo
     from model import load_model
     data = tmp_path / "data" / "gsm8k"
     data.mkdir(parents=True)
-    for task in ("truthfulqa", "mmlu"):   # the retention contexts of the policy KL
+    for task in ("truthfulqa", "mmlu"):   # the retention contexts of the policy KL: the data dir's extra ones
         shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "eval_data", task), tmp_path / "data" / task)
+    shutil.copy(tmp_path / "data" / "truthfulqa" / "mc_task.json", tmp_path / "data" / "truthfulqa" / "extra.json")
+    shutil.copytree(tmp_path / "data" / "mmlu" / "test", tmp_path / "data" / "mmlu" / "extra")
+    for f in os.listdir(tmp_path / "data" / "mmlu" / "extra"):
+        os.rename(tmp_path / "data" / "mmlu" / "extra" / f, tmp_path / "data" / "mmlu" / "extra" / f.replace("_test", "_extra"))
     for split in ("train", "test"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in GSM8K_LINES))
     model, _ = load_model(tiny_dir)
@@ -215,6 +294,8 @@ def test_cli_writes_drift_json_and_reuses_cached_rollouts(tiny_dir, tmp_path, mo
         assert np.isfinite(saved[key]), key
     assert saved["mmd2_bootstrap"]["resamples"] == 20 and saved["mmd2_bootstrap"]["std"] >= 0
     assert saved["settings"]["state_stride"] == 4
+    assert saved["retention_contexts"]["truthfulqa"] == {"from": "truthfulqa/extra.json", "contexts": 2,
+                                                         "evaluated": "default"}
 
     # A second study over the same policies samples nothing, whatever the representation.
     second = drift.main(argv + ["--features", "hidden", "--out", str(tmp_path / "second.json"), "--no-policy-kl"])

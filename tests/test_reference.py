@@ -39,6 +39,11 @@ def data_dir(root: str) -> str:
     d = os.path.join(root, "data")
     for task in ("truthfulqa", "mmlu"):
         shutil.copytree(os.path.join(EVAL_DATA, task), os.path.join(d, task))
+    # drift.py's retention contexts: extra ones (the samples again), as a tiny world writes them
+    shutil.copy(os.path.join(d, "truthfulqa", "mc_task.json"), os.path.join(d, "truthfulqa", "extra.json"))
+    os.makedirs(os.path.join(d, "mmlu", "extra"))
+    for f in os.listdir(os.path.join(d, "mmlu", "test")):
+        shutil.copy(os.path.join(d, "mmlu", "test", f), os.path.join(d, "mmlu", "extra", f.replace("_test", "_extra")))
     gsm8k_dir(d, n=12, seed=3)
     shutil.copy(os.path.join(EVAL_DATA, "gsm8k", "test.jsonl"), os.path.join(d, "gsm8k", "test.jsonl"))
     return d
