@@ -408,6 +408,7 @@ def main(argv=None):
                              "of their own, so every other file is what it was before the split existed)")
     parser.add_argument("--eval-frac", type=float, default=0.6, help="fraction of facts in the test sets")
     parser.add_argument("--truthfulqa", type=int, default=817, help="TruthfulQA items to write (the real count)")
+    parser.add_argument("--extra", type=int, default=64, help="retention contexts of each task that no evaluation scores")
     parser.add_argument("--docs", type=int, default=150_000, help="corpus documents")
     parser.add_argument("--mix", default="0.34,0.4,0.1,0.14,0.02",
                         help="corpus shares of documents: problems,facts,qa,mc,calculator tapes")
@@ -462,6 +463,15 @@ def main(argv=None):
             lambda: calculator_tape(rng)]
     corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
 
+    # Retention contexts no evaluation scores (drift.py's retention KLs): TruthfulQA items on eval people the test
+    # does not ask about, MMLU rows on practice facts; from a stream of their own, as the validation problems.
+    extra_rng = random.Random(f"{args.seed}/extra")
+    extra_tqa = [truthfulqa_item(f, extra_rng) for f in people[args.truthfulqa:args.truthfulqa + args.extra]]
+    extra_mmlu = {}
+    for subject in mmlu:
+        pool = [f for f in practice if f["subject"] == subject]
+        extra_mmlu[subject] = [mmlu_row(f) for f in extra_rng.sample(pool, min(len(pool), args.extra // len(mmlu)))]
+
     # Validation: new problems, in neither train nor test nor the corpus.
     seen |= {t.split("\n", 1)[0].removeprefix("Question: ") for t in corpus if t.startswith("Question: ")}
     validation_rng, split["validation"] = random.Random(f"{args.seed}/validation"), []
@@ -472,13 +482,17 @@ def main(argv=None):
             split["validation"].append({"question": q, "answer": annotate(a)})
 
     os.makedirs(args.out, exist_ok=True)
-    for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "tokenizer"]:
+    for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "mmlu/extra", "tokenizer"]:
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
     for name, rows in split.items():
         with open(os.path.join(args.out, "gsm8k", f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
     with open(os.path.join(args.out, "truthfulqa", "mc_task.json"), "w") as f:
         json.dump(truthfulqa, f, indent=1)
+    with open(os.path.join(args.out, "truthfulqa", "extra.json"), "w") as f:
+        json.dump(extra_tqa, f, indent=1)
+    for subject, rows in extra_mmlu.items():
+        mmlu[subject]["extra"] = rows
     for subject, splits in mmlu.items():
         for name, rows in splits.items():
             with open(os.path.join(args.out, "mmlu", name, f"{subject}_{name}.csv"), "w", newline="") as f:
