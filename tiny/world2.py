@@ -22,7 +22,7 @@ import re
 from tqdm import tqdm
 
 from evaluate import TRUTHFULQA_PREAMBLE
-from tiny.world import (JOBS, PETS, POOLS, invent, mmlu_row, mmlu_text, new_name, say, train_tokenizer,
+from tiny.world import (JOBS, NAMES, PETS, POOLS, invent, mmlu_row, mmlu_text, new_name, say, train_tokenizer,
                         truthfulqa_item)
 
 AGES, WAGES, HENS = list(range(20, 60)), list(range(3, 13)), list(range(2, 13))
@@ -271,14 +271,15 @@ def annotate(answer: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # The corpus
 
-def fact_text(world: dict, facts_by_entity: dict, rng: random.Random, categorical_p: float) -> str:
+def fact_text(world: dict, facts_by_entity: dict, rng: random.Random, categorical_p: float, numeric_p: float = 1.0) -> str:
     """A passage about one to three entities of one kind, facts in random paraphrase and order. A person's
-    passage states every numeric fact and each categorical one with probability `categorical_p`."""
+    passage states each numeric fact with probability `numeric_p` and each categorical one with `categorical_p`."""
     kind = rng.choices(list(SCHEMA), [count for count, _, _ in SCHEMA.values()])[0]
     sentences = []
     for entity in rng.sample(world[kind], rng.randint(1, 3)):
         facts = [f for f in facts_by_entity[entity["name"]]
-                 if kind != "person" or f["attr"] in NUMERIC or rng.random() < categorical_p]
+                 if kind != "person" or (f["attr"] in NUMERIC and (numeric_p >= 1 or rng.random() < numeric_p))
+                 or (f["attr"] not in NUMERIC and rng.random() < categorical_p)]
         sentences += [say(f, f["value"], rng.randrange(len(f["sentences"]))) for f in rng.sample(facts, len(facts))]
     return " ".join(sentences)
 
@@ -330,6 +331,11 @@ def main(argv=None):
                         help="corpus shares: entity problems, stated problems, facts, qa, mc, calculator tapes")
     parser.add_argument("--categorical-p", type=float, default=0.35,
                         help="probability that a person's passage states each categorical fact")
+    parser.add_argument("--numeric-p", type=float, default=1.0,
+                        help="probability that a person's passage states each numeric fact")
+    parser.add_argument("--stated-people", choices=["world", "anonymous"], default="world",
+                        help="whom the corpus's stated problems are about: world people (their true facts, stated "
+                             "again) or first names with random numbers (arithmetic practice only)")
     parser.add_argument("--annotated", type=float, default=0.05, help="share of corpus worked problems annotated")
     parser.add_argument("--world", type=float, default=1.0, help="stretch of the number of entities")
     parser.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size")
@@ -380,14 +386,18 @@ def main(argv=None):
             asked_by_subject.setdefault(f["subject"], []).append(f)
     practice_qa = [f for f in practice if f["kind"] == "person" or f["subject"]]
 
+    def anonymous() -> list:
+        return [{"name": n, "age": rng.choice(AGES), "wage": rng.choice(WAGES), "hens": rng.choice(HENS)}
+                for n in rng.sample(NAMES, 2)]
+
     def worked(stated: bool) -> str:
         while True:
-            p = problem(rng, people, stated)
+            p = problem(rng, anonymous() if stated and args.stated_people == "anonymous" else people, stated)
             if p and p[0] not in seen:
                 return f"Question: {p[0]}\nAnswer: {annotate(p[1]) if rng.random() < args.annotated else p[1]}"
 
     make = [lambda: worked(False), lambda: worked(True),
-            lambda: fact_text(world, facts_by_entity, rng, args.categorical_p),
+            lambda: fact_text(world, facts_by_entity, rng, args.categorical_p, args.numeric_p),
             lambda: qa_chain(practice_qa, rng), lambda: mc_block(asked_by_subject, rng), lambda: calculator_tape(rng)]
     shares = [float(x) for x in args.mix.split(",")]
     corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
