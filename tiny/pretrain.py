@@ -65,6 +65,7 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--eval-n", type=int, default=200, help="items per task in the quick evaluation (0: none)")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    p.add_argument("--eval-split", default="test", help="GSM8K split of the quick evaluation (world 2: validation)")
     return p.parse_args(argv)
 
 
@@ -97,10 +98,10 @@ class PackedDocuments:
 # Quick evaluation: evaluate.py's protocols on a few items
 
 
-def quick_eval(model, tok, data_dir: str, n: int) -> dict:
+def quick_eval(model, tok, data_dir: str, n: int, split: str = "test") -> dict:
     """The study's three scores on the first n GSM8K/TruthfulQA items and n stratified MMLU rows."""
     model.eval()
-    gsm8k, _ = eval_gsm8k(model, tok, load_gsm8k("test", data_dir)[:n], progress=False)
+    gsm8k, _ = eval_gsm8k(model, tok, load_gsm8k(split, data_dir)[:n], progress=False)
     truthfulqa, _ = eval_truthfulqa(model, tok, load_truthfulqa(data_dir)[:n], progress=False)
     mmlu, _ = eval_mmlu(model, tok, stratified_subset(load_mmlu("test", data_dir), n, seed=0), progress=False)
     return {"gsm8k": gsm8k["score"], "truthfulqa_mc1": truthfulqa["mc1"], "truthfulqa_mc2": truthfulqa["mc2"],
@@ -203,7 +204,7 @@ def main(argv=None):
         bar.update(1)
         if args.eval_every and step % args.eval_every == 0 and args.eval_n:
             t0 = time.time()
-            log.append({"step": step, **quick_eval(model, tok, args.data_dir, args.eval_n)})
+            log.append({"step": step, **quick_eval(model, tok, args.data_dir, args.eval_n, args.eval_split)})
             tqdm.write(json.dumps(log[-1]))
             eval_s += time.time() - t0
     bar.close()
@@ -217,7 +218,7 @@ def main(argv=None):
               "device": str(device), "torch_threads": torch.get_num_threads(), "log": log}
     if args.eval_n:
         t0 = time.time()
-        result["eval"] = quick_eval(model, tok, args.data_dir, args.eval_n)
+        result["eval"] = quick_eval(model, tok, args.data_dir, args.eval_n, args.eval_split)
         result["eval_seconds"] = round(time.time() - t0)
         print(json.dumps(result["eval"]))
     with open(os.path.join(args.out, "pretrain.json"), "w") as f:

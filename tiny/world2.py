@@ -1,0 +1,441 @@
+"""World 2 of the tiny study: a target task whose bottleneck is knowledge only pretraining taught (issue 30).
+
+    python -m tiny.world2                      # writes tiny/data2/ (about a minute)
+    python -m tiny.world2 --out DIR --seed 1   # another world, same recipe
+
+tiny/WORLD2.md tells why. In short: invented people carry numeric facts (age, hourly wage, hens) that only
+the pretraining corpus states; target problems name people and leave their numbers out, so a solution has to
+recall the facts ("Dorva Kelm earns $7 an hour.") before its small, reliable arithmetic. Train problems are
+about one set of people, validation and test problems about another: fine-tuning never rehearses the facts the
+evaluation needs. Layouts are world 1's (evaluate.py reads them), plus gsm8k/validation.jsonl and extra/
+(retention-style items that are never evaluated, for KLs on retention contexts).
+
+Everything is a function of --seed: the same command writes the same bytes.
+"""
+import argparse
+import csv
+import json
+import os
+import random
+import re
+
+from tqdm import tqdm
+
+from evaluate import TRUTHFULQA_PREAMBLE
+from tiny.world import (JOBS, NAMES, PETS, POOLS, invent, mmlu_row, mmlu_text, new_name, say, train_tokenizer,
+                        truthfulqa_item)
+
+AGES, WAGES, HENS = list(range(20, 60)), list(range(3, 13)), list(range(2, 13))
+
+# kind -> (count, MMLU subject or None, {attribute: (value pool, [sentences], question)}). World 1's schema;
+# people gain three numeric facts. The first sentence of a numeric fact is its canonical form, the one the
+# worked solutions recall it in.
+SCHEMA = {
+    "person": (1600, None, {
+        "home": ("town", ["{e} lives in {v}.", "{e}'s home is in {v}.", "{e} has a house in {v}.",
+                          "The home of {e} is the town of {v}."], "Where does {e} live?"),
+        "job": ("job", ["{e} works as a {v}.", "{e} is a {v}.", "By trade, {e} is a {v}.",
+                        "{e} earns a living as a {v}."], "What does {e} do for a living?"),
+        "pet": ("pet", ["{e} has a pet {v}.", "{e} keeps a {v} as a pet.", "The pet of {e} is a {v}.",
+                        "At home, {e} looks after a {v}."], "What pet does {e} have?"),
+        "age": ("age", ["{e} is {v} years old.", "The age of {e} is {v}.", "{e} turned {v} this year."],
+                "How old is {e}?"),
+        "wage": ("wage", ["{e} earns ${v} an hour.", "{e} is paid ${v} per hour.", "For each hour of work, {e} gets ${v}."],
+                 "How much does {e} earn an hour?"),
+        "hens": ("hens", ["{e} keeps {v} hens.", "{e} has {v} hens.", "There are {v} hens on the farm of {e}."],
+                 "How many hens does {e} keep?"),
+    }),
+    "town": (100, "geography", {
+        "region": ("region", ["{e} is a town in {v}.", "{e} lies in the region of {v}.",
+                              "The town of {e} is part of {v}."], "In which region is the town of {e}?"),
+        "river": ("river", ["{e} was built on the banks of the {v}.", "The {v} river flows through {e}.",
+                            "{e} lies on the {v} river."], "Which river flows through {e}?"),
+        "product": ("product", ["{e} is famous for its {v}.", "The town of {e} is known for {v}.",
+                                "Traders come to {e} to buy {v}."], "What is the town of {e} famous for?"),
+    }),
+    "animal": (70, "zoology", {
+        "fur": ("fur", ["The fur of the {e} is {v}.", "The {e} has {v} fur.", "A {e} is {v} all over."],
+                "What color is the fur of the {e}?"),
+        "food": ("food", ["The {e} eats {v}.", "The {e} feeds mostly on {v}.", "The favorite food of the {e} is {v}."],
+                 "What does the {e} eat?"),
+        "habitat": ("habitat", ["The {e} lives in the {v}.", "The {e} makes its home in the {v}.",
+                                "You can find the {e} in the {v}."], "Where does the {e} live?"),
+    }),
+    "plant": (70, "botany", {
+        "flower": ("flower", ["The flowers of the {e} are {v}.", "The {e} has {v} flowers.",
+                              "In spring the {e} opens {v} flowers."], "What color are the flowers of the {e}?"),
+        "soil": ("soil", ["The {e} grows in {v}.", "The {e} is found in {v}.", "The {e} likes {v}."],
+                 "Where does the {e} grow?"),
+        "use": ("use", ["People use the {e} to make {v}.", "The {e} is used for {v}.", "From the {e}, people make {v}."],
+                "What do people make from the {e}?"),
+    }),
+    "ruler": (60, "history", {
+        "capital": ("capital", ["{e} ruled from {v}.", "The court of {e} was in {v}.", "{e} made {v} the capital."],
+                    "From which city did {e} rule?"),
+        "built": ("building", ["{e} built {v}.", "During the reign of {e}, workers built {v}.",
+                               "{e} is remembered for building {v}."], "What did {e} build?"),
+        "rival": ("land", ["{e} fought a long war against {v}.", "{e} was at war with {v}.",
+                           "The great enemy of {e} was {v}."], "Against which land did {e} fight a war?"),
+    }),
+}
+NUMERIC = ("age", "wage", "hens")
+
+
+def build_world(rng: random.Random, size: float = 1.0) -> dict:
+    taken = set()
+    pools = dict(POOLS, region=[invent(rng, taken, (2, 3)).capitalize() for _ in range(4)],
+                 river=[invent(rng, taken, (2, 2)).capitalize() for _ in range(4)],
+                 capital=[invent(rng, taken, (2, 3)).capitalize() for _ in range(4)],
+                 land=[invent(rng, taken, (2, 3), "ia").capitalize() for _ in range(4)],
+                 age=AGES, wage=WAGES, hens=HENS)
+    world = {"pools": pools}
+    for kind in ["town", "person", "animal", "plant", "ruler"]:
+        count, _, attrs = SCHEMA[kind]
+        world[kind] = []
+        for _ in range(round(count * size)):
+            entity = {"name": new_name(kind, rng, taken)}
+            for attr, (pool, _, _) in attrs.items():
+                entity[attr] = rng.choice([t["name"] for t in world["town"]] if pool == "town" else pools[pool])
+            world[kind].append(entity)
+    return world
+
+
+def world_facts(world: dict, rng: random.Random, eval_frac: float) -> list[dict]:
+    """Every (entity, attribute) fact; categorical ones marked eval (retention test sets) or practice."""
+    facts = []
+    for kind, (_, subject, attrs) in SCHEMA.items():
+        for entity in world[kind]:
+            for attr, (pool, sentences, question) in attrs.items():
+                values = [t["name"] for t in world["town"]] if pool == "town" else world["pools"][pool]
+                facts.append({"kind": kind, "subject": subject, "entity": entity["name"], "attr": attr,
+                              "value": entity[attr], "values": values, "sentences": sentences,
+                              "question": question.format(e=entity["name"]),
+                              "eval": attr not in NUMERIC and rng.random() < eval_frac})
+    return facts
+
+
+def fact(person: dict, attr: str) -> str:
+    """The canonical sentence of a numeric fact, as the worked solutions recall it."""
+    return SCHEMA["person"][2][attr][1][0].format(e=person["name"], v=person[attr])
+
+
+# ----------------------------------------------------------------------------------------------
+# Target problems. A problem is about one or two people; `stated` puts their facts into the question (the
+# corpus's arithmetic practice: no recall needed), else the question names them only and the solution
+# recalls each fact. Steps are "a op b = c" sentences, annotated later; the last line is "#### result".
+
+N_KINDS = 17
+
+
+def problem(rng: random.Random, people: list, stated: bool = False):
+    """(question, answer, kind) or None when the drawn people do not fit the kind (the caller draws again)."""
+    r = rng.randint
+    kind = rng.randrange(N_KINDS)
+    x, y = rng.sample(people, 2)
+    X, Y = x["name"], y["name"]
+    used = []          # (person, attr) facts the solution needs, in order
+    q = steps = None
+    if kind == 0:
+        h = r(2, 9)
+        q = rng.choice([f"{X} works {h} hours. How much money does {X} earn?",
+                        f"How many dollars does {X} make for {h} hours of work?",
+                        f"{X} takes a job of {h} hours. How much is {X} paid for it?"])
+        used, steps, res = [(x, "wage")], [f"{X} earns {h} * {x['wage']} = ${h * x['wage']}."], h * x["wage"]
+    elif kind == 1:
+        h = r(2, 9)
+        s = r(2, h * x["wage"] - 1)
+        q = rng.choice([f"{X} works {h} hours and then spends ${s} on food. How much money does {X} have left?",
+                        f"After {h} hours of work, {X} buys a coat for ${s}. How many dollars does {X} have left from the pay?"])
+        used = [(x, "wage")]
+        steps = [f"{X} earns {h} * {x['wage']} = ${h * x['wage']}.",
+                 f"{X} has {h * x['wage']} - {s} = ${h * x['wage'] - s} left."]
+        res = h * x["wage"] - s
+    elif kind == 2:
+        h1, h2 = r(2, 9), r(2, 9)
+        q = rng.choice([f"{X} works {h1} hours and {Y} works {h2} hours. How much do they earn together?",
+                        f"{X} helps at the market for {h1} hours, {Y} for {h2} hours. How many dollars do the two earn in all?"])
+        a, b = h1 * x["wage"], h2 * y["wage"]
+        used = [(x, "wage"), (y, "wage")]
+        steps = [f"{X} earns {h1} * {x['wage']} = ${a}.", f"{Y} earns {h2} * {y['wage']} = ${b}.",
+                 f"Together they earn {a} + {b} = ${a + b}."]
+        res = a + b
+    elif kind == 3:
+        if x["wage"] == y["wage"]:
+            return None
+        if x["wage"] < y["wage"]:
+            x, y, X, Y = y, x, Y, X
+        h = r(2, 9)
+        q = rng.choice([f"{X} and {Y} both work {h} hours. How much more money does {X} earn than {Y}?",
+                        f"In {h} hours of work, how many more dollars does {X} make than {Y}?"])
+        a, b = h * x["wage"], h * y["wage"]
+        used = [(x, "wage"), (y, "wage")]
+        steps = [f"{X} earns {h} * {x['wage']} = ${a}.", f"{Y} earns {h} * {y['wage']} = ${b}.",
+                 f"{X} earns {a} - {b} = ${a - b} more."]
+        res = a - b
+    elif kind == 4:
+        c = r(2, 30)
+        q = rng.choice([f"How old will {X} be in {c} years?", f"In {c} years, what age will {X} be?"])
+        used, steps, res = [(x, "age")], [f"In {c} years {X} will be {x['age']} + {c} = {x['age'] + c} years old."], x["age"] + c
+    elif kind == 5:
+        c = r(2, 15)
+        q = rng.choice([f"How old was {X} {c} years ago?", f"What was the age of {X} {c} years ago?"])
+        used, steps, res = [(x, "age")], [f"{c} years ago {X} was {x['age']} - {c} = {x['age'] - c} years old."], x["age"] - c
+    elif kind == 6:
+        if x["age"] == y["age"]:
+            return None
+        if x["age"] < y["age"]:
+            x, y, X, Y = y, x, Y, X
+        q = rng.choice([f"How many years older is {X} than {Y}?", f"{Y} is younger than {X}. By how many years?"])
+        used = [(x, "age"), (y, "age")]
+        steps, res = [f"{X} is {x['age']} - {y['age']} = {x['age'] - y['age']} years older."], x["age"] - y["age"]
+    elif kind == 7:
+        q = rng.choice([f"What is the sum of the ages of {X} and {Y}?", f"How many years old are {X} and {Y} together?"])
+        used = [(x, "age"), (y, "age")]
+        steps, res = [f"Together they are {x['age']} + {y['age']} = {x['age'] + y['age']} years old."], x["age"] + y["age"]
+    elif kind == 8:
+        d = r(2, 9)
+        q = rng.choice([f"Each hen of {X} lays one egg a day. How many eggs does {X} collect in {d} days?",
+                        f"Every one of the hens of {X} lays an egg each day. How many eggs are laid in {d} days?"])
+        used, steps, res = [(x, "hens")], [f"In {d} days the hens lay {d} * {x['hens']} = {d * x['hens']} eggs."], d * x["hens"]
+    elif kind == 9:
+        q = rng.choice([f"{X} and {Y} put all their hens in one yard. How many hens are in the yard?",
+                        f"How many hens do {X} and {Y} keep together?"])
+        used = [(x, "hens"), (y, "hens")]
+        steps, res = [f"Together they keep {x['hens']} + {y['hens']} = {x['hens'] + y['hens']} hens."], x["hens"] + y["hens"]
+    elif kind == 10:
+        c = r(2, 20)
+        q = rng.choice([f"{X} buys {c} more hens. How many hens does {X} have now?",
+                        f"At the fair, {X} gets {c} new hens. How many hens does {X} keep now?"])
+        used, steps, res = [(x, "hens")], [f"{X} now has {x['hens']} + {c} = {x['hens'] + c} hens."], x["hens"] + c
+    elif kind == 11:
+        d = r(2, 9)
+        s = r(1, d * x["hens"] - 1)
+        q = rng.choice([f"Each hen of {X} lays one egg a day. After {d} days, {X} sells {s} eggs. How many eggs are left?",
+                        f"The hens of {X} lay one egg each a day for {d} days. {X} gives {s} of the eggs away. How many eggs does {X} keep?"])
+        used = [(x, "hens")]
+        steps = [f"The hens lay {d} * {x['hens']} = {d * x['hens']} eggs.",
+                 f"{d * x['hens']} - {s} = {d * x['hens'] - s} eggs are left."]
+        res = d * x["hens"] - s
+    elif kind == 12:
+        c, h = r(1, 3), r(2, 9)
+        w = x["wage"] + c
+        q = rng.choice([f"{X} gets a raise of ${c} an hour. How much does {X} earn for {h} hours now?",
+                        f"The pay of {X} goes up by ${c} per hour. How many dollars does {X} now make in {h} hours?"])
+        used = [(x, "wage")]
+        steps = [f"{X} now earns {x['wage']} + {c} = ${w} an hour.", f"For {h} hours {X} earns {h} * {w} = ${h * w}."]
+        res = h * w
+    elif kind == 13:
+        t = rng.choice([60, 65, 70])
+        q = rng.choice([f"How many years until {X} turns {t}?", f"In how many years will {X} be {t} years old?"])
+        used, steps, res = [(x, "age")], [f"{X} turns {t} in {t} - {x['age']} = {t - x['age']} years."], t - x["age"]
+    elif kind == 14:
+        c = r(2, 10)
+        a = x["age"] + y["age"]
+        q = rng.choice([f"What will the sum of the ages of {X} and {Y} be in {c} years?",
+                        f"In {c} years, how many years old will {X} and {Y} be together?"])
+        used = [(x, "age"), (y, "age")]
+        steps = [f"Now they are {x['age']} + {y['age']} = {a} years old together.",
+                 f"In {c} years each is {c} years older, so 2 * {c} = {2 * c} more years.",
+                 f"They will be {a} + {2 * c} = {a + 2 * c} years old together."]
+        res = a + 2 * c
+    elif kind == 15:
+        h = r(2, 9)
+        q = rng.choice([f"{X} works {h} hours and gets one extra dollar for each hen {X} keeps. How much money does {X} get?",
+                        f"For {h} hours of work {X} is paid by the hour, plus $1 for every hen {X} has. How many dollars is that?"])
+        used = [(x, "wage"), (x, "hens")]
+        steps = [f"{X} earns {h} * {x['wage']} = ${h * x['wage']}.",
+                 f"With the hens {X} gets {h * x['wage']} + {x['hens']} = ${h * x['wage'] + x['hens']}."]
+        res = h * x["wage"] + x["hens"]
+    else:
+        if x["hens"] == y["hens"]:
+            return None
+        if x["hens"] < y["hens"]:
+            x, y, X, Y = y, x, Y, X
+        q = rng.choice([f"How many more hens does {X} keep than {Y}?", f"{X} has more hens than {Y}. How many more?"])
+        used = [(x, "hens"), (y, "hens")]
+        steps, res = [f"{X} keeps {x['hens']} - {y['hens']} = {x['hens'] - y['hens']} more hens."], x["hens"] - y["hens"]
+    recalls = list(dict.fromkeys(fact(p, a) for p, a in used))
+    if stated:
+        return " ".join(recalls) + " " + q, "\n".join(steps) + f"\n#### {res}", kind
+    return q, "\n".join(recalls + steps) + f"\n#### {res}", kind
+
+
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\$?)(\d+)")
+
+
+def annotate(answer: str) -> str:
+    """GSM8K's calculator annotations on every step: "4 * 7 = 28" -> "4 * 7 = <<4 * 7 = 28>>28"."""
+    return STEP.sub(lambda m: f"{m[1]} {m[2]} {m[3]} = {m[4]}<<{m[1]} {m[2]} {m[3]} = {m[5]}>>{m[5]}", answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus
+
+def fact_text(world: dict, facts_by_entity: dict, rng: random.Random, categorical_p: float, numeric_p: float = 1.0) -> str:
+    """A passage about one to three entities of one kind, facts in random paraphrase and order. A person's
+    passage states each numeric fact with probability `numeric_p` and each categorical one with `categorical_p`."""
+    kind = rng.choices(list(SCHEMA), [count for count, _, _ in SCHEMA.values()])[0]
+    sentences = []
+    for entity in rng.sample(world[kind], rng.randint(1, 3)):
+        facts = [f for f in facts_by_entity[entity["name"]]
+                 if kind != "person" or (f["attr"] in NUMERIC and (numeric_p >= 1 or rng.random() < numeric_p))
+                 or (f["attr"] not in NUMERIC and rng.random() < categorical_p)]
+        sentences += [say(f, f["value"], rng.randrange(len(f["sentences"]))) for f in rng.sample(facts, len(facts))]
+    return " ".join(sentences)
+
+
+def qa_chain(practice: list, rng: random.Random) -> str:
+    pairs = [f"Q: {f['question']}\nA: {say(f, f['value'], rng.randrange(2))}" for f in rng.sample(practice, rng.randint(2, 6))]
+    text = "\n\n".join(pairs)
+    return TRUTHFULQA_PREAMBLE + "\n\n" + text if rng.random() < 0.3 else text
+
+
+def mc_block(asked_by_subject: dict, rng: random.Random) -> str:
+    subject = rng.choice(list(asked_by_subject))
+    return mmlu_text(subject, [mmlu_row(f) for f in rng.sample(asked_by_subject[subject], rng.randint(1, 4))])
+
+
+def calculator_tape(rng: random.Random) -> str:
+    """Computations of the target's sizes in the annotation's notation, one per line."""
+    lines = []
+    for _ in range(rng.randint(3, 8)):
+        op = rng.choice("+-**")
+        if op == "+":
+            a, b = rng.randint(1, 130), rng.randint(1, 120)
+        elif op == "-":
+            a = rng.randint(2, 130)
+            b = rng.randint(1, a)
+        else:
+            a, b = rng.randint(1, 15), rng.randint(1, 12)
+            if rng.random() < 0.5:
+                a, b = b, a
+        c = a + b if op == "+" else a - b if op == "-" else a * b
+        lines.append(f"<<{a} {op} {b} = {c}>>")
+    return "Calculator tape:\n" + "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data2"),
+                        help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
+    parser.add_argument("--train", type=int, default=7473, help="target-task train problems (GSM8K's count)")
+    parser.add_argument("--validation", type=int, default=500, help="target-task validation problems")
+    parser.add_argument("--test", type=int, default=1319, help="target-task test problems (GSM8K's count)")
+    parser.add_argument("--train-people", type=float, default=0.6, help="share of people the train problems are about")
+    parser.add_argument("--eval-frac", type=float, default=0.6, help="share of categorical facts held out for the tests")
+    parser.add_argument("--truthfulqa", type=int, default=817, help="TruthfulQA items (the real count)")
+    parser.add_argument("--extra", type=int, default=300, help="extra, never evaluated items per retention task")
+    parser.add_argument("--docs", type=int, default=100_000, help="corpus documents")
+    parser.add_argument("--mix", default="0.30,0.15,0.30,0.08,0.05,0.12",
+                        help="corpus shares: entity problems, stated problems, facts, qa, mc, calculator tapes")
+    parser.add_argument("--categorical-p", type=float, default=0.35,
+                        help="probability that a person's passage states each categorical fact")
+    parser.add_argument("--numeric-p", type=float, default=1.0,
+                        help="probability that a person's passage states each numeric fact")
+    parser.add_argument("--stated-people", choices=["world", "anonymous"], default="world",
+                        help="whom the corpus's stated problems are about: world people (their true facts, stated "
+                             "again) or first names with random numbers (arithmetic practice only)")
+    parser.add_argument("--annotated", type=float, default=0.05, help="share of corpus worked problems annotated")
+    parser.add_argument("--world", type=float, default=1.0, help="stretch of the number of entities")
+    parser.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size")
+    args = parser.parse_args(argv)
+
+    rng = random.Random(args.seed)
+    world = build_world(rng, args.world)
+    facts = world_facts(world, rng, args.eval_frac)
+    people = list(world["person"])
+    n_train = round(len(people) * args.train_people)
+    train_people, eval_people = people[:n_train], people[n_train:]   # the order is random already
+
+    # Target task: train on train people; validation and test on the others; all questions distinct.
+    seen, split = set(), {}
+    for name, count, pool in [("test", args.test, eval_people), ("validation", args.validation, eval_people),
+                              ("train", args.train, train_people)]:
+        split[name] = []
+        while len(split[name]) < count:
+            p = problem(rng, pool)
+            if p and p[0] not in seen:
+                seen.add(p[0])
+                split[name].append({"question": p[0], "answer": annotate(p[1])})
+
+    # Retention tasks (world 1's), and extra items of the same layouts that are never evaluated.
+    eval_facts = [f for f in facts if f["eval"]]
+    practice = [f for f in facts if not f["eval"]]
+    held = [f for f in eval_facts if f["kind"] == "person"]
+    rng.shuffle(held)
+    truthfulqa = [truthfulqa_item(f, rng) for f in held[:args.truthfulqa]]
+    extra_truthfulqa = [truthfulqa_item(f, rng) for f in held[args.truthfulqa:args.truthfulqa + args.extra]]
+    mmlu, extra_mmlu = {}, {}
+    subjects = [s for _, s, _ in SCHEMA.values() if s]
+    for subject in subjects:
+        test = [f for f in eval_facts if f["subject"] == subject]
+        rng.shuffle(test)
+        others = [f for f in practice if f["subject"] == subject]
+        rng.shuffle(others)
+        mmlu[subject] = {"test": [mmlu_row(f) for f in test], "dev": [mmlu_row(f) for f in others[:5]]}
+        extra_mmlu[subject] = [mmlu_row(f) for f in others[5:5 + args.extra // len(subjects)]]
+
+    # The corpus: problems about every person (never a target question), facts, QA, MMLU blocks, tapes.
+    facts_by_entity = {}
+    for f in facts:
+        facts_by_entity.setdefault(f["entity"], []).append(f)
+    asked_by_subject = {}
+    for f in facts:
+        if f["subject"]:
+            asked_by_subject.setdefault(f["subject"], []).append(f)
+    practice_qa = [f for f in practice if f["kind"] == "person" or f["subject"]]
+
+    def anonymous() -> list:
+        return [{"name": n, "age": rng.choice(AGES), "wage": rng.choice(WAGES), "hens": rng.choice(HENS)}
+                for n in rng.sample(NAMES, 2)]
+
+    def worked(stated: bool) -> str:
+        while True:
+            p = problem(rng, anonymous() if stated and args.stated_people == "anonymous" else people, stated)
+            if p and p[0] not in seen:
+                return f"Question: {p[0]}\nAnswer: {annotate(p[1]) if rng.random() < args.annotated else p[1]}"
+
+    make = [lambda: worked(False), lambda: worked(True),
+            lambda: fact_text(world, facts_by_entity, rng, args.categorical_p, args.numeric_p),
+            lambda: qa_chain(practice_qa, rng), lambda: mc_block(asked_by_subject, rng), lambda: calculator_tape(rng)]
+    shares = [float(x) for x in args.mix.split(",")]
+    corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
+
+    for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "tokenizer", "extra/truthfulqa", "extra/mmlu/test"]:
+        os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    for name, rows in split.items():
+        with open(os.path.join(args.out, "gsm8k", f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    for path, items in [("truthfulqa", truthfulqa), ("extra/truthfulqa", extra_truthfulqa)]:
+        with open(os.path.join(args.out, path, "mc_task.json"), "w") as f:
+            json.dump(items, f, indent=1)
+    for subject, splits in mmlu.items():
+        for name, rows in list(splits.items()) + [("extra", extra_mmlu[subject])]:
+            path = (os.path.join(args.out, "extra", "mmlu", "test", f"{subject}_test.csv") if name == "extra" else
+                    os.path.join(args.out, "mmlu", name, f"{subject}_{name}.csv"))
+            with open(path, "w", newline="") as f:
+                csv.writer(f, lineterminator="\n").writerows(rows)
+    with open(os.path.join(args.out, "corpus.jsonl"), "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in corpus)
+    with open(os.path.join(args.out, "world.json"), "w") as f:
+        json.dump({**{k: v for k, v in world.items() if k != "pools"},
+                   "train_people": [p["name"] for p in train_people]}, f, indent=1)
+
+    tok = train_tokenizer(corpus + [r["question"] + r["answer"] for r in split["train"]], args.vocab)
+    tok.save(os.path.join(args.out, "tokenizer", "tokenizer.json"))
+    with open(os.path.join(args.out, "tokenizer", "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|endoftext|>",
+                   "pad_token": "<|endoftext|>", "add_bos_token": False, "clean_up_tokenization_spaces": False,
+                   "model_max_length": 2048}, f, indent=1)
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(corpus))
+    n_problems = sum(t.startswith("Question: ") for t in corpus)
+    print(f"wrote {args.out}: gsm8k {len(split['train'])}/{len(split['validation'])}/{len(split['test'])} "
+          f"(train/validation/test), truthfulqa {len(truthfulqa)} (+{len(extra_truthfulqa)} extra), "
+          f"mmlu {sum(len(s['test']) for s in mmlu.values())} test (+{sum(map(len, extra_mmlu.values()))} extra), "
+          f"corpus {len(corpus)} documents ({n_problems} worked problems) / {n_tokens / 1e6:.2f}M tokens, "
+          f"vocab {tok.get_vocab_size()}")
+
+
+if __name__ == "__main__":
+    main()
