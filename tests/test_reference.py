@@ -14,11 +14,11 @@ import os
 import shutil
 import sys
 
-import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
+from trainer_helpers import one_thread  # noqa: E402,F401 (fixture)
 REFERENCE = os.path.join(HERE, "data", "reference")
 MODEL = os.path.join(REFERENCE, "model")
 EVAL_DATA = os.path.join(HERE, "data", "eval_data")
@@ -160,15 +160,7 @@ def exact(got, want) -> bool:
     return got == want
 
 
-@pytest.fixture
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_behaviour_is_the_recorded_one(tmp_path, single_thread):
+def test_behaviour_is_the_recorded_one(tmp_path, one_thread):
     want = torch.load(os.path.join(REFERENCE, "behaviour.pt"), weights_only=False)
     got = behaviour(str(tmp_path))
     assert sorted(got) == sorted(want)
