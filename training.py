@@ -350,7 +350,7 @@ def validation_problems(args) -> list[dict]:
     if distributed.main_rank():
         print("--eval-every: the data has no gsm8k/validation.jsonl; val_accuracy is measured on the last "
               f"{args.eval_limit or 'all'} train problems", file=sys.stderr)
-    return load_gsm8k("train", args.data_dir)[-args.eval_limit:] if args.eval_limit else load_gsm8k("train", args.data_dir)
+    return load_gsm8k("train", args.data_dir)[-args.eval_limit if args.eval_limit else 0:]
 
 
 def validate(args, model, tok, problems: list[dict], step: int, total: int) -> dict:
