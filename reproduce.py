@@ -25,9 +25,10 @@ What it runs, in order (each a call of the script that owns it, with the flags s
    forgetting; pass@k; the state-source x signal grid and state locality; the paper's conditions C1-C4 and
    predictions P1-P4, each decided from the interval of its difference)
    and plots (training curves; retention against each drift measure).
-With --frontier every run also keeps its adapter after a quarter and half of its steps (train_*.py --snapshots),
-which are evaluated too: frontier.png draws target accuracy against retention along each run, and results.md
-gives each method's retention at the target accuracies the methods share (retention at matched gain).
+With --frontier every run also keeps its adapter after 1/16, 1/8, 1/4, 3/8, 1/2 and 3/4 of its steps
+(train_*.py --snapshots), which are evaluated too: frontier.png draws target accuracy against retention along each
+run, and results.md gives each method's retention at the target gains the methods share, and its paired difference
+from another method's at the same gain (retention at matched gain).
 
 Everything goes under --out: ckpt/, eval/, drift/, rollouts/ and the report. Rerunning is resumable: a stage's
 output is reused when the same command made it from the same inputs (each stage records both beside its output),
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps and examples per stage")
     p.add_argument("--only", default=None, help="comma-separated trained runs to do (default: all)")
     p.add_argument("--frontier", action="store_true", help="also evaluate every run after "
-                   f"{' and '.join(map(str, FRONTIER))} of its steps: retention against target accuracy, at matched gain")
+                   f"{', '.join(f'{f:g}' for f in FRONTIER)} of its steps: retention against target accuracy, at matched gain")
     p.add_argument("--features", default="lexical,hidden", help="drift representations (drift.py --features)")
     p.add_argument("--extra", action="append", default=[], metavar='SCRIPT="FLAGS"',
                    help='flags appended to every call of a script, e.g. --extra train_grpo.py="--max-steps 50"')

@@ -31,7 +31,9 @@ from training import NonFiniteLoss, finished, snapshot_path, snapshot_steps
 
 SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py": train_opd,
            "evaluate.py": evaluate, "drift.py": drift}
-FRONTIER = (0.25, 0.5)    # --frontier: the fractions of every run kept (train_*.py --snapshots) and evaluated
+# --frontier: the fractions of every run kept (train_*.py --snapshots) and evaluated: six, the first at 1/16, so that
+# a matched gain rests on measured points rather than on one straight segment from the base
+FRONTIER = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
 
 
 @dataclass
@@ -243,16 +245,19 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
     return status
 
 
-def evaluate_model(args, name: str, checkpoint: str | None, costs: dict, passk: bool = False) -> str:
-    """evaluate.py on every task with the base as --baseline, or (passk) GSM8K's pass@k from sampled completions."""
-    out = os.path.join(args.out, "eval", f"{name}_passk.json" if passk else f"{name}.json")
+def evaluate_model(args, name: str, checkpoint: str | None, costs: dict, kind: str = "evaluate") -> str:
+    """evaluate.py on every task: the final adapter's evaluation (kind "evaluate", with the base as --baseline), a
+    --frontier snapshot's ("frontier": the profile's items for snapshots), or GSM8K's pass@k ("passk")."""
+    out = os.path.join(args.out, "eval", f"{name}_passk.json" if kind == "passk" else f"{name}.json")
     base_json = os.path.join(args.out, "eval", "base.json")
-    flags = ["--tasks", "gsm8k"] + PROFILES[args.profile]["passk"] if passk else PROFILES[args.profile]["evaluate"]
+    prof = PROFILES[args.profile]
+    flags = ["--tasks", "gsm8k"] + prof["passk"] if kind == "passk" else prof.get(kind, prof["evaluate"])
     argv = ["--model", args.model, "--out", out, "--device", args.device] + flags + _data_flag(args)
-    argv += ["--checkpoint", checkpoint] + ([] if passk else ["--baseline", base_json]) if checkpoint else []
+    baseline = kind == "evaluate" and checkpoint
+    argv += (["--checkpoint", checkpoint] if checkpoint else []) + (["--baseline", base_json] if baseline else [])
     argv += args.extra.get("evaluate.py", [])
-    inputs = [checkpoint] + ([] if passk else [base_json]) if checkpoint else []
-    return run_script(costs, f"{'passk' if passk else 'evaluate'}/{name}", "evaluate.py", argv, out, inputs)
+    inputs = ([checkpoint] if checkpoint else []) + ([base_json] if baseline else [])
+    return run_script(costs, f"{'evaluate' if kind == 'frontier' else kind}/{name}", "evaluate.py", argv, out, inputs)
 
 
 def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
@@ -264,7 +269,7 @@ def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
         step = snapshot_steps([f], total)[0]
         path = snapshot_path(checkpoint, step)
         if os.path.exists(path):
-            out[str(f)] = evaluate_model(args, f"{name}_at{step}", path, costs)
+            out[str(f)] = evaluate_model(args, f"{name}_at{step}", path, costs, "frontier")
         else:
             print(f"--frontier: {path} is missing: no point at {f} of {name}", file=sys.stderr)
     return out
@@ -300,7 +305,7 @@ def run_stages(args, costs: dict) -> dict:
     if only:
         check_only(args, only)
     evaluate_model(args, "base", None, costs)
-    evaluate_model(args, "base", None, costs, passk=True)
+    evaluate_model(args, "base", None, costs, "passk")
     runs = {}
     for seed in range(args.first_seed, args.seeds):
         for s in stages():
@@ -313,7 +318,7 @@ def run_stages(args, costs: dict) -> dict:
             name = f"{s.name}_s{seed}"
             if "failed" not in status:
                 status["eval"] = evaluate_model(args, name, status["checkpoint"], costs)
-                status["passk"] = evaluate_model(args, name, status["checkpoint"], costs, passk=True)
+                status["passk"] = evaluate_model(args, name, status["checkpoint"], costs, "passk")
                 status["drift"] = {f: measure_drift(args, name, status["checkpoint"], f, costs)
                                    for f in args.features.split(",")}
                 if args.frontier:

@@ -3,9 +3,10 @@ conditions and predictions decided from them, drift measures against forgetting,
 gain. evaluate.py gives each score its standard error, this file the intervals of the differences the study is about.
 
 Every interval is a t-interval over seeds with the items' variance added (`studentized`; its docstring argues the
-construction). The study's first intervals were percentile bootstraps resampling items and seeds (`bootstrap`, kept
-as the reference): resampling S seeds shrinks their variance by (S - 1) / S and reads normal-like quantiles where
-Student's t with S - 1 degrees of freedom applies, so at S = 3 its "95%" covered about 80% in the test's simulation.
+construction). The study's first intervals were percentile bootstraps resampling items and seeds (tests/test_study.py
+keeps that `bootstrap` as the reference): resampling S seeds shrinks their variance by (S - 1) / S and reads
+normal-like quantiles where Student's t with S - 1 degrees of freedom applies, so at S = 3 its "95%" covered about
+80% in the test's simulation.
 """
 import math
 import warnings
@@ -55,20 +56,20 @@ def t_quantile(level: float, df: int) -> float:
 def seed_interval(values, boot, estimate: float, items: int) -> dict:
     """The interval of `studentized` from a statistic's per-seed values [S] and its item bootstrap on the mean over
     seeds [R]; items: how many items there are (the item part's degrees of freedom)."""
-    values = np.asarray(values, float)
-    values, S = values[np.isfinite(values)], len(values)
+    values, boot = np.asarray(values, float), np.asarray(boot, float)
+    values, S, unreached = values[np.isfinite(values)], len(values), float(np.mean(~np.isfinite(boot)))
     v_item = float(np.nanvar(boot, ddof=1))
     v_seed = float(np.var(values, ddof=1)) / len(values) if S > 1 and len(values) > 1 else 0.0
     if S > 1 and len(values) < 2 or not np.isfinite(v_item):
         return {"estimate": estimate, "ci95": [math.nan] * 2, "ci90": [math.nan] * 2, "std": math.nan,
-                "df": math.nan, "p": math.nan, "seeds": S}
+                "df": math.nan, "p": math.nan, "seeds": S, "unreached": unreached}
     var = v_item + v_seed
     df = var ** 2 / (v_item ** 2 / max(items - 1, 1) + (v_seed ** 2 / (len(values) - 1) if v_seed else 0)) if var \
         else float(max(items - 1, 1))   # no spread at all: the items alone, as when the seeds agree
     if v_seed and v_seed >= v_item:   # the seeds' part leads: their own S - 1 (Satterthwaite's df, larger, undercovers at S = 3)
         df = len(values) - 1
     se = math.sqrt(var)
-    out = {"estimate": estimate, "std": se, "df": df, "seeds": S,
+    out = {"estimate": estimate, "std": se, "df": df, "seeds": S, "unreached": unreached,
            "p": t_two_sided(estimate / se, df) if se > 0 else float(estimate == 0)}
     for name, level in (("ci95", 0.95), ("ci90", 0.90)):
         half = t_quantile(level, max(1, int(min(df, 1001)))) * se
@@ -79,8 +80,10 @@ def seed_interval(values, boot, estimate: float, items: int) -> dict:
 def studentized(scores: dict, statistic, resamples: int = BOOTSTRAP, seed: int = 0, paired: bool = True) -> dict:
     """A 95% (and 90%) t-interval of statistic(means) over seeds, with the variance of sampling the items added.
 
-    scores and statistic as for `bootstrap` (a model with one row, the deterministic base, keeps it; items are
-    resampled with one draw shared by all models when `paired`). The study is a crossed design: the per-seed,
+    scores: {model: {task: [seeds, items] array}}, every model's rows of one task scoring the same items in the same
+    order; statistic({model: {task: [R] means}}) -> [R] array. A model with one row (the deterministic base) keeps
+    it; items are resampled with one draw shared by all models when `paired`, so that how hard an item is cancels
+    out of a difference between models. The study is a crossed design: the per-seed,
     per-item difference D_si = a_i + b_s + e_si has an item effect a shared by every seed (all seeds answer the
     same items), a seed effect b and their interaction e, so the estimate (the mean over n items and S seeds) has
     variance sigma_a^2/n + sigma_b^2/S + sigma_e^2/(nS). A t-interval over the per-seed values d_s alone estimates
@@ -117,49 +120,6 @@ def studentized(scores: dict, statistic, resamples: int = BOOTSTRAP, seed: int =
         warnings.simplefilter("ignore", RuntimeWarning)
         out = seed_interval([seed(s) for s in range(S)], stat(boot), estimate, min(n_items.values()))
     return {**out, "resamples": resamples}
-
-
-def bootstrap(scores: dict, statistic, resamples: int = 2000, seed: int = 0, paired: bool = True) -> dict:
-    """A 95% percentile interval of statistic(means), resampling items and seeds with replacement (hierarchical):
-    the study's first construction, kept as the reference `studentized` is measured against (it undercovers).
-
-    scores: {model: {task: [seeds, items] array}}; every model's rows of one task score the same items in the
-    same order. Each resample draws, per task, as many items as there are, with replacement: one draw shared
-    by all models when `paired`, so that how hard an item is cancels out of a difference between models,
-    and one draw per model otherwise. It also draws S of a model's S seeds with replacement, the same seed
-    indices for every model that has S (seed s of a student and seed s of its teacher stay together), so the
-    interval covers seed-to-seed spread as well as item sampling; a model with one row (the base: greedy
-    decoding is deterministic) keeps it. statistic({model: {task: [R] means}}) -> [R] array.
-    Returns {estimate (on all items and seeds), ci95, std, resamples}."""
-    rng = np.random.default_rng(seed)
-
-    def draw(n):   # [resamples, n]: how often each of n items is drawn in each resample
-        return rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(float)
-
-    n_items = {t: X.shape[1] for m in scores.values() for t, X in m.items()}
-    shared = {t: draw(n) for t, n in n_items.items()} if paired else {}
-    counts = {(name, t): shared[t] if paired else draw(n_items[t]) for name, m in scores.items() for t in m}
-    seed_draws = {S: rng.integers(0, S, (resamples, S)) for S in sorted({len(X) for m in scores.values() for X in m.values()})
-                  if S > 1}
-
-    def means(weights, seeds):
-        out = {}
-        for name, m in scores.items():
-            out[name] = {}
-            for t, X in m.items():
-                per_seed = X @ weights(name, t).T / X.shape[1]     # [S, R]: each seed's mean on each resample's items
-                rows = seeds.get(len(X))
-                out[name][t] = per_seed.mean(0) if rows is None else np.take_along_axis(per_seed, rows.T, 0).mean(0)
-        return out
-
-    boot = np.asarray(statistic(means(lambda name, t: counts[name, t], seed_draws)), dtype=float)
-    estimate = float(np.asarray(statistic(means(lambda name, t: np.ones((1, n_items[t])), {})), dtype=float)[0])
-    boot = boot[np.isfinite(boot)]
-    if not len(boot):
-        return {"estimate": estimate, "ci95": [float("nan")] * 2, "std": float("nan"), "resamples": resamples}
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    return {"estimate": estimate, "ci95": [float(lo), float(hi)], "std": float(boot.std(ddof=1)),
-            "resamples": resamples}
 
 
 def verdict(interval: dict, direction: int = 1) -> str:
@@ -422,7 +382,7 @@ def correlation(x, y, seed: int = 0, groups=None, control=None) -> dict:
 
 def along(acc: list, ret: list, level: float) -> np.ndarray:
     """Retention where a curve through points (acc_k, ret_k), k = 0, 1, .. (arrays over resamples) first reaches
-    target accuracy `level`, linear between points; NaN where it never does."""
+    target accuracy (or gain) `level`, linear between points; NaN where it never does."""
     out = np.full(np.shape(acc[0]), np.nan)
     for a0, a1, r0, r1 in zip(acc, acc[1:], ret, ret[1:]):
         moved = a0 != a1
@@ -434,8 +394,17 @@ def along(acc: list, ret: list, level: float) -> np.ndarray:
 
 def frontier(scores: dict, names: list[str]) -> dict:
     """Each method's trajectory (base, its --frontier snapshots: the scores named `name@fraction`, the final adapter)
-    as target accuracy against mean retention, per seed and in the mean; and each method's retention at the target
-    accuracies at least two methods reach, with intervals (retention at matched target gain)."""
+    as target accuracy against mean retention, per seed and in the mean; and at target gains over the base that at
+    least two methods reach, each method's retention R there and its paired difference from the first method in
+    `names` reaching it (items and seeds shared, so the difference is paired), with intervals (retention at matched
+    gain). Each cell also says which share of the item resamples never reach the gain ("unreached": those resamples
+    carry no R, and a share far from 0 means the level is at the edge of the curve) and whether the mean curve first
+    reaches it between the base and the run's first snapshot ("from_base": R there is one straight segment). Every
+    point is scored on the items all points share: the profile's snapshot evaluations may take GSM8K's first items
+    only (evaluate.py --limit-gsm8k: a prefix of the test split), and the base and final adapter are cut to them."""
+    on = ["base"] + [k for k in scores if k.split("@")[0] in names]
+    first = {t: min(scores[n][t].shape[1] for n in on) for t in TASK_KEYS}    # snapshots may score GSM8K's first items
+    scores = {n: {t: scores[n][t][:, :first[t]] for t in TASK_KEYS} for n in on}
     curves = {}
     for name in names:
         points = sorted((k for k in scores if k.startswith(f"{name}@")), key=lambda k: float(k.split("@")[1])) + [name]
@@ -448,19 +417,26 @@ def frontier(scores: dict, names: list[str]) -> dict:
                         "per_seed": {"gsm8k": [means[p]["gsm8k"].tolist() for p in points],
                                      "retention": [eq12(means, p)[1].tolist() for p in points]}}
     base_acc = float(scores["base"]["gsm8k"].mean())
-    ranges = [(min(c["gsm8k"]), max(c["gsm8k"])) for c in curves.values()]
-    levels = [lv for lv in np.round(np.arange(min([base_acc] + [r[0] for r in ranges]), max([base_acc] + [r[1] for r in ranges]),
-                                              0.01), 2)
-              if abs(lv - base_acc) >= 0.005 and sum(lo <= lv <= hi for lo, hi in ranges) >= 2]
-    levels = [levels[i] for i in np.linspace(0, len(levels) - 1, min(len(levels), 8)).round().astype(int)] if levels else []
+    ranges = {n: (min(c["gsm8k"]) - base_acc, max(c["gsm8k"]) - base_acc) for n, c in curves.items()}
+    gains = [g for g in np.round(np.arange(min([0, *(r[0] for r in ranges.values())]),
+                                           max([0, *(r[1] for r in ranges.values())]), 0.01), 2)
+             if abs(g) >= 0.005 and sum(lo <= g <= hi for lo, hi in ranges.values()) >= 2]
+    gains = [gains[i] for i in np.linspace(0, len(gains) - 1, min(len(gains), 8)).round().astype(int)] if gains else []
+
+    def retention(m, c, g):   # R where the curve of gains over the base first reaches g, per resample (Eq. 12)
+        return along([np.zeros_like(m["base"]["gsm8k"])] + [m[p]["gsm8k"] - m["base"]["gsm8k"] for p in c["points"]],
+                     [np.ones_like(m["base"]["gsm8k"])] + [eq12(m, p)[1] for p in c["points"]], g)
     table = {}
-    for lv in levels:
-        table[f"{lv:.2f}"] = {}
-        for name, c in curves.items():
-            if not min(c["gsm8k"]) <= lv <= max(c["gsm8k"]):
-                continue
-            def statistic(m, c=c, lv=lv):
-                return along([m["base"]["gsm8k"]] + [m[p]["gsm8k"] for p in c["points"]],
-                             [np.ones_like(m["base"]["gsm8k"])] + [eq12(m, p)[1] for p in c["points"]], lv)
-            table[f"{lv:.2f}"][name] = interval(scores, c["points"], statistic, ("gsm8k", *RETENTION_TASKS))
+    for g in gains:
+        reached = [n for n, (lo, hi) in ranges.items() if lo <= g <= hi]
+        table[f"{g:+.2f}"] = cells = {}
+        for name in reached:
+            c, ref = curves[name], curves[reached[0]]
+            cells[name] = interval(scores, c["points"], lambda m, c=c: retention(m, c, g), ("gsm8k", *RETENTION_TASKS))
+            steps = np.array(c["gsm8k"]) - base_acc
+            cells[name]["from_base"] = bool(min(steps[:2]) <= g <= max(steps[:2]))
+            if name != reached[0]:
+                cells[name]["difference"] = interval(scores, ref["points"] + c["points"], lambda m, c=c, ref=ref: (
+                    retention(m, c, g) - retention(m, ref, g)), ("gsm8k", *RETENTION_TASKS))
+                cells[name]["difference"]["against"] = reached[0]
     return {"curves": curves, "base_gsm8k": base_acc, "matched": table}

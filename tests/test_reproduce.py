@@ -54,9 +54,10 @@ def test_quick_study_writes_table_2_with_every_model(quick_study):
         assert all(iv[k]["ci95"][0] <= iv[k]["ci95"][1] for k in ("gain_gsm8k", "gain_mmlu", "forgetting", "retention"))
         assert set(summary["models"][name]["measures"]) == set(MEASURES)
         curve = summary["frontier"]["curves"][name]
-        assert curve["fractions"] == [0.0, *stages.FRONTIER, 1.0] and len(curve["retention"]) == 4
+        assert curve["fractions"] == [0.0, *stages.FRONTIER, 1.0]
+        assert len(curve["retention"]) == len(stages.FRONTIER) + 2
     assert set(summary["correlations"]) == set(MEASURES) and len(summary["points"]) == len(names) - 1
-    assert os.path.exists(os.path.join(out, "ckpt", "sft_stress_s0_at2.pt"))   # --snapshots 0.25,0.5 of 3 steps: 1, 2
+    assert os.path.exists(os.path.join(out, "ckpt", "sft_stress_s0_at2.pt"))   # --snapshots 1/16..3/4 of 3 steps: 1, 2
     assert {p["verdict"] for p in summary["predictions"].values()} <= {"holds", "contradicted", "undecided"}
     assert set(summary["conditions"]) == {"C1", "C2", "C3", "C3b", "C4"} and "**C3b**" in md
     assert "## Differences from the base" in md and "## Policy KL" in md and "**P3**" in md

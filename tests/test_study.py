@@ -4,9 +4,53 @@ from the intervals of their differences; MMD² differences, retention along a cu
 import numpy as np
 import pytest
 
-from study.stats import (_ranks, along, bootstrap, conditions, correlation, equivalence, holm, multiplicity, predictions,
-                         replicate_interval, studentized, t_quantile, t_two_sided, verdict)
+from study.stats import (_ranks, along, conditions, correlation, equivalence, frontier, holm, multiplicity,
+                         predictions, replicate_interval, studentized, t_quantile, t_two_sided, verdict)
 from study.summary import mean_std
+
+
+def bootstrap(scores: dict, statistic, resamples: int = 2000, seed: int = 0, paired: bool = True) -> dict:
+    """A 95% percentile interval of statistic(means), resampling items and seeds with replacement (hierarchical):
+    the study's first construction (study/stats.py until issue 29), kept here as the reference `studentized`
+    is measured against (it undercovers).
+
+    scores: {model: {task: [seeds, items] array}}; every model's rows of one task score the same items in the
+    same order. Each resample draws, per task, as many items as there are, with replacement: one draw shared
+    by all models when `paired`, so that how hard an item is cancels out of a difference between models,
+    and one draw per model otherwise. It also draws S of a model's S seeds with replacement, the same seed
+    indices for every model that has S (seed s of a student and seed s of its teacher stay together), so the
+    interval covers seed-to-seed spread as well as item sampling; a model with one row (the base: greedy
+    decoding is deterministic) keeps it. statistic({model: {task: [R] means}}) -> [R] array.
+    Returns {estimate (on all items and seeds), ci95, std, resamples}."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):   # [resamples, n]: how often each of n items is drawn in each resample
+        return rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(float)
+
+    n_items = {t: X.shape[1] for m in scores.values() for t, X in m.items()}
+    shared = {t: draw(n) for t, n in n_items.items()} if paired else {}
+    counts = {(name, t): shared[t] if paired else draw(n_items[t]) for name, m in scores.items() for t in m}
+    seed_draws = {S: rng.integers(0, S, (resamples, S)) for S in sorted({len(X) for m in scores.values() for X in m.values()})
+                  if S > 1}
+
+    def means(weights, seeds):
+        out = {}
+        for name, m in scores.items():
+            out[name] = {}
+            for t, X in m.items():
+                per_seed = X @ weights(name, t).T / X.shape[1]     # [S, R]: each seed's mean on each resample's items
+                rows = seeds.get(len(X))
+                out[name][t] = per_seed.mean(0) if rows is None else np.take_along_axis(per_seed, rows.T, 0).mean(0)
+        return out
+
+    boot = np.asarray(statistic(means(lambda name, t: counts[name, t], seed_draws)), dtype=float)
+    estimate = float(np.asarray(statistic(means(lambda name, t: np.ones((1, n_items[t])), {})), dtype=float)[0])
+    boot = boot[np.isfinite(boot)]
+    if not len(boot):
+        return {"estimate": estimate, "ci95": [float("nan")] * 2, "std": float("nan"), "resamples": resamples}
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"estimate": estimate, "ci95": [float(lo), float(hi)], "std": float(boot.std(ddof=1)),
+            "resamples": resamples}
 
 
 def difference(a, b):
@@ -208,6 +252,34 @@ def test_retention_along_a_curve_at_a_matched_accuracy():
     assert np.isnan(along(acc, ret, 0.6)[0])
     down = along([np.array([0.3, 0.3]), np.array([0.2, 0.3])], [np.array([1.0, 1.0]), np.array([0.9, 0.8])], 0.25)
     assert down[0] == pytest.approx(0.95) and np.isnan(down[1])             # the second curve never moves
+
+
+def test_matched_gain_is_a_paired_difference_of_retention_at_gains_over_the_base():
+    """Two methods climb the same gains over the base (0.1 at their snapshot, 0.2 at the end); along the way A keeps
+    R = 1 - g and then 0.9 - (g - 0.1), B loses half as much. At every matched gain g, B - A is known exactly; it is
+    paired (the same items), so its interval is narrow; a gain at the curves' end is missed by some resamples."""
+    n = 1000
+
+    def answers(k):   # [3 seeds, n]: the first k items right
+        return np.repeat((np.arange(n) < k).astype(float)[None], 3, 0)
+
+    def model(acc, tqa, mmlu):
+        return {"gsm8k": answers(acc), "truthfulqa": answers(tqa), "truthfulqa_mc2": answers(tqa), "mmlu": answers(mmlu)}
+    scores = {"base": {t: x[:1] for t, x in model(300, 600, 500).items()},
+              "a@0.5": model(400, 540, 450), "a": model(500, 480, 400),      # R 0.9, then 0.8
+              "b@0.5": model(400, 570, 475), "b": model(500, 540, 450)}      # R 0.95, then 0.9
+    matched = frontier(scores, ["a", "b"])["matched"]
+    assert matched and all(float(g) > 0 for g in matched)                    # keyed by gains over the base: +0.06
+    for key, cells in matched.items():
+        g = float(key)
+        expected = 0.5 * g if g <= 0.1 else 0.05 + 0.5 * (g - 0.1)
+        d = cells["b"]["difference"]
+        assert d["against"] == "a" and "difference" not in cells["a"]
+        assert d["estimate"] == pytest.approx(expected, abs=1e-9)
+        assert d["ci95"][0] <= expected <= d["ci95"][1] and d["ci95"][0] > 0
+        assert cells["a"]["estimate"] == pytest.approx(1 - g if g <= 0.1 else 0.9 - (g - 0.1), abs=1e-9)
+        assert cells["a"]["from_base"] == (g <= 0.1)                        # the segment from the base to 1/2
+    assert matched["+0.06"]["b"]["unreached"] == 0 and matched["+0.19"]["a"]["unreached"] > 0.05
 
 
 def test_correlations_pearson_and_spearman():

@@ -33,7 +33,7 @@ def test_same_seed_writes_the_same_bytes(world_dir, tmp_path):
     world2.main(["--out", str(tmp_path / "again"), "--seed", "3"] + SMALL)
     files = all_files(world_dir)
     assert files == all_files(tmp_path / "again") and "gsm8k/validation.jsonl" in files
-    assert "extra/truthfulqa/mc_task.json" in files and "extra/mmlu/test/botany_test.csv" in files
+    assert "truthfulqa/extra.json" in files and "mmlu/extra/botany_extra.csv" in files
     assert all(filecmp.cmp(os.path.join(world_dir, f), tmp_path / "again" / f, shallow=False) for f in files)
 
 

@@ -7,8 +7,8 @@ tiny/WORLD2.md tells why. In short: invented people carry numeric facts (age, ho
 the pretraining corpus states; target problems name people and leave their numbers out, so a solution has to
 recall the facts ("Dorva Kelm earns $7 an hour.") before its small, reliable arithmetic. Train problems are
 about one set of people, validation and test problems about another: fine-tuning never rehearses the facts the
-evaluation needs. Layouts are world 1's (evaluate.py reads them), plus gsm8k/validation.jsonl and extra/
-(retention-style items that are never evaluated, for KLs on retention contexts).
+evaluation needs. Layouts are world 1's (evaluate.py reads them), with gsm8k/validation.jsonl and truthfulqa/extra.json and
+mmlu/extra/ (retention items that are never evaluated: drift.py's contexts for KLs on retention).
 
 Everything is a function of --seed: the same command writes the same bytes.
 """
@@ -402,19 +402,17 @@ def main(argv=None):
     shares = [float(x) for x in args.mix.split(",")]
     corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
 
-    for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "tokenizer", "extra/truthfulqa", "extra/mmlu/test"]:
+    for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "mmlu/extra", "tokenizer"]:
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
     for name, rows in split.items():
         with open(os.path.join(args.out, "gsm8k", f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-    for path, items in [("truthfulqa", truthfulqa), ("extra/truthfulqa", extra_truthfulqa)]:
-        with open(os.path.join(args.out, path, "mc_task.json"), "w") as f:
+    for name, items in [("mc_task", truthfulqa), ("extra", extra_truthfulqa)]:   # drift.py reads the extra ones
+        with open(os.path.join(args.out, "truthfulqa", f"{name}.json"), "w") as f:
             json.dump(items, f, indent=1)
     for subject, splits in mmlu.items():
         for name, rows in list(splits.items()) + [("extra", extra_mmlu[subject])]:
-            path = (os.path.join(args.out, "extra", "mmlu", "test", f"{subject}_test.csv") if name == "extra" else
-                    os.path.join(args.out, "mmlu", name, f"{subject}_{name}.csv"))
-            with open(path, "w", newline="") as f:
+            with open(os.path.join(args.out, "mmlu", name, f"{subject}_{name}.csv"), "w", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerows(rows)
     with open(os.path.join(args.out, "corpus.jsonl"), "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in corpus)

@@ -7,7 +7,8 @@
 set -e
 export OMP_NUM_THREADS=1
 M=${M:-tiny/model2}; D=${D:-tiny/data2}; C=${C:-ckpt/w2}; R=${R:-tiny/probes/results}; mkdir -p $C $R
-declare -A FLAGS=([mild_r3]="--preset mild --lora-r 3 --lora-alpha 6 --batch-size 8"
+declare -A FLAGS=([mild_r16]="--preset mild --batch-size 8"
+                  [mild_r3]="--preset mild --lora-r 3 --lora-alpha 6 --batch-size 8"
                   [stress_r12]="--preset stress --lora-r 12 --lora-alpha 24 --batch-size 16"
                   [stress_r64]="--preset stress --batch-size 16")
 run() { name=$1
