@@ -94,6 +94,9 @@ PROFILES = {
         # the policy KLs' retention contexts are only the data dir's extra ones
         "drift": ["--batch-size", "128", "--prompts", "64", "--evaluated", "all"],
         "passk": ["--batch-size", "256", "--limit", "200", "--samples", "8"],   # the first 200 problems x 8 samples
+        # --frontier's six snapshots a run: every retention item and the first 300 GSM8K problems (the matched-gain
+        # curves cut the base and the final adapter to the same 300), so that the snapshots cost less than the runs
+        "frontier": ["--batch-size", "128", "--limit", "0", "--limit-gsm8k", "300"],
     },
     "quick": {
         "train": {

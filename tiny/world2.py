@@ -3,7 +3,7 @@
     python -m tiny.world2                      # writes tiny/data2/ (about a minute)
     python -m tiny.world2 --out DIR --seed 1   # another world, same recipe
 
-tiny/WORLD2.md tells why. In short: invented people carry numeric facts (age, hourly wage, hens) that only
+tiny/probes/README.md tells why. In short: invented people carry numeric facts (age, hourly wage, hens) that only
 the pretraining corpus states; target problems name people and leave their numbers out, so a solution has to
 recall the facts ("Dorva Kelm earns $7 an hour.") before its small, reliable arithmetic. Train problems are
 about one set of people, validation and test problems about another: fine-tuning never rehearses the facts the

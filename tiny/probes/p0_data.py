@@ -1,4 +1,4 @@
-"""P0 of tiny/WORLD2.md: structural checks of world 2's data (no model). python tiny/probes/p0_data.py [DATA_DIR]"""
+"""P0 of tiny/probes/README.md: structural checks of world 2's data (no model). python tiny/probes/p0_data.py [DATA_DIR]"""
 import json, re, sys
 d = sys.argv[1] if len(sys.argv) > 1 else 'tiny/data2'
 w = json.load(open(f'{d}/world.json'))

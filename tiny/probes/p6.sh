@@ -1,5 +1,5 @@
 #!/bin/bash
-# P6 of tiny/WORLD2.md: mild and stress SFT over world 2's whole train set, each then probed on validation
+# P6 of tiny/probes/README.md: mild and stress SFT over world 2's whole train set, each then probed on validation
 # (probe2.py). LoRA presets scaled to hidden 192 (r/hidden of the paper's r 16 and r 64 at hidden 1,024), and the
 # unscaled stress preset (r 64) for comparison. Restartable: a stopped run resumes from its checkpoint, a finished
 # run or probe is skipped.   nohup bash tiny/probes/p6.sh > /tmp/w2_p6.log 2>&1 &

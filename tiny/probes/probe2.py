@@ -1,4 +1,4 @@
-"""Probes P1-P5 of tiny/WORLD2.md on a world-2 model (the base, or a LoRA checkpoint merged into it).
+"""Probes P1-P5 of tiny/probes/README.md on a world-2 model (the base, or a LoRA checkpoint merged into it).
 Adapted from ../shared/probes/probe_tiny.py (world 1). One core, a minute or two.
 
     OMP_NUM_THREADS=1 python tiny/probes/probe2.py --out tiny/probes/base.json
