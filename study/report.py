@@ -6,7 +6,7 @@ import os
 import sys
 
 from cli import write_text
-from study.stages import FRONTIER, stages
+from study.stages import FRONTIER, PROFILES, stages
 from study.stats import BOOTSTRAP, EQUIVALENCE, MEASURES, SIMILAR, TASK_KEYS, conditions, predictions
 from study.summary import read_log
 
@@ -39,9 +39,8 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
              "Written by `reproduce.py`; every number below is in results.json beside this file. "
              + ("Mean ± std over seeds (the base is evaluated once: greedy decoding and scoring are deterministic). "
                 if n > 1 else "") + "The paper's numbers (Qwen3-0.6B-Base on the real tasks) are in parentheses where it gives them; on "
-             "another model or world, compare directions and gaps, not levels. Settings: the profile's flags (study/stages.py "
-             "PROFILES) are the paper's where it gives them, the rest chosen on the target's validation split; the test "
-             "split is scored only by this study's evaluations.",
+             "another model or world, compare directions and gaps, not levels. "
+             f"Settings (study/stages.py PROFILES[{summary['profile']!r}]): {PROFILES[summary['profile']]['settings']}.",
              "", "## Table 2: target accuracy, retention, drift", "",
              "| model | GSM8K | TruthfulQA MC1 | MMLU | mean forgetting F | mean retention R | MMD² (lexical) | MMD² (hidden) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -73,8 +73,12 @@ def stages() -> list[Stage]:
 # Per-setting flags added to the scripts' defaults. "paper": none (the scripts' defaults are the paper's).
 # "tiny": the tiny world on 2 CPU cores, about half an hour a seed; "quick": a smoke run.
 PROFILES = {
-    "paper": {"train": {}, "evaluate": [], "drift": [], "passk": ["--samples", "8"]},
+    "paper": {"train": {}, "evaluate": [], "drift": [], "passk": ["--samples", "8"],
+              "settings": "the scripts' defaults: the paper's where it gives them, our stated choice where not (README)"},
     "tiny": {
+        # where the budgets below come from (results.md says it): world 1's were chosen on its test split
+        "settings": "chosen by target accuracy on the first world's test split before it had a validation split "
+                    "(tiny/README.md); the second world's are to be chosen on its validation split",
         # The SFT presets unchanged (mild: 1 epoch, lr 1e-4, r 16; stress: 5 epochs, lr 5e-4, r 64) over all 7,473
         # train problems, as in the paper (mild in batches of 8: 935 steps; stress in batches of 16: 2,340 steps).
         # RFT: the first 1,000 problems (125 steps of 8 prompts x 8 samples). GRPO: 300 steps of 8 prompts x 8
@@ -99,6 +103,7 @@ PROFILES = {
         "frontier": ["--batch-size", "128", "--limit", "0", "--limit-gsm8k", "300"],
     },
     "quick": {
+        "settings": "a smoke run: a few steps and examples per stage",
         "train": {
             "train_sft.py": ["--limit", "32", "--max-steps", "3", "--batch-size", "8", "--eval-every", "1",
                              "--eval-limit", "4"],
