@@ -62,14 +62,15 @@ def seed_interval(values, boot, estimate: float, items: int) -> dict:
     v_seed = float(np.var(values, ddof=1)) / len(values) if S > 1 and len(values) > 1 else 0.0
     if S > 1 and len(values) < 2 or not np.isfinite(v_item):
         return {"estimate": estimate, "ci95": [math.nan] * 2, "ci90": [math.nan] * 2, "std": math.nan,
-                "df": math.nan, "p": math.nan, "seeds": S, "unreached": unreached}
+                "df": math.nan, "p": math.nan, "seeds": S, "unreached": unreached,
+                "seeds_defined": len(values)}
     var = v_item + v_seed
     df = var ** 2 / (v_item ** 2 / max(items - 1, 1) + (v_seed ** 2 / (len(values) - 1) if v_seed else 0)) if var \
         else float(max(items - 1, 1))   # no spread at all: the items alone, as when the seeds agree
     if v_seed and v_seed >= v_item:   # the seeds' part leads: their own S - 1 (Satterthwaite's df, larger, undercovers at S = 3)
         df = len(values) - 1
     se = math.sqrt(var)
-    out = {"estimate": estimate, "std": se, "df": df, "seeds": S, "unreached": unreached,
+    out = {"estimate": estimate, "std": se, "df": df, "seeds": S, "unreached": unreached, "seeds_defined": len(values),
            "p": t_two_sided(estimate / se, df) if se > 0 else float(estimate == 0)}
     for name, level in (("ci95", 0.95), ("ci90", 0.90)):
         half = t_quantile(level, max(1, int(min(df, 1001)))) * se
@@ -398,10 +399,12 @@ def frontier(scores: dict, names: list[str]) -> dict:
     least two methods reach, each method's retention R there and its paired difference from the first method in
     `names` reaching it (items and seeds shared, so the difference is paired), with intervals (retention at matched
     gain). Each cell also says which share of the item resamples never reach the gain ("unreached": those resamples
-    carry no R, and a share far from 0 means the level is at the edge of the curve) and whether the mean curve first
-    reaches it between the base and the run's first snapshot ("from_base": R there is one straight segment). Every
-    point is scored on the items all points share: the profile's snapshot evaluations may take GSM8K's first items
-    only (evaluate.py --limit-gsm8k: a prefix of the test split), and the base and final adapter are cut to them."""
+    carry no R, and a share far from 0 means the level is at the edge of the curve), how many seeds' own curves reach
+    it ("seeds_defined": the others are left out of the seeds' spread; one of several gives no interval), and whether
+    the mean curve first reaches it between the base and the run's first snapshot ("from_base": R there is one
+    straight segment). Every point is scored on the items all points share: the profile's snapshot evaluations may
+    take GSM8K's first items only (evaluate.py --limit-gsm8k: a prefix of the test split), and the base and final
+    adapter are cut to them."""
     on = ["base"] + [k for k in scores if k.split("@")[0] in names]
     first = {t: min(scores[n][t].shape[1] for n in on) for t in TASK_KEYS}    # snapshots may score GSM8K's first items
     scores = {n: {t: scores[n][t][:, :first[t]] for t in TASK_KEYS} for n in on}
