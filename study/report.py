@@ -168,8 +168,9 @@ def intervals_tables(summary: dict) -> list[str]:
                 f"all of its steps) first reaches a GSM8K gain over the base ({fr['base_gsm8k']:.3f}), linear between "
                 "points, and its difference from the first method in the list that reaches the same gain, paired over "
                 "items and seeds; 95% intervals. *Unreached*: the share of item resamples in which the curve never reaches "
-                "the gain (they carry no R); *seeds*: how many seeds' own curves reach it (one of several: no interval). † marks a gain the method reaches between the base and its first snapshot: "
-                "there R is one straight segment from the base, not a measured point.", "",
+                "the gain (they carry no R); *seeds*: how many seeds' own curves reach it (one of several: no interval). "
+                "† marks a gain the method reaches between the base and its first snapshot: there R is one straight "
+                "segment from the base, not a measured point.", "",
                 "| gain | method | R | difference | against | unreached | seeds |", "| --- |" + " --- |" * 6]
         for gain, cells in fr["matched"].items():
             for n, c in cells.items():
