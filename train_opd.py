@@ -36,8 +36,9 @@ Losses are summed over supervised tokens (states, for kl) and divided by their c
 
 Teacher and student are ONE base model with two LoRA adapters, "teacher" (frozen, from --teacher) and
 "default" (the student: fresh, or --init); switching is a flag per layer, never a second copy of the base.
-The loop is main()'s, its pieces (flags, checkpoints, --resume, logging) training.py's plain functions; `python train_opd.py --teacher X.pt` needs nothing
-else, because --model and --data-dir default to what the teacher's checkpoint records.
+The loop is main()'s, its pieces (flags, checkpoints, --resume, logging) training.py's plain functions;
+`python train_opd.py --teacher X.pt` needs nothing else, because --model and --data-dir default to what the
+teacher's checkpoint records.
 
 Logged per step (JSONL, training.py): loss; supervised tokens; response length; sample/learn seconds; tokens/s
 (sampled plus trained tokens over the step's wall time). With state locality (every --locality-every steps):
