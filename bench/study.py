@@ -32,8 +32,8 @@ from bench.harness import QWEN_TOKENIZER, QWEN_VOCAB, ROOT, random_model, shape
 
 EVAL_DATA = os.path.join(ROOT, "tests", "data", "eval_data")
 # Optimizer steps of the paper's full runs with the scripts' defaults (GSM8K train has 7,473 problems).
-FULL_STEPS = {"sft_mild": 468, "sft_stress": 2336, "grpo": 200, "opd_stress": 200, "opd_mild": 200, "opd_kl": 200,
-              "opd_stress_on_teacher_states": 200, "opd_stress_on_data_states": 200}
+FULL_STEPS = {"sft_mild": 468, "sft_stress": 2336, "grpo": 200, "sft_learner": 468, "opd_stress": 200, "opd_mild": 200,
+              "opd_kl": 200, "opd_sampled_kl": 200, "opd_stress_on_teacher_states": 200, "opd_stress_on_data_states": 200}
 FULL_EVAL = 500 + 200 + 500
 
 
@@ -80,6 +80,11 @@ def main(argv=None):
                             "--extra", f"train_grpo.py={steps} --beta 1e-6", "--extra", f"train_opd.py={steps}",
                             "--extra", f"evaluate.py=--limit {args.eval_n} {tokens}",
                             "--extra", f"drift.py=--prompts {args.drift_prompts} --bootstrap 50 {tokens}"])
+    return report(study, args, work)
+
+
+def report(study: dict, args, work: str) -> dict:
+    """Per-stage costs of a finished study (its results.json) and their projection to the paper's full run."""
     seconds, memory = study["costs"]["seconds"], study["costs"]["peak_gpu_gib"]
     rows = []
     for name, row in study["models"].items():
