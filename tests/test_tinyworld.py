@@ -1,5 +1,6 @@
-"""The tiny world: a deterministic generator, valid data layouts, and a pretraining run whose output
-directory loads in model.py and in transformers with the same logits."""
+"""The tiny world (tiny/world.py): a deterministic generator; correct solutions that recall the people's numeric facts;
+train problems and validation/test problems about disjoint people whose numbers only the corpus states; valid
+retention layouts; and a pretraining run whose output loads in model.py and in transformers with the same logits."""
 import csv
 import filecmp
 import json
@@ -9,11 +10,12 @@ import re
 import pytest
 import torch
 
+from model import load_model
 from tiny import pretrain
 from tiny import world as tinyworld
-from model import load_model
 
-SMALL = ["--train", "60", "--test", "30", "--docs", "600", "--world", "0.2", "--vocab", "320"]
+SMALL = ["--train", "80", "--validation", "20", "--test", "30", "--docs", "800", "--world", "0.1", "--vocab", "320",
+         "--extra", "12"]
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +23,11 @@ def world_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tinyworld"))
     tinyworld.main(["--out", out, "--seed", "3"] + SMALL)
     return out
+
+
+def rows(world_dir, split):
+    with open(os.path.join(world_dir, "gsm8k", f"{split}.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def all_files(root):
@@ -31,44 +38,46 @@ def test_same_seed_writes_the_same_bytes_and_another_seed_does_not(world_dir, tm
     tinyworld.main(["--out", str(tmp_path / "again"), "--seed", "3"] + SMALL)
     tinyworld.main(["--out", str(tmp_path / "other"), "--seed", "4"] + SMALL)
     files = all_files(world_dir)
-    assert files == all_files(tmp_path / "again")
+    assert files == all_files(tmp_path / "again") and "gsm8k/validation.jsonl" in files
+    assert "truthfulqa/extra.json" in files and "mmlu/extra/botany_extra.csv" in files
     assert all(filecmp.cmp(os.path.join(world_dir, f), tmp_path / "again" / f, shallow=False) for f in files)
     assert not filecmp.cmp(os.path.join(world_dir, "corpus.jsonl"), tmp_path / "other" / "corpus.jsonl", shallow=False)
 
 
-def test_every_gsm8k_answer_shows_correct_steps_and_ends_with_the_true_result(world_dir):
-    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
-    for split, n in [("train", 60), ("test", 30)]:
-        with open(os.path.join(world_dir, "gsm8k", f"{split}.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        assert len(rows) == n and set(rows[0]) == {"question", "answer"}
-        for row in rows:
-            *steps, last = row["answer"].split("\n")
-            final = re.fullmatch(r"#### (\d+)", last)
-            assert final, row["answer"]
+def test_solutions_recall_the_people_s_facts_and_compute_correctly(world_dir):
+    with open(os.path.join(world_dir, "world.json")) as f:
+        world = json.load(f)
+    people = {p["name"]: p for p in world["person"]}
+    train_people = set(world["train_people"])
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}
+    for split, n in [("train", 80), ("validation", 20), ("test", 30)]:
+        rs = rows(world_dir, split)
+        assert len(rs) == n
+        for r in rs:
+            *lines, last = r["answer"].split("\n")
+            named = {p for p in people if p in r["question"]}
+            assert named and all((p in train_people) == (split == "train") for p in named)
+            recalled = [line for line in lines if "<<" not in line]
+            assert recalled and not any(line in r["question"] for line in recalled)   # the question states no fact
+            for line in recalled:
+                name, value = re.fullmatch(r"(.+?) (?:is |earns \$|keeps )(\d+)(?: years old| an hour| hens)\.", line).groups()
+                attr = "age" if "years old" in line else "wage" if "an hour" in line else "hens"
+                assert people[name][attr] == int(value)
             results = []
-            for step in steps:   # GSM8K's calculator annotation repeats each computation: "a op b = <<a op b = c>>c"
-                a, op, b, c = re.search(r"(\d+) ([-+*/]) (\d+) = \$?<<\1 \2 \3 = (\d+)>>\4", step).groups()
-                assert ops[op](int(a), int(b)) == int(c) and (op != "/" or int(a) % int(b) == 0), step
+            for line in lines[len(recalled):]:
+                a, op, b, c = re.search(r"(\d+) ([-+*]) (\d+) = \$?<<\1 \2 \3 = (\d+)>>\4", line).groups()
+                assert ops[op](int(a), int(b)) == int(c) >= 0
                 results.append(int(c))
-            assert results[-1] == int(final.group(1))
+            assert last == f"#### {results[-1]}"
 
 
-def test_train_and_test_problems_are_disjoint_and_absent_from_the_corpus(world_dir):
-    questions = {}
-    for split in ["train", "test"]:
-        with open(os.path.join(world_dir, "gsm8k", f"{split}.jsonl")) as f:
-            questions[split] = {json.loads(line)["question"] for line in f}
-    assert not questions["train"] & questions["test"]
+def test_splits_are_disjoint_and_the_corpus_asks_none_of_them(world_dir):
+    qs = {s: {r["question"] for r in rows(world_dir, s)} for s in ("train", "validation", "test")}
+    assert not qs["train"] & qs["validation"] and not qs["train"] & qs["test"] and not qs["validation"] & qs["test"]
     with open(os.path.join(world_dir, "corpus.jsonl")) as f:
         corpus = [json.loads(line)["text"] for line in f]
-    asked = {t.split("\n")[0].removeprefix("Question: ") for t in corpus if t.startswith("Question: ")}
-    assert asked and not asked & (questions["train"] | questions["test"])
-    # few of the corpus's worked problems carry GSM8K's calculator annotations (--annotated, 3%): the base
-    # knows the gold solutions' style but does not write it
-    problems = [t for t in corpus if t.startswith("Question: ")]
-    share = sum("<<" in t for t in problems) / len(problems)
-    assert 0 < share < 0.1
+    asked = {t.split("\nAnswer:")[0].removeprefix("Question: ") for t in corpus if t.startswith("Question: ")}
+    assert asked and not asked & (qs["train"] | qs["validation"] | qs["test"])
     assert any(t.startswith("Calculator tape:\n<<") for t in corpus)
 
 
@@ -94,7 +103,8 @@ def test_truthfulqa_items_list_their_one_true_mc1_choice_first_and_it_states_the
 def test_mmlu_rows_have_six_fields_and_the_letter_names_the_world_fact(world_dir):
     with open(os.path.join(world_dir, "world.json")) as f:
         world = json.load(f)
-    values = {e["name"]: set(v for k, v in e.items() if k != "name") for kind in world.values() for e in kind}
+    values = {e["name"]: set(v for k, v in e.items() if k != "name")
+              for kind, entities in world.items() if kind != "train_people" for e in entities}
     subjects = sorted(f.removesuffix("_test.csv") for f in os.listdir(os.path.join(world_dir, "mmlu", "test")))
     assert subjects == ["botany", "geography", "history", "zoology"]
     for subject in subjects:

@@ -3,34 +3,26 @@
     python -m tiny.world                      # writes tiny/data/ (about a minute)
     python -m tiny.world --out DIR --seed 1   # another world, same recipe
 
-Nobody can pretrain Qwen3-0.6B-Base here, so the study brings a world small enough to pretrain on two
-CPU cores (tiny/pretrain.py) in which the paper's quantities still mean what they mean there; tiny/README.md
-tells why it is built this way and which worlds were tried and dropped. It writes, in exactly the layouts
-of ../shared/data that evaluate.py and the trainers read:
+Nobody can pretrain Qwen3-0.6B-Base here, so the study brings a world small enough to pretrain on two CPU cores
+(tiny/pretrain.py) in which the paper's quantities still mean what they mean there; tiny/README.md tells why it is
+built this way, and the first world it replaced. In short: invented people carry numeric facts (age, hourly wage,
+hens) that only the pretraining corpus states; target problems name people and leave their numbers out, so a
+solution first recalls the facts in their canonical sentence ("Dorva Kelm earns $7 an hour.") and then does small,
+reliable arithmetic with GSM8K's calculator annotation ("6 * 7 = $<<6 * 7 = 42>>42"). Train problems are about one
+set of people, validation and test problems about another: fine-tuning rehearses the plans and the train people's
+facts, never the facts the evaluation needs. It writes, in the layouts of ../shared/data that evaluate.py and the
+trainers read:
 
-- gsm8k/{train,test}.jsonl, the target task: {question, answer} arithmetic word problems of one to three
-  steps; every answer shows its steps and ends with "\n#### N". Like the real GSM8K's, each step carries a
-  calculator annotation that repeats the computation ("He earns 28 * 26 = $<<28 * 26 = 728>>728."), a
-  style the corpus's own worked problems use only rarely (--annotated, 3%).
-- Two retention tasks on the facts of an invented world (people, towns, animals, plants, rulers with
-  three attributes each), facts that the corpus states in several paraphrases and in random order, so
-  the base model knows them only from pretraining and target-task fine-tuning can only damage them:
-  * truthfulqa/mc_task.json (TruthfulQA's layout): "Where does Bora Kelm live?", each choice a sentence
-    ("Bora Kelm lives in Mirel."), MC1 one true among four, MC2 two true paraphrases among eight. These
-    facts are held out: the corpus states them but never asks them (it asks other people's facts in
-    "Q: ...\nA: ..." chains), so the score is knowledge recalled, not an item memorized.
-  * mmlu/{dev,test}/<subject>_{dev,test}.csv (hendrycks layout: no header, answer letter), subjects
-    geography, zoology, botany, history: sentence-completion items ("Mirel is a town in") whose four
-    options are the attribute's four values in one fixed order. The corpus asks these very items in the
-    MMLU layout (see mmlu_row for why a model this small needs all three choices), so this score is
-    a memorized, format-bound answer: the kind of retention fine-tuning damages first.
-- corpus.jsonl ({"text"} per document): word problems in the evaluation's "Question: ...\nAnswer: ..."
-  format (never a train or test question), fact passages, Q/A chains, MMLU-layout blocks, calculator
-  tapes ("<<16 * 58 = 928>>" lines). Some Q/A chains
-  open with the fixed six-shot primer that the TruthfulQA protocol puts before every question, as web
-  text would: the tiny model should not meet its first real English words at evaluation time.
-- tokenizer/: a byte-level BPE (`tokenizers`) trained on the corpus, digits split one by one as in Qwen's
-  pre-tokenizer, <|endoftext|> (id 0) as EOS and padding; world.json: every entity and its attributes.
+- gsm8k/{train,validation,test}.jsonl (7,473 / 500 / 1,319): {question, answer}, every answer ending "\n#### N".
+- truthfulqa/mc_task.json (TruthfulQA's layout: MC1 one true sentence among four, MC2 two true paraphrases among
+  eight) on held-out categorical facts of people (home town, job, pet) that the corpus states but never asks, and
+  mmlu/{dev,test}/<subject>_{dev,test}.csv (hendrycks layout) on towns, animals, plants and rulers, items the corpus
+  asks in the MMLU layout (mmlu_row says why). truthfulqa/extra.json and mmlu/extra/ hold more items of the same
+  layouts that no evaluation scores: drift.py's retention contexts.
+- corpus.jsonl: worked problems about the world's people (never a split's question) and about anonymous people
+  with their numbers stated, fact passages, Q/A chains (some opening with the TruthfulQA protocol's six-shot
+  primer), MMLU-layout blocks and calculator tapes, in the shares of --mix; tokenizer/: a byte-level BPE trained on
+  it (digits split one by one as in Qwen's pre-tokenizer, <|endoftext|> = id 0); world.json: every entity.
 
 Everything is a function of --seed: the same command writes the same bytes.
 """
@@ -43,7 +35,7 @@ import re
 
 from tqdm import tqdm
 
-from evaluate import TRUTHFULQA_PREAMBLE  # the fixed six-shot primer of the TruthfulQA protocol
+from evaluate import TRUTHFULQA_PREAMBLE
 
 # ----------------------------------------------------------------------------------------------
 # Names: invented words, so no fact can come from anywhere but the corpus
@@ -66,9 +58,7 @@ def invent(rng: random.Random, taken: set, syllables=(2, 2), suffix="") -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The world: entities of five kinds, each with three attributes. Per attribute: the pool of values,
-# the sentences that state it in the corpus, and the question that asks it. The four MMLU subjects'
-# attributes have exactly four values, listed as the options A-D in one fixed order (see mmlu_row).
+
 
 JOBS = ["baker", "miner", "weaver", "potter", "fisher", "smith", "farmer", "tailor", "carpenter", "brewer",
         "healer", "scribe", "hunter", "mason", "shepherd", "sailor", "cook", "painter"]
@@ -79,50 +69,6 @@ POOLS = {"product": ["salt", "wool", "glass", "cheese"], "fur": ["black", "white
          "use": ["tea", "rope", "dye", "medicine"], "building": ["a great bridge", "a stone wall", "a lighthouse", "a canal"],
          "job": JOBS, "pet": PETS}
 
-# kind -> (count, MMLU subject or None, {attribute: (value pool, [sentences], question)})
-SCHEMA = {
-    "person": (3200, None, {
-        "home": ("town", ["{e} lives in {v}.", "{e}'s home is in {v}.", "{e} has a house in {v}.",
-                          "The home of {e} is the town of {v}."], "Where does {e} live?"),
-        "job": ("job", ["{e} works as a {v}.", "{e} is a {v}.", "By trade, {e} is a {v}.",
-                        "{e} earns a living as a {v}."], "What does {e} do for a living?"),
-        "pet": ("pet", ["{e} has a pet {v}.", "{e} keeps a {v} as a pet.", "The pet of {e} is a {v}.",
-                        "At home, {e} looks after a {v}."], "What pet does {e} have?"),
-    }),
-    "town": (100, "geography", {
-        "region": ("region", ["{e} is a town in {v}.", "{e} lies in the region of {v}.",
-                              "The town of {e} is part of {v}."], "In which region is the town of {e}?"),
-        "river": ("river", ["{e} was built on the banks of the {v}.", "The {v} river flows through {e}.",
-                            "{e} lies on the {v} river."], "Which river flows through {e}?"),
-        "product": ("product", ["{e} is famous for its {v}.", "The town of {e} is known for {v}.",
-                                "Traders come to {e} to buy {v}."], "What is the town of {e} famous for?"),
-    }),
-    "animal": (70, "zoology", {
-        "fur": ("fur", ["The fur of the {e} is {v}.", "The {e} has {v} fur.", "A {e} is {v} all over."],
-                "What color is the fur of the {e}?"),
-        "food": ("food", ["The {e} eats {v}.", "The {e} feeds mostly on {v}.", "The favorite food of the {e} is {v}."],
-                 "What does the {e} eat?"),
-        "habitat": ("habitat", ["The {e} lives in the {v}.", "The {e} makes its home in the {v}.",
-                                "You can find the {e} in the {v}."], "Where does the {e} live?"),
-    }),
-    "plant": (70, "botany", {
-        "flower": ("flower", ["The flowers of the {e} are {v}.", "The {e} has {v} flowers.",
-                              "In spring the {e} opens {v} flowers."], "What color are the flowers of the {e}?"),
-        "soil": ("soil", ["The {e} grows in {v}.", "The {e} is found in {v}.", "The {e} likes {v}."],
-                 "Where does the {e} grow?"),
-        "use": ("use", ["People use the {e} to make {v}.", "The {e} is used for {v}.", "From the {e}, people make {v}."],
-                "What do people make from the {e}?"),
-    }),
-    "ruler": (60, "history", {
-        "capital": ("capital", ["{e} ruled from {v}.", "The court of {e} was in {v}.", "{e} made {v} the capital."],
-                    "From which city did {e} rule?"),
-        "built": ("building", ["{e} built {v}.", "During the reign of {e}, workers built {v}.",
-                               "{e} is remembered for building {v}."], "What did {e} build?"),
-        "rival": ("land", ["{e} fought a long war against {v}.", "{e} was at war with {v}.",
-                           "The great enemy of {e} was {v}."], "Against which land did {e} fight a war?"),
-    }),
-}
-
 
 def new_name(kind: str, rng: random.Random, taken: set) -> str:
     if kind == "person":
@@ -132,38 +78,6 @@ def new_name(kind: str, rng: random.Random, taken: set) -> str:
     if kind == "plant":
         return invent(rng, taken, (1, 2), rng.choice(["wort", "weed", "root", "bloom"]))
     return invent(rng, taken, (2, 3)).capitalize() if kind == "town" else invent(rng, taken, (2, 2))
-
-
-def build_world(rng: random.Random, size: float = 1.0) -> dict:
-    """Names and attribute values for every entity: {kind: [{"name", attr: value, ...}], "pools": {...}}."""
-    taken = set()
-    pools = dict(POOLS, region=[invent(rng, taken, (2, 3)).capitalize() for _ in range(4)],
-                 river=[invent(rng, taken, (2, 2)).capitalize() for _ in range(4)],
-                 capital=[invent(rng, taken, (2, 3)).capitalize() for _ in range(4)],
-                 land=[invent(rng, taken, (2, 3), "ia").capitalize() for _ in range(4)])
-    world = {"pools": pools}
-    for kind in ["town", "person", "animal", "plant", "ruler"]:  # towns first: people live in them
-        count, _, attrs = SCHEMA[kind]
-        world[kind] = []
-        for _ in range(round(count * size)):
-            entity = {"name": new_name(kind, rng, taken)}
-            for attr, (pool, _, _) in attrs.items():
-                entity[attr] = rng.choice([t["name"] for t in world["town"]] if pool == "town" else pools[pool])
-            world[kind].append(entity)
-    return world
-
-
-def world_facts(world: dict, rng: random.Random, eval_frac: float) -> list[dict]:
-    """Every (entity, attribute) fact, each marked eval (goes to a test set) or practice."""
-    facts = []
-    for kind, (_, subject, attrs) in SCHEMA.items():
-        for entity in world[kind]:
-            for attr, (pool, sentences, question) in attrs.items():
-                values = [t["name"] for t in world["town"]] if pool == "town" else world["pools"][pool]
-                facts.append({"kind": kind, "subject": subject, "entity": entity["name"], "attr": attr,
-                              "value": entity[attr], "values": values, "sentences": sentences,
-                              "question": question.format(e=entity["name"]), "eval": rng.random() < eval_frac})
-    return facts
 
 
 def say(fact: dict, value: str, template: int = 0) -> str:
@@ -204,180 +118,13 @@ def mmlu_row(fact: dict) -> list[str]:
     return [stem[0].upper() + stem[1:]] + fact["values"] + ["ABCD"[fact["values"].index(fact["value"])]]
 
 
-# ----------------------------------------------------------------------------------------------
-# Target task: arithmetic word problems in GSM8K's style. Each template returns (question, steps,
-# result); a step is a sentence with "a op b = c" in it, the last line is "#### result".
-
 NAMES = ["Tom", "Mia", "Sam", "Lily", "Ben", "Emma", "Jack", "Ava", "Leo", "Zoe", "Max", "Ella", "Noah", "Ruby",
          "Finn", "Grace", "Owen", "Chloe", "Adam", "Nora", "Liam", "Ivy", "Eli", "Rosa"]
-HE = {n: ("she" if n in {"Mia", "Lily", "Emma", "Ava", "Zoe", "Ella", "Ruby", "Grace", "Chloe", "Nora", "Ivy",
-                         "Rosa"} else "he") for n in NAMES}
-ITEMS = ["apples", "marbles", "stickers", "cookies", "pencils", "books", "shells", "cards", "eggs", "stamps",
-         "beads", "candies", "flowers", "toy cars", "balloons", "oranges"]
-GOODS = [("notebook", "notebooks"), ("pen", "pens"), ("toy", "toys"), ("shirt", "shirts"), ("cake", "cakes"),
-         ("ticket", "tickets"), ("book", "books"), ("hat", "hats")]
-
-
-def problem(rng: random.Random, scale: float = 3.0) -> tuple[str, str]:
-    """One word problem; `scale` stretches the quantities (the task's difficulty), not the small factors."""
-    n, m = rng.sample(NAMES, 2)
-    p = HE[n]
-    P = p.capitalize()
-    item = rng.choice(ITEMS)
-    one, many = rng.choice(GOODS)
-    r = rng.randint
-
-    def big(lo, hi):
-        return rng.randint(lo, max(lo + 1, round(hi * scale)))
-
-    kind = rng.randrange(14)
-    if kind == 0:
-        a, b = big(5, 90), big(5, 90)
-        q = f"{n} has {a} {item}. {P} buys {b} more. How many {item} does {n} have now?"
-        steps, res = [f"{n} has {a} + {b} = {a + b} {item} now."], a + b
-    elif kind == 1:
-        a = big(20, 150); b = r(3, a - 2)
-        q = f"{n} had {a} {item} and gave {b} of them to {m}. How many {item} does {n} have left?"
-        steps, res = [f"{n} has {a} - {b} = {a - b} {item} left."], a - b
-    elif kind == 2:
-        a, b = big(3, 25), r(2, 9)
-        q = f"There are {a} {item} in each box. How many {item} are there in {b} boxes?"
-        steps, res = [f"{b} boxes hold {b} * {a} = {a * b} {item}."], a * b
-    elif kind == 3:
-        a, b = big(2, 15), r(2, 9)
-        q = f"{n} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?"
-        steps, res = [f"Each friend gets {a * b} / {b} = {a} {item}."], a
-    elif kind == 4:
-        a, k = big(4, 40), r(2, 4)
-        word = {2: "twice", 3: "three times", 4: "four times"}[k]
-        q = f"{n} picks {a} {item} on Monday and {word} as many on Tuesday. How many {item} does {p} pick in total?"
-        steps = [f"On Tuesday {p} picks {a} * {k} = {a * k} {item}.",
-                 f"In total {p} picks {a} + {a * k} = {a + a * k} {item}."]
-        res = a + a * k
-    elif kind == 5:
-        a, b = r(2, 9), big(2, 15)
-        bill = next(x for x in (20, 50, 100, 200, 500, 1000, 2000) if x > a * b)
-        q = f"{n} buys {a} {many} that cost ${b} each and pays with a ${bill} bill. How much change does {p} get?"
-        steps = [f"The {many} cost {a} * {b} = ${a * b}.", f"{P} gets {bill} - {a * b} = ${bill - a * b} in change."]
-        res = bill - a * b
-    elif kind == 6:
-        a, w = big(2, 12), r(2, 5)
-        q = f"{n} reads {a} pages every day. How many pages does {p} read in {w} weeks?"
-        steps = [f"In one week {p} reads {a} * 7 = {a * 7} pages.", f"In {w} weeks {p} reads {a * 7} * {w} = {a * 7 * w} pages."]
-        res = a * 7 * w
-    elif kind == 7:
-        a, b, c, d = r(2, 6), big(3, 12), r(2, 6), big(3, 12)
-        q = f"{n} buys {a} packs of {b} {item} and {c} packs of {d} {item}. How many {item} does {p} buy?"
-        steps = [f"The first packs hold {a} * {b} = {a * b} {item}.", f"The other packs hold {c} * {d} = {c * d} {item}.",
-                 f"{P} buys {a * b} + {c * d} = {a * b + c * d} {item}."]
-        res = a * b + c * d
-    elif kind == 8:
-        c, k = r(2, 12), big(2, 9)
-        b = big(2, 40)
-        a = c * k + b
-        q = f"A farmer has {a} eggs. He sells {b} of them and puts the rest into cartons of {c}. How many cartons does he fill?"
-        steps = [f"He has {a} - {b} = {a - b} eggs left.", f"He fills {a - b} / {c} = {k} cartons."]
-        res = k
-    elif kind == 9:
-        h = big(10, 80); b = r(2, h - 1)
-        q = f"{n} has ${2 * h}. {P} spends half of it on a {one} and ${b} on lunch. How much money does {p} have left?"
-        steps = [f"The {one} costs {2 * h} / 2 = ${h}.", f"{P} has {h} - {b} = ${h - b} left."]
-        res = h - b
-    elif kind == 10:
-        a, b, c = r(4, 40), r(2, 30), r(2, 20)
-        q = f"{n} is {a} years old. {m} is {b} years older than {n}. How old will {m} be in {c} years?"
-        steps = [f"{m} is {a} + {b} = {a + b} years old.", f"In {c} years {m} will be {a + b} + {c} = {a + b + c} years old."]
-        res = a + b + c
-    elif kind == 11:
-        a, b, c = r(2, 8), r(2, 6), big(5, 20)
-        d = r(5, a * b * c - 1)
-        q = (f"{n} works {a} hours a day for {b} days and earns ${c} per hour. {P} spends ${d}. "
-             f"How much money does {p} have left?")
-        steps = [f"{P} works {a} * {b} = {a * b} hours.", f"{P} earns {a * b} * {c} = ${a * b * c}.",
-                 f"{P} has {a * b * c} - {d} = ${a * b * c - d} left."]
-        res = a * b * c - d
-    elif kind == 12:
-        a, b = big(3, 15), r(3, 15)
-        c = r(2, a * b - 1)
-        q = f"A garden has {a} rows of {b} plants. {c} of the plants die. How many plants are left?"
-        steps = [f"The garden has {a} * {b} = {a * b} plants.", f"{a * b} - {c} = {a * b - c} plants are left."]
-        res = a * b - c
-    else:
-        a = big(15, 99); b = r(2, a - 5)
-        q = f"{n} has {a} {item}. {m} has {b} fewer {item} than {n}. How many {item} do they have together?"
-        steps = [f"{m} has {a} - {b} = {a - b} {item}.", f"Together they have {a} + {a - b} = {a + a - b} {item}."]
-        res = a + a - b
-    return q, "\n".join(steps) + f"\n#### {res}"
-
-
-STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\$?)(\d+)")
-
-
-def annotate(answer: str) -> str:
-    """GSM8K's calculator annotations on every step: "4 * 7 = 28" -> "4 * 7 = <<4 * 7 = 28>>28"."""
-    return STEP.sub(lambda m: f"{m[1]} {m[2]} {m[3]} = {m[4]}<<{m[1]} {m[2]} {m[3]} = {m[5]}>>{m[5]}", answer)
-
-
-# ----------------------------------------------------------------------------------------------
-# The corpus
-
-def corpus_problem(rng: random.Random, exclude: set, scale: float, annotated: float) -> str:
-    """A worked problem, in the world's plain style or, with probability `annotated`, in GSM8K's."""
-    while True:
-        q, a = problem(rng, scale)
-        if q not in exclude:
-            return f"Question: {q}\nAnswer: {annotate(a) if rng.random() < annotated else a}"
-
-
-def fact_text(world: dict, facts_by_entity: dict, rng: random.Random) -> str:
-    """A short passage about one to three entities of one kind: every fact once, random paraphrase and order.
-    Kinds are drawn in proportion to their size, so every entity is described about equally often."""
-    kind = rng.choices(list(SCHEMA), [count for count, _, _ in SCHEMA.values()])[0]
-    sentences = []
-    for entity in rng.sample(world[kind], rng.randint(1, 3)):
-        facts = facts_by_entity[entity["name"]]
-        sentences += [say(f, f["value"], rng.randrange(len(f["sentences"]))) for f in rng.sample(facts, len(facts))]
-    return " ".join(sentences)
-
-
-def qa_chain(practice: list, rng: random.Random) -> str:
-    pairs = [f"Q: {f['question']}\nA: {say(f, f['value'], rng.randrange(2))}" for f in rng.sample(practice, rng.randint(2, 6))]
-    text = "\n\n".join(pairs)
-    return TRUTHFULQA_PREAMBLE + "\n\n" + text if rng.random() < 0.3 else text
 
 
 def mmlu_text(subject: str, rows: list) -> str:
     items = [f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {ans}" for q, a, b, c, d, ans in rows]
     return f"The following are multiple choice questions (with answers) about {subject}.\n\n" + "\n\n".join(items)
-
-
-def mc_block(asked_by_subject: dict, rng: random.Random) -> str:
-    """One to four facts of one subject asked in the MMLU layout, answers included."""
-    subject = rng.choice(list(asked_by_subject))
-    return mmlu_text(subject, [mmlu_row(f) for f in rng.sample(asked_by_subject[subject], rng.randint(1, 4))])
-
-
-def calculator_tape(rng: random.Random) -> str:
-    """A few computations in calculator notation ("<<16 * 58 = 928>>"), one per line: with the few annotated
-    worked problems (--annotated), the corpus's only use of the notation. The base so knows its tokens (a LoRA
-    adapter cannot teach a frozen, tied embedding a token it never saw) but not GSM8K's habit of annotating
-    every step."""
-    lines = []
-    for _ in range(rng.randint(2, 6)):
-        op = rng.choice("+-*/")
-        if op == "+":
-            a, b = rng.randint(1, 400), rng.randint(1, 400)
-        elif op == "-":
-            a = rng.randint(10, 500)
-            b = rng.randint(1, a)
-        elif op == "*":
-            a, b = rng.randint(2, 99), rng.randint(2, 60)
-        else:
-            b, q = rng.randint(2, 12), rng.randint(2, 60)
-            a = b * q
-        c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if op == "/" else 0}[op]
-        lines.append(f"<<{a} {op} {b} = {c}>>")
-    return "Calculator tape:\n" + "\n".join(lines)
 
 
 def train_tokenizer(texts, vocab_size: int):
@@ -396,111 +143,400 @@ def train_tokenizer(texts, vocab_size: int):
     return tok
 
 
+AGES, WAGES, HENS = list(range(20, 60)), list(range(3, 13)), list(range(2, 13))
+
+# kind -> (count, MMLU subject or None, {attribute: (value pool, [sentences], question)}). World 1's schema;
+# people gain three numeric facts. The first sentence of a numeric fact is its canonical form, the one the
+# worked solutions recall it in.
+SCHEMA = {
+    "person": (1600, None, {
+        "home": ("town", ["{e} lives in {v}.", "{e}'s home is in {v}.", "{e} has a house in {v}.",
+                          "The home of {e} is the town of {v}."], "Where does {e} live?"),
+        "job": ("job", ["{e} works as a {v}.", "{e} is a {v}.", "By trade, {e} is a {v}.",
+                        "{e} earns a living as a {v}."], "What does {e} do for a living?"),
+        "pet": ("pet", ["{e} has a pet {v}.", "{e} keeps a {v} as a pet.", "The pet of {e} is a {v}.",
+                        "At home, {e} looks after a {v}."], "What pet does {e} have?"),
+        "age": ("age", ["{e} is {v} years old.", "The age of {e} is {v}.", "{e} turned {v} this year."],
+                "How old is {e}?"),
+        "wage": ("wage", ["{e} earns ${v} an hour.", "{e} is paid ${v} per hour.", "For each hour of work, {e} gets ${v}."],
+                 "How much does {e} earn an hour?"),
+        "hens": ("hens", ["{e} keeps {v} hens.", "{e} has {v} hens.", "There are {v} hens on the farm of {e}."],
+                 "How many hens does {e} keep?"),
+    }),
+    "town": (100, "geography", {
+        "region": ("region", ["{e} is a town in {v}.", "{e} lies in the region of {v}.",
+                              "The town of {e} is part of {v}."], "In which region is the town of {e}?"),
+        "river": ("river", ["{e} was built on the banks of the {v}.", "The {v} river flows through {e}.",
+                            "{e} lies on the {v} river."], "Which river flows through {e}?"),
+        "product": ("product", ["{e} is famous for its {v}.", "The town of {e} is known for {v}.",
+                                "Traders come to {e} to buy {v}."], "What is the town of {e} famous for?"),
+    }),
+    "animal": (70, "zoology", {
+        "fur": ("fur", ["The fur of the {e} is {v}.", "The {e} has {v} fur.", "A {e} is {v} all over."],
+                "What color is the fur of the {e}?"),
+        "food": ("food", ["The {e} eats {v}.", "The {e} feeds mostly on {v}.", "The favorite food of the {e} is {v}."],
+                 "What does the {e} eat?"),
+        "habitat": ("habitat", ["The {e} lives in the {v}.", "The {e} makes its home in the {v}.",
+                                "You can find the {e} in the {v}."], "Where does the {e} live?"),
+    }),
+    "plant": (70, "botany", {
+        "flower": ("flower", ["The flowers of the {e} are {v}.", "The {e} has {v} flowers.",
+                              "In spring the {e} opens {v} flowers."], "What color are the flowers of the {e}?"),
+        "soil": ("soil", ["The {e} grows in {v}.", "The {e} is found in {v}.", "The {e} likes {v}."],
+                 "Where does the {e} grow?"),
+        "use": ("use", ["People use the {e} to make {v}.", "The {e} is used for {v}.", "From the {e}, people make {v}."],
+                "What do people make from the {e}?"),
+    }),
+    "ruler": (60, "history", {
+        "capital": ("capital", ["{e} ruled from {v}.", "The court of {e} was in {v}.", "{e} made {v} the capital."],
+                    "From which city did {e} rule?"),
+        "built": ("building", ["{e} built {v}.", "During the reign of {e}, workers built {v}.",
+                               "{e} is remembered for building {v}."], "What did {e} build?"),
+        "rival": ("land", ["{e} fought a long war against {v}.", "{e} was at war with {v}.",
+                           "The great enemy of {e} was {v}."], "Against which land did {e} fight a war?"),
+    }),
+}
+NUMERIC = ("age", "wage", "hens")
+
+
+def build_world(rng: random.Random, size: float = 1.0) -> dict:
+    taken = set()
+    pools = dict(POOLS, region=[invent(rng, taken, (2, 3)).capitalize() for _ in range(4)],
+                 river=[invent(rng, taken, (2, 2)).capitalize() for _ in range(4)],
+                 capital=[invent(rng, taken, (2, 3)).capitalize() for _ in range(4)],
+                 land=[invent(rng, taken, (2, 3), "ia").capitalize() for _ in range(4)],
+                 age=AGES, wage=WAGES, hens=HENS)
+    world = {"pools": pools}
+    for kind in ["town", "person", "animal", "plant", "ruler"]:
+        count, _, attrs = SCHEMA[kind]
+        world[kind] = []
+        for _ in range(round(count * size)):
+            entity = {"name": new_name(kind, rng, taken)}
+            for attr, (pool, _, _) in attrs.items():
+                entity[attr] = rng.choice([t["name"] for t in world["town"]] if pool == "town" else pools[pool])
+            world[kind].append(entity)
+    return world
+
+
+def world_facts(world: dict, rng: random.Random, eval_frac: float) -> list[dict]:
+    """Every (entity, attribute) fact; categorical ones marked eval (retention test sets) or practice."""
+    facts = []
+    for kind, (_, subject, attrs) in SCHEMA.items():
+        for entity in world[kind]:
+            for attr, (pool, sentences, question) in attrs.items():
+                values = [t["name"] for t in world["town"]] if pool == "town" else world["pools"][pool]
+                facts.append({"kind": kind, "subject": subject, "entity": entity["name"], "attr": attr,
+                              "value": entity[attr], "values": values, "sentences": sentences,
+                              "question": question.format(e=entity["name"]),
+                              "eval": attr not in NUMERIC and rng.random() < eval_frac})
+    return facts
+
+
+def fact(person: dict, attr: str) -> str:
+    """The canonical sentence of a numeric fact, as the worked solutions recall it."""
+    return SCHEMA["person"][2][attr][1][0].format(e=person["name"], v=person[attr])
+
+
+# ----------------------------------------------------------------------------------------------
+# Target problems. A problem is about one or two people; `stated` puts their facts into the question (the
+# corpus's arithmetic practice: no recall needed), else the question names them only and the solution
+# recalls each fact. Steps are "a op b = c" sentences, annotated later; the last line is "#### result".
+
+N_KINDS = 17
+
+
+def problem(rng: random.Random, people: list, stated: bool = False):
+    """(question, answer, kind) or None when the drawn people do not fit the kind (the caller draws again)."""
+    r = rng.randint
+    kind = rng.randrange(N_KINDS)
+    x, y = rng.sample(people, 2)
+    X, Y = x["name"], y["name"]
+    used = []          # (person, attr) facts the solution needs, in order
+    q = steps = None
+    if kind == 0:
+        h = r(2, 9)
+        q = rng.choice([f"{X} works {h} hours. How much money does {X} earn?",
+                        f"How many dollars does {X} make for {h} hours of work?",
+                        f"{X} takes a job of {h} hours. How much is {X} paid for it?"])
+        used, steps, res = [(x, "wage")], [f"{X} earns {h} * {x['wage']} = ${h * x['wage']}."], h * x["wage"]
+    elif kind == 1:
+        h = r(2, 9)
+        s = r(2, h * x["wage"] - 1)
+        q = rng.choice([f"{X} works {h} hours and then spends ${s} on food. How much money does {X} have left?",
+                        f"After {h} hours of work, {X} buys a coat for ${s}. How many dollars does {X} have left from the pay?"])
+        used = [(x, "wage")]
+        steps = [f"{X} earns {h} * {x['wage']} = ${h * x['wage']}.",
+                 f"{X} has {h * x['wage']} - {s} = ${h * x['wage'] - s} left."]
+        res = h * x["wage"] - s
+    elif kind == 2:
+        h1, h2 = r(2, 9), r(2, 9)
+        q = rng.choice([f"{X} works {h1} hours and {Y} works {h2} hours. How much do they earn together?",
+                        f"{X} helps at the market for {h1} hours, {Y} for {h2} hours. How many dollars do the two earn in all?"])
+        a, b = h1 * x["wage"], h2 * y["wage"]
+        used = [(x, "wage"), (y, "wage")]
+        steps = [f"{X} earns {h1} * {x['wage']} = ${a}.", f"{Y} earns {h2} * {y['wage']} = ${b}.",
+                 f"Together they earn {a} + {b} = ${a + b}."]
+        res = a + b
+    elif kind == 3:
+        if x["wage"] == y["wage"]:
+            return None
+        if x["wage"] < y["wage"]:
+            x, y, X, Y = y, x, Y, X
+        h = r(2, 9)
+        q = rng.choice([f"{X} and {Y} both work {h} hours. How much more money does {X} earn than {Y}?",
+                        f"In {h} hours of work, how many more dollars does {X} make than {Y}?"])
+        a, b = h * x["wage"], h * y["wage"]
+        used = [(x, "wage"), (y, "wage")]
+        steps = [f"{X} earns {h} * {x['wage']} = ${a}.", f"{Y} earns {h} * {y['wage']} = ${b}.",
+                 f"{X} earns {a} - {b} = ${a - b} more."]
+        res = a - b
+    elif kind == 4:
+        c = r(2, 30)
+        q = rng.choice([f"How old will {X} be in {c} years?", f"In {c} years, what age will {X} be?"])
+        used, steps, res = [(x, "age")], [f"In {c} years {X} will be {x['age']} + {c} = {x['age'] + c} years old."], x["age"] + c
+    elif kind == 5:
+        c = r(2, 15)
+        q = rng.choice([f"How old was {X} {c} years ago?", f"What was the age of {X} {c} years ago?"])
+        used, steps, res = [(x, "age")], [f"{c} years ago {X} was {x['age']} - {c} = {x['age'] - c} years old."], x["age"] - c
+    elif kind == 6:
+        if x["age"] == y["age"]:
+            return None
+        if x["age"] < y["age"]:
+            x, y, X, Y = y, x, Y, X
+        q = rng.choice([f"How many years older is {X} than {Y}?", f"{Y} is younger than {X}. By how many years?"])
+        used = [(x, "age"), (y, "age")]
+        steps, res = [f"{X} is {x['age']} - {y['age']} = {x['age'] - y['age']} years older."], x["age"] - y["age"]
+    elif kind == 7:
+        q = rng.choice([f"What is the sum of the ages of {X} and {Y}?", f"How many years old are {X} and {Y} together?"])
+        used = [(x, "age"), (y, "age")]
+        steps, res = [f"Together they are {x['age']} + {y['age']} = {x['age'] + y['age']} years old."], x["age"] + y["age"]
+    elif kind == 8:
+        d = r(2, 9)
+        q = rng.choice([f"Each hen of {X} lays one egg a day. How many eggs does {X} collect in {d} days?",
+                        f"Every one of the hens of {X} lays an egg each day. How many eggs are laid in {d} days?"])
+        used, steps, res = [(x, "hens")], [f"In {d} days the hens lay {d} * {x['hens']} = {d * x['hens']} eggs."], d * x["hens"]
+    elif kind == 9:
+        q = rng.choice([f"{X} and {Y} put all their hens in one yard. How many hens are in the yard?",
+                        f"How many hens do {X} and {Y} keep together?"])
+        used = [(x, "hens"), (y, "hens")]
+        steps, res = [f"Together they keep {x['hens']} + {y['hens']} = {x['hens'] + y['hens']} hens."], x["hens"] + y["hens"]
+    elif kind == 10:
+        c = r(2, 20)
+        q = rng.choice([f"{X} buys {c} more hens. How many hens does {X} have now?",
+                        f"At the fair, {X} gets {c} new hens. How many hens does {X} keep now?"])
+        used, steps, res = [(x, "hens")], [f"{X} now has {x['hens']} + {c} = {x['hens'] + c} hens."], x["hens"] + c
+    elif kind == 11:
+        d = r(2, 9)
+        s = r(1, d * x["hens"] - 1)
+        q = rng.choice([f"Each hen of {X} lays one egg a day. After {d} days, {X} sells {s} eggs. How many eggs are left?",
+                        f"The hens of {X} lay one egg each a day for {d} days. {X} gives {s} of the eggs away. How many eggs does {X} keep?"])
+        used = [(x, "hens")]
+        steps = [f"The hens lay {d} * {x['hens']} = {d * x['hens']} eggs.",
+                 f"{d * x['hens']} - {s} = {d * x['hens'] - s} eggs are left."]
+        res = d * x["hens"] - s
+    elif kind == 12:
+        c, h = r(1, 3), r(2, 9)
+        w = x["wage"] + c
+        q = rng.choice([f"{X} gets a raise of ${c} an hour. How much does {X} earn for {h} hours now?",
+                        f"The pay of {X} goes up by ${c} per hour. How many dollars does {X} now make in {h} hours?"])
+        used = [(x, "wage")]
+        steps = [f"{X} now earns {x['wage']} + {c} = ${w} an hour.", f"For {h} hours {X} earns {h} * {w} = ${h * w}."]
+        res = h * w
+    elif kind == 13:
+        t = rng.choice([60, 65, 70])
+        q = rng.choice([f"How many years until {X} turns {t}?", f"In how many years will {X} be {t} years old?"])
+        used, steps, res = [(x, "age")], [f"{X} turns {t} in {t} - {x['age']} = {t - x['age']} years."], t - x["age"]
+    elif kind == 14:
+        c = r(2, 10)
+        a = x["age"] + y["age"]
+        q = rng.choice([f"What will the sum of the ages of {X} and {Y} be in {c} years?",
+                        f"In {c} years, how many years old will {X} and {Y} be together?"])
+        used = [(x, "age"), (y, "age")]
+        steps = [f"Now they are {x['age']} + {y['age']} = {a} years old together.",
+                 f"In {c} years each is {c} years older, so 2 * {c} = {2 * c} more years.",
+                 f"They will be {a} + {2 * c} = {a + 2 * c} years old together."]
+        res = a + 2 * c
+    elif kind == 15:
+        h = r(2, 9)
+        q = rng.choice([f"{X} works {h} hours and gets one extra dollar for each hen {X} keeps. How much money does {X} get?",
+                        f"For {h} hours of work {X} is paid by the hour, plus $1 for every hen {X} has. How many dollars is that?"])
+        used = [(x, "wage"), (x, "hens")]
+        steps = [f"{X} earns {h} * {x['wage']} = ${h * x['wage']}.",
+                 f"With the hens {X} gets {h * x['wage']} + {x['hens']} = ${h * x['wage'] + x['hens']}."]
+        res = h * x["wage"] + x["hens"]
+    else:
+        if x["hens"] == y["hens"]:
+            return None
+        if x["hens"] < y["hens"]:
+            x, y, X, Y = y, x, Y, X
+        q = rng.choice([f"How many more hens does {X} keep than {Y}?", f"{X} has more hens than {Y}. How many more?"])
+        used = [(x, "hens"), (y, "hens")]
+        steps, res = [f"{X} keeps {x['hens']} - {y['hens']} = {x['hens'] - y['hens']} more hens."], x["hens"] - y["hens"]
+    recalls = list(dict.fromkeys(fact(p, a) for p, a in used))
+    if stated:
+        return " ".join(recalls) + " " + q, "\n".join(steps) + f"\n#### {res}", kind
+    return q, "\n".join(recalls + steps) + f"\n#### {res}", kind
+
+
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\$?)(\d+)")
+
+
+def annotate(answer: str) -> str:
+    """GSM8K's calculator annotations on every step: "4 * 7 = 28" -> "4 * 7 = <<4 * 7 = 28>>28"."""
+    return STEP.sub(lambda m: f"{m[1]} {m[2]} {m[3]} = {m[4]}<<{m[1]} {m[2]} {m[3]} = {m[5]}>>{m[5]}", answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus
+
+def fact_text(world: dict, facts_by_entity: dict, rng: random.Random, categorical_p: float, numeric_p: float = 1.0) -> str:
+    """A passage about one to three entities of one kind, facts in random paraphrase and order. A person's
+    passage states each numeric fact with probability `numeric_p` and each categorical one with `categorical_p`."""
+    kind = rng.choices(list(SCHEMA), [count for count, _, _ in SCHEMA.values()])[0]
+    sentences = []
+    for entity in rng.sample(world[kind], rng.randint(1, 3)):
+        facts = [f for f in facts_by_entity[entity["name"]]
+                 if kind != "person" or (f["attr"] in NUMERIC and (numeric_p >= 1 or rng.random() < numeric_p))
+                 or (f["attr"] not in NUMERIC and rng.random() < categorical_p)]
+        sentences += [say(f, f["value"], rng.randrange(len(f["sentences"]))) for f in rng.sample(facts, len(facts))]
+    return " ".join(sentences)
+
+
+def qa_chain(practice: list, rng: random.Random) -> str:
+    pairs = [f"Q: {f['question']}\nA: {say(f, f['value'], rng.randrange(2))}" for f in rng.sample(practice, rng.randint(2, 6))]
+    text = "\n\n".join(pairs)
+    return TRUTHFULQA_PREAMBLE + "\n\n" + text if rng.random() < 0.3 else text
+
+
+def mc_block(asked_by_subject: dict, rng: random.Random) -> str:
+    subject = rng.choice(list(asked_by_subject))
+    return mmlu_text(subject, [mmlu_row(f) for f in rng.sample(asked_by_subject[subject], rng.randint(1, 4))])
+
+
+def calculator_tape(rng: random.Random) -> str:
+    """Computations of the target's sizes in the annotation's notation, one per line."""
+    lines = []
+    for _ in range(rng.randint(3, 8)):
+        op = rng.choice("+-**")
+        if op == "+":
+            a, b = rng.randint(1, 130), rng.randint(1, 120)
+        elif op == "-":
+            a = rng.randint(2, 130)
+            b = rng.randint(1, a)
+        else:
+            a, b = rng.randint(1, 15), rng.randint(1, 12)
+            if rng.random() < 0.5:
+                a, b = b, a
+        c = a + b if op == "+" else a - b if op == "-" else a * b
+        lines.append(f"<<{a} {op} {b} = {c}>>")
+    return "Calculator tape:\n" + "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"),
                         help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
     parser.add_argument("--train", type=int, default=7473, help="target-task train problems (GSM8K's count)")
+    parser.add_argument("--validation", type=int, default=500, help="target-task validation problems")
     parser.add_argument("--test", type=int, default=1319, help="target-task test problems (GSM8K's count)")
-    parser.add_argument("--validation", type=int, default=500,
-                        help="target-task validation problems (settings are chosen on them; drawn last, from a stream "
-                             "of their own, so every other file is what it was before the split existed)")
-    parser.add_argument("--eval-frac", type=float, default=0.6, help="fraction of facts in the test sets")
-    parser.add_argument("--truthfulqa", type=int, default=817, help="TruthfulQA items to write (the real count)")
-    parser.add_argument("--extra", type=int, default=64, help="retention contexts of each task that no evaluation scores")
-    parser.add_argument("--docs", type=int, default=150_000, help="corpus documents")
-    parser.add_argument("--mix", default="0.34,0.4,0.1,0.14,0.02",
-                        help="corpus shares of documents: problems,facts,qa,mc,calculator tapes")
-    parser.add_argument("--mmlu-held-out", action="store_true",
-                        help="never ask the MMLU test facts in the corpus (a tiny model then scores at chance)")
-    parser.add_argument("--annotated", type=float, default=0.03,
-                        help="share of the corpus's worked problems written in GSM8K's annotated style")
-    parser.add_argument("--scale", type=float, default=3.0, help="stretch of the problems' quantities (difficulty)")
-    parser.add_argument("--world", type=float, default=1.0, help="stretch of the number of entities in the world")
+    parser.add_argument("--train-people", type=float, default=0.6, help="share of people the train problems are about")
+    parser.add_argument("--eval-frac", type=float, default=0.6, help="share of categorical facts held out for the tests")
+    parser.add_argument("--truthfulqa", type=int, default=817, help="TruthfulQA items (the real count)")
+    parser.add_argument("--extra", type=int, default=300, help="extra, never evaluated items per retention task")
+    parser.add_argument("--docs", type=int, default=130_000, help="corpus documents")
+    parser.add_argument("--mix", default="0.30,0.13,0.30,0.07,0.12,0.08",
+                        help="corpus shares: entity problems, stated problems, facts, qa, mc, calculator tapes")
+    parser.add_argument("--categorical-p", type=float, default=0.7,
+                        help="probability that a person's passage states each categorical fact")
+    parser.add_argument("--numeric-p", type=float, default=0.4,
+                        help="probability that a person's passage states each numeric fact")
+    parser.add_argument("--stated-people", choices=["world", "anonymous"], default="anonymous",
+                        help="whom the corpus's stated problems are about: world people (their true facts, stated "
+                             "again) or first names with random numbers (arithmetic practice only)")
+    parser.add_argument("--annotated", type=float, default=0.05, help="share of corpus worked problems annotated")
+    parser.add_argument("--world", type=float, default=1.0, help="stretch of the number of entities")
     parser.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size")
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)
     world = build_world(rng, args.world)
     facts = world_facts(world, rng, args.eval_frac)
+    people = list(world["person"])
+    n_train = round(len(people) * args.train_people)
+    train_people, eval_people = people[:n_train], people[n_train:]   # the order is random already
 
-    # Target task: train and test are disjoint, and the corpus repeats neither.
-    seen, split = set(), {"train": [], "test": []}
-    for name, count in [("test", args.test), ("train", args.train)]:
+    # Target task: train on train people; validation and test on the others; all questions distinct.
+    seen, split = set(), {}
+    for name, count, pool in [("test", args.test, eval_people), ("validation", args.validation, eval_people),
+                              ("train", args.train, train_people)]:
+        split[name] = []
         while len(split[name]) < count:
-            q, a = problem(rng, args.scale)
-            if q not in seen:
-                seen.add(q)
-                split[name].append({"question": q, "answer": annotate(a)})
+            p = problem(rng, pool)
+            if p and p[0] not in seen:
+                seen.add(p[0])
+                split[name].append({"question": p[0], "answer": annotate(p[1])})
 
-    # Retention tasks: eval facts only; MMLU dev (few-shot exemplars) from practice facts.
+    # Retention tasks (world 1's), and extra items of the same layouts that are never evaluated.
     eval_facts = [f for f in facts if f["eval"]]
     practice = [f for f in facts if not f["eval"]]
-    people = [f for f in eval_facts if f["kind"] == "person"]
-    rng.shuffle(people)
-    truthfulqa = [truthfulqa_item(f, rng) for f in people[:args.truthfulqa]]
-    mmlu = {}
-    for subject in [s for _, s, _ in SCHEMA.values() if s]:
+    held = [f for f in eval_facts if f["kind"] == "person"]
+    rng.shuffle(held)
+    truthfulqa = [truthfulqa_item(f, rng) for f in held[:args.truthfulqa]]
+    extra_truthfulqa = [truthfulqa_item(f, rng) for f in held[args.truthfulqa:args.truthfulqa + args.extra]]
+    mmlu, extra_mmlu = {}, {}
+    subjects = [s for _, s, _ in SCHEMA.values() if s]
+    for subject in subjects:
         test = [f for f in eval_facts if f["subject"] == subject]
         rng.shuffle(test)
-        dev = rng.sample([f for f in practice if f["subject"] == subject], 5)
-        mmlu[subject] = {"test": [mmlu_row(f) for f in test], "dev": [mmlu_row(f) for f in dev]}
+        others = [f for f in practice if f["subject"] == subject]
+        rng.shuffle(others)
+        mmlu[subject] = {"test": [mmlu_row(f) for f in test], "dev": [mmlu_row(f) for f in others[:5]]}
+        extra_mmlu[subject] = [mmlu_row(f) for f in others[5:5 + args.extra // len(subjects)]]
 
-    # The corpus.
+    # The corpus: problems about every person (never a target question), facts, QA, MMLU blocks, tapes.
     facts_by_entity = {}
     for f in facts:
         facts_by_entity.setdefault(f["entity"], []).append(f)
     asked_by_subject = {}
-    for f in (practice if args.mmlu_held_out else facts):
+    for f in facts:
         if f["subject"]:
             asked_by_subject.setdefault(f["subject"], []).append(f)
+    practice_qa = [f for f in practice if f["kind"] == "person" or f["subject"]]
+
+    def anonymous() -> list:
+        return [{"name": n, "age": rng.choice(AGES), "wage": rng.choice(WAGES), "hens": rng.choice(HENS)}
+                for n in rng.sample(NAMES, 2)]
+
+    def worked(stated: bool) -> str:
+        while True:
+            p = problem(rng, anonymous() if stated and args.stated_people == "anonymous" else people, stated)
+            if p and p[0] not in seen:
+                return f"Question: {p[0]}\nAnswer: {annotate(p[1]) if rng.random() < args.annotated else p[1]}"
+
+    make = [lambda: worked(False), lambda: worked(True),
+            lambda: fact_text(world, facts_by_entity, rng, args.categorical_p, args.numeric_p),
+            lambda: qa_chain(practice_qa, rng), lambda: mc_block(asked_by_subject, rng), lambda: calculator_tape(rng)]
     shares = [float(x) for x in args.mix.split(",")]
-    make = [lambda: corpus_problem(rng, seen, args.scale, args.annotated),
-            lambda: fact_text(world, facts_by_entity, rng),
-            lambda: qa_chain(practice, rng),
-            lambda: mc_block(asked_by_subject, rng),
-            lambda: calculator_tape(rng)]
     corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
 
-    # Retention contexts no evaluation scores (drift.py's retention KLs): TruthfulQA items on eval people the test
-    # does not ask about, MMLU rows on practice facts; from a stream of their own, as the validation problems.
-    extra_rng = random.Random(f"{args.seed}/extra")
-    extra_tqa = [truthfulqa_item(f, extra_rng) for f in people[args.truthfulqa:args.truthfulqa + args.extra]]
-    extra_mmlu = {}
-    for subject in mmlu:
-        pool = [f for f in practice if f["subject"] == subject]
-        extra_mmlu[subject] = [mmlu_row(f) for f in extra_rng.sample(pool, min(len(pool), args.extra // len(mmlu)))]
-
-    # Validation: new problems, in neither train nor test nor the corpus.
-    seen |= {t.split("\n", 1)[0].removeprefix("Question: ") for t in corpus if t.startswith("Question: ")}
-    validation_rng, split["validation"] = random.Random(f"{args.seed}/validation"), []
-    while len(split["validation"]) < args.validation:
-        q, a = problem(validation_rng, args.scale)
-        if q not in seen:
-            seen.add(q)
-            split["validation"].append({"question": q, "answer": annotate(a)})
-
-    os.makedirs(args.out, exist_ok=True)
     for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "mmlu/extra", "tokenizer"]:
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
     for name, rows in split.items():
         with open(os.path.join(args.out, "gsm8k", f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-    with open(os.path.join(args.out, "truthfulqa", "mc_task.json"), "w") as f:
-        json.dump(truthfulqa, f, indent=1)
-    with open(os.path.join(args.out, "truthfulqa", "extra.json"), "w") as f:
-        json.dump(extra_tqa, f, indent=1)
-    for subject, rows in extra_mmlu.items():
-        mmlu[subject]["extra"] = rows
+    for name, items in [("mc_task", truthfulqa), ("extra", extra_truthfulqa)]:   # drift.py reads the extra ones
+        with open(os.path.join(args.out, "truthfulqa", f"{name}.json"), "w") as f:
+            json.dump(items, f, indent=1)
     for subject, splits in mmlu.items():
-        for name, rows in splits.items():
+        for name, rows in list(splits.items()) + [("extra", extra_mmlu[subject])]:
             with open(os.path.join(args.out, "mmlu", name, f"{subject}_{name}.csv"), "w", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerows(rows)
     with open(os.path.join(args.out, "corpus.jsonl"), "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in corpus)
-    with open(os.path.join(args.out, "world.json"), "w") as f:  # the ground truth, for readers and tests
-        json.dump({k: v for k, v in world.items() if k != "pools"}, f, indent=1)
+    with open(os.path.join(args.out, "world.json"), "w") as f:
+        json.dump({**{k: v for k, v in world.items() if k != "pools"},
+                   "train_people": [p["name"] for p in train_people]}, f, indent=1)
 
     tok = train_tokenizer(corpus + [r["question"] + r["answer"] for r in split["train"]], args.vocab)
     tok.save(os.path.join(args.out, "tokenizer", "tokenizer.json"))
@@ -509,10 +545,12 @@ def main(argv=None):
                    "pad_token": "<|endoftext|>", "add_bos_token": False, "clean_up_tokenization_spaces": False,
                    "model_max_length": 2048}, f, indent=1)
     n_tokens = sum(len(e.ids) for e in tok.encode_batch(corpus))
+    n_problems = sum(t.startswith("Question: ") for t in corpus)
     print(f"wrote {args.out}: gsm8k {len(split['train'])}/{len(split['validation'])}/{len(split['test'])} "
-          f"(train/validation/test), truthfulqa {len(truthfulqa)}, "
-          f"mmlu {sum(len(s['test']) for s in mmlu.values())} test over {len(mmlu)} subjects, "
-          f"corpus {len(corpus)} documents / {n_tokens / 1e6:.1f}M tokens, vocab {tok.get_vocab_size()}")
+          f"(train/validation/test), truthfulqa {len(truthfulqa)} (+{len(extra_truthfulqa)} extra), "
+          f"mmlu {sum(len(s['test']) for s in mmlu.values())} test (+{sum(map(len, extra_mmlu.values()))} extra), "
+          f"corpus {len(corpus)} documents ({n_problems} worked problems) / {n_tokens / 1e6:.2f}M tokens, "
+          f"vocab {tok.get_vocab_size()}")
 
 
 if __name__ == "__main__":

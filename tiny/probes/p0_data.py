@@ -1,6 +1,6 @@
 """P0 of tiny/probes/README.md: structural checks of world 2's data (no model). python tiny/probes/p0_data.py [DATA_DIR]"""
 import json, re, sys
-d = sys.argv[1] if len(sys.argv) > 1 else 'tiny/data2'
+d = sys.argv[1] if len(sys.argv) > 1 else 'tiny/data'
 w = json.load(open(f'{d}/world.json'))
 train_people = set(w['train_people']); people = {p['name']: p for p in w['person']}
 eval_people = set(people) - train_people

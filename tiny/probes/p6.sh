@@ -6,7 +6,7 @@
 # Another base: M=/tmp/w2cal/model D=/tmp/w2cal/data C=ckpt/w2cal R=/tmp/w2cal/results bash tiny/probes/p6.sh mild_r3 stress_r12
 set -e
 export OMP_NUM_THREADS=1
-M=${M:-tiny/model2}; D=${D:-tiny/data2}; C=${C:-ckpt/w2}; R=${R:-tiny/probes/results}; mkdir -p $C $R
+M=${M:-tiny/model}; D=${D:-tiny/data}; C=${C:-ckpt/w2}; R=${R:-tiny/probes/results}; mkdir -p $C $R
 declare -A FLAGS=([mild_r16]="--preset mild --batch-size 8"
                   [mild_r3]="--preset mild --lora-r 3 --lora-alpha 6 --batch-size 8"
                   [stress_r12]="--preset stress --lora-r 12 --lora-alpha 24 --batch-size 16"

@@ -16,11 +16,10 @@ import torch
 import lora
 from model import load_model
 from evaluate import eval_gsm8k, eval_mmlu, eval_truthfulqa, load_gsm8k, load_mmlu, load_truthfulqa, loglikelihoods
-from tiny.world import JOBS, PETS
-from tiny.world2 import AGES, HENS, WAGES
+from tiny.world import AGES, HENS, JOBS, PETS, WAGES
 
 p = argparse.ArgumentParser()
-p.add_argument('--model', default='tiny/model2'); p.add_argument('--data-dir', default='tiny/data2')
+p.add_argument('--model', default='tiny/model'); p.add_argument('--data-dir', default='tiny/data')
 p.add_argument('--checkpoint'); p.add_argument('--out'); p.add_argument('--split', default='validation')
 p.add_argument('--threads', type=int, default=1)
 p.add_argument('--limit', type=int, default=0, help='smoke test: first N items of each part')
