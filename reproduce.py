@@ -92,7 +92,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     distributed.init(args.device)     # under torchrun: join the group before any stage touches a GPU
-    previous = output_dir(os.path.join(args.out, "results.json"))   # a reused stage keeps the cost measured when it ran
+    # a reused stage reports the cost recorded beside its output; results.json's, for a study from before those records
+    previous = output_dir(os.path.join(args.out, "results.json"))
     costs = summary.read_json(previous)["costs"] if os.path.exists(previous) else {"seconds": {}, "peak_gpu_gib": {}}
     runs = run_stages(args, costs)
     if not distributed.main_rank():   # under torchrun (README: More GPUs) rank 0 writes the report

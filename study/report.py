@@ -225,7 +225,7 @@ def cost_table(costs: dict) -> list[str]:
     """Seconds per run and stage kind (per seed, averaged), and the peak GPU memory: what a study costs."""
     seconds, memory = costs["seconds"], costs["peak_gpu_gib"]
     if not seconds:
-        return ["", "No stage's cost was measured (each was reused from a study without a results.json)."]
+        return ["", "No stage's cost was measured (each was reused from a study that recorded none)."]
     total, seeds, peak = {}, {}, {}
     for key, sec in seconds.items():
         kind, name = key.split("/", 1)     # train/grpo_s0, evaluate/grpo_s0, evaluate/grpo_s0_at10, drift/grpo_s0_lexical,

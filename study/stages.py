@@ -6,7 +6,8 @@ output (`<output name>.command.json`) the script and flags it ran with and the s
 an OPD run its teacher, an evaluation or a drift the adapter it measures (and an evaluation the base's results it
 compares with). Another command or another input runs the stage again: a finished run is trained anew, an
 unfinished one resumes (train_*.py --resume) only under the same command (--stop-after aside: it says where an
-invocation stops, not what the run is). Every reused stage says so in one line.
+invocation stops, not what the run is). Every reused stage says so in one line. Each stage's cost (wall seconds,
+peak GPU memory) is recorded beside its output too (`<output name>.cost.json`), so that a reused stage reports it.
 """
 import glob
 import json
@@ -173,16 +174,43 @@ def record(out: str, cmd: dict):
 # Running the stages
 
 
-def _timed(costs: dict, key: str, fn):
-    """Run a stage, recording its wall seconds and, on CUDA, its peak GPU memory (what the real run costs)."""
+def _cost_path(out: str) -> str:
+    return os.path.splitext(out)[0] + ".cost.json"
+
+
+def _timed(costs: dict, key: str, fn, out: str, resumed: bool = False):
+    """Run a stage, recording its wall seconds and, on CUDA, its peak GPU memory (what the real run costs), in
+    `costs` and beside its output (`<output name>.cost.json`), where a later process that reuses the stage finds
+    them: a study spread over processes or sessions reports every stage's cost. A resumed run adds its seconds to
+    those its earlier invocations recorded (an invocation killed mid-run records none)."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     fn()
-    costs["seconds"][key] = round(time.perf_counter() - t0, 1)
+    cost = {"seconds": time.perf_counter() - t0}
     if cuda:
-        costs["peak_gpu_gib"][key] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        cost["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    earlier = _recorded_cost(out) if resumed else {}
+    cost = {k: round(v + earlier.get(k, 0.0) if k == "seconds" else max(v, earlier.get(k, 0.0)), 2)
+            for k, v in cost.items()}
+    for k, v in cost.items():
+        costs[k][key] = v
+    if distributed.main_rank():
+        write_text(output_dir(_cost_path(out)), json.dumps(cost))
+
+
+def _recorded_cost(out: str) -> dict:
+    """The cost recorded beside a stage's output when it ran (none for a study from before the records)."""
+    if not os.path.exists(_cost_path(out)):
+        return {}
+    with open(_cost_path(out)) as f:
+        return json.load(f)
+
+
+def _reused_cost(costs: dict, key: str, out: str):
+    for k, v in _recorded_cost(out).items():
+        costs[k][key] = v
 
 
 def run_script(costs: dict, key: str, script: str, argv: list, out: str, inputs=()) -> str:
@@ -190,10 +218,11 @@ def run_script(costs: dict, key: str, script: str, argv: list, out: str, inputs=
     cmd = command(script, argv, list(inputs))
     if same_command(out, cmd):
         print(f"reused {key}: {out} (the same command and inputs)", flush=True)
+        _reused_cost(costs, key, out)
         return out
     again = " (its output was made by another command or from other inputs)" if os.path.exists(out) else ""
     print(f"\n== {key}: python {script} {shlex.join(argv)}{again}", flush=True)
-    _timed(costs, key, lambda: SCRIPTS[script].main(argv))
+    _timed(costs, key, lambda: SCRIPTS[script].main(argv), out)
     record(out, cmd)
     return out
 
@@ -228,11 +257,13 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
     status["argv"] = argv
     if same and _finished(out):
         print(f"reused train/{stage.name}_s{seed}: {out} (the same command and inputs)", flush=True)
+        _reused_cost(costs, f"train/{stage.name}_s{seed}", out)
         return status
     if same:
         status["argv"] = argv = argv + ["--resume"]
     else:   # another command's run, finished or not, and its snapshots make way for this one
-        stale = [p for p in [out] + glob.glob(glob.escape(os.path.splitext(out)[0]) + "_at*.pt") if os.path.exists(p)]
+        stale = [p for p in [out, _cost_path(out)] + glob.glob(glob.escape(os.path.splitext(out)[0]) + "_at*.pt")
+                 if os.path.exists(p)]
         if stale:
             print(f"{out}: trained by another command or from other inputs; training it anew", flush=True)
         distributed.barrier()      # every rank has looked at it before rank 0 removes it
@@ -242,7 +273,7 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
         record(out, cmd)           # before training: an interrupted run resumes under this record
     print(f"\n== train/{stage.name}_s{seed}: python {stage.script} {shlex.join(argv)}", flush=True)
     try:
-        _timed(costs, f"train/{stage.name}_s{seed}", lambda: SCRIPTS[stage.script].main(argv))
+        _timed(costs, f"train/{stage.name}_s{seed}", lambda: SCRIPTS[stage.script].main(argv), out, resumed=same)
     except NonFiniteLoss as e:  # a collapse is a result: report it, go on with the other runs
         print(f"{stage.name}: {e}", file=sys.stderr)
         status["failed"] = str(e)

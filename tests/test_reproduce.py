@@ -77,6 +77,7 @@ def test_a_second_invocation_reuses_every_finished_stage(quick_study):
     out, first = quick_study
     ckpt = os.path.join(out, "ckpt", "grpo_s0.pt")
     mtime = os.path.getmtime(ckpt)
+    os.remove(os.path.join(out, "results.json"))   # as if the first process had been killed before its report
     again = reproduce.main(["--model", "tiny", "--quick", "--frontier", "--out", out, "--device", "cpu"])
     assert again["costs"] == first["costs"] and os.path.getmtime(ckpt) == mtime   # nothing ran; costs as measured
     assert again["models"]["grpo"]["gsm8k"] == first["models"]["grpo"]["gsm8k"]
@@ -93,6 +94,8 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
     second = reproduce.main([a.replace(" --stop-after 2", "") for a in stop])
     run = second["models"]["sft_mild"]["runs"][0]
     assert "--resume" in run["argv"] and "failed" not in run
+    key = "train/sft_mild_s0"      # the run's cost: both invocations' seconds
+    assert second["costs"]["seconds"][key] > first["costs"]["seconds"][key] > 0
     log = read_log(run["log"])
     assert [r["step"] for r in log] == [1, 2, 3, 4]     # steps 1-2 from the first call, 3-4 resumed
 
