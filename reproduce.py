@@ -42,9 +42,9 @@ study/stats.py (the intervals, conditions, predictions, correlations, frontier) 
 Settings. With a real model every stage runs the scripts' defaults, which are the paper's protocol
 (evaluation on 500 GSM8K / 200 TruthfulQA / 500 MMLU items, the stress preset of 5 epochs at lr 5e-4 with
 LoRA r 64). With `--model tiny` the evaluation and drift protocols stay the same and the trained runs are set
-(study.stages.PROFILES["tiny"]) to the paper's data regime: about half an hour for one seed on two CPU cores
-(estimated). `--quick` shrinks everything to a smoke run (CI runs it as a test). Explicit per-script flags can be
-appended with --extra SCRIPT="FLAGS" (they come last, so they override).
+(study.stages.PROFILES["tiny"]) to the paper's data regime: about 1.5 hours for one seed with --frontier on two
+CPU cores (estimated, tiny/README.md). `--quick` shrinks everything to a smoke run (CI runs it as a test).
+Explicit per-script flags can be appended with --extra SCRIPT="FLAGS" (they come last, so they override).
 """
 import argparse
 import json
