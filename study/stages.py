@@ -188,12 +188,11 @@ def _timed(costs: dict, key: str, fn, out: str, resumed: bool = False):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     fn()
-    cost = {"seconds": time.perf_counter() - t0}
-    if cuda:
-        cost["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     earlier = _recorded_cost(out) if resumed else {}
-    cost = {k: round(v + earlier.get(k, 0.0) if k == "seconds" else max(v, earlier.get(k, 0.0)), 2)
-            for k, v in cost.items()}
+    cost = {"seconds": round(time.perf_counter() - t0 + earlier.get("seconds", 0.0), 1)}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        cost["peak_gpu_gib"] = round(max(peak, earlier.get("peak_gpu_gib", 0.0)), 2)
     for k, v in cost.items():
         costs[k][key] = v
     if distributed.main_rank():
