@@ -105,16 +105,20 @@ def number(kind=int, minimum=None, maximum=None, above=None):
 
 
 COUNT, SIZE, RATE = number(int, 0), number(int, 1), number(float, above=0)   # limits/steps; sizes; learning rates
-NONNEGATIVE, PROBABILITY = number(float, 0), number(float, 0, 1)
+NONNEGATIVE, PROBABILITY, TWO_OR_MORE = number(float, 0), number(float, 0, 1), number(int, 2)
 
 
 def replace_atomically(path: str, write):
-    """write(tmp) a temporary file, then rename it to `path`: the file is whole or not there, and a crash or a
-    second Ctrl-C mid-write leaves the previous version (a checkpoint, a result) as it was."""
+    """write(f) to a temporary file opened for binary writing, then rename it to `path`: the file is whole or not
+    there, and a crash, a second Ctrl-C or a full disk mid-write leaves the previous version (a checkpoint, a result)
+    as it was. A full disk raises OSError naming `path` (torch.save to a file object reports it as one)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -122,10 +126,7 @@ def replace_atomically(path: str, write):
 
 def write_text(path: str, text: str):
     """Write a text file whole or not at all (replace_atomically)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    replace_atomically(path, write)
+    replace_atomically(path, lambda f: f.write(text.encode()))
 
 
 def device(text: str) -> str:

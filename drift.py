@@ -61,7 +61,7 @@ from evaluate import (DEFAULT_LIMITS, GSM8K_STOP, file_sha256, gsm8k_prompt, gsm
                       load_truthfulqa, mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
 from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number, output_dir, run, write_text
 from model import LoadError, load_model
-from training import divergences
+from train_opd import one_step_kl
 
 # ----------------------------------------------------------------------------------------------
 # State representations
@@ -242,7 +242,7 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
             h0 = model(ids, attn, return_hidden=True)[states]
         with lora.use_adapter(model, policy):
             h = model(ids, attn, return_hidden=True)[states]
-        kl = divergences(h, h0, model.lm_head, chunk)[:, :2].double()   # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
+        kl = one_step_kl(h, h0, model.lm_head, chunk).double()   # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
         owner = torch.arange(len(batch), device=device).repeat_interleave(count)
         sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device).index_add_(0, owner, kl)
         rows.append((sums / count[:, None]).cpu())

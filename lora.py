@@ -174,7 +174,7 @@ def save_checkpoint(path: str, model, meta: dict, name: str = "default", train_s
     if train_state is not None:
         ckpt["train_state"] = train_state
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    replace_atomically(path, lambda tmp: torch.save(ckpt, tmp))
+    replace_atomically(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path: str) -> dict:

@@ -9,9 +9,12 @@ weights, the KV-cache sampler, temperature T, stop at EOS or "Question:" as eval
 on those states is a scalar reward, 1 when evaluate.is_correct accepts the completion and 0 otherwise:
 
     A_i = (r_i - mean_group(r)) / (std_group(r) + eps)              group-relative advantage
-    ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t)                           both at logits / T; π_old = the sampler's log-probs
+    ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t)               both at logits / T; π_old = the sampler's log-probs
     L(θ) = agg_t[ -min(ρ_t A_i, clip(ρ_t, 1 - ε, 1 + ε) A_i) + β k3_t ]   (Eq. 6)
     k3_t = π_ref/π_θ - log(π_ref/π_θ) - 1,  π_ref = the base policy (adapter off; no second model)
+
+`advantages` and `clipped_loss` below are the equation; main() is the loop, step by step. OPD's sampled-KL
+signal (train_opd.py) reuses clipped_loss with a per-token advantage.
 
 Honest simplifications (read them before comparing numbers with other GRPO runs):
 1. One optimizer step per batch of rollouts by default (--mu 1, fully on-policy, as TRL's default): then
@@ -22,28 +25,30 @@ Honest simplifications (read them before comparing numbers with other GRPO runs)
 2. The KL reference is the base policy, not a frozen copy of the starting policy; with --init they differ.
    β defaults to 0 (as DAPO and Dr. GRPO): the paper's comparison is about states, and a KL term would
    pull the learner's states back toward the base on purpose.
-3. Groups whose rewards are all equal have zero advantage: they are counted (zero_signal_groups) and, with
+3. Groups whose rewards are all equal have zero advantage: they are counted (zero_signal_frac) and, with
    β = 0, skipped in the learner pass (their gradient is exactly zero), but they stay in the loss
    normalizer; there is no DAPO-style resampling to refill the batch.
 4. Completions cut by --max-new-tokens keep their reward (usually 0) with no overlong shaping; no entropy
    bonus; no top-p/top-k (the recorded log-probs would no longer be the sampling distribution's).
 """
+import argparse
+import math
 import time
+from dataclasses import dataclass
 
 import torch
 
-import cli
 import distributed
-import lora
 import training
+from cli import NONNEGATIVE, RATE, SIZE, TWO_OR_MORE
 from evaluate import gsm8k_rollouts, is_correct
-from cli import NONNEGATIVE, RATE, SIZE, FlagParser, number
 
 
 def parse_args(argv=None):
-    p = FlagParser(description=__doc__, formatter_class=training.HelpFormatter)
-    p.add_argument("--group-size", type=number(int, 2), default=8, help="G: completions sampled per prompt")
-    p.add_argument("--temperature", type=RATE, default=1.0, help="sampling temperature T > 0 (also divides the learner's logits)")
+    p = training.parser(__doc__)
+    p.add_argument("--group-size", type=TWO_OR_MORE, default=8, help="G: completions sampled per prompt")
+    p.add_argument("--temperature", type=RATE, default=1.0,
+                   help="sampling temperature T > 0 (also divides the learner's logits)")
     p.add_argument("--max-new-tokens", type=SIZE, default=256, help="completion tokens at most (evaluate.py's limit)")
     p.add_argument("--clip-eps", type=NONNEGATIVE, default=0.2, help="ε of the clipped ratio")
     p.add_argument("--beta", type=NONNEGATIVE, default=0.0, help="weight of the k3 KL to the base policy (0 = none)")
@@ -55,11 +60,10 @@ def parse_args(argv=None):
                    help="token-mean: over all completion tokens of the step (DAPO); seq-mean: per completion, then "
                         "over completions (GRPO); constant: token sum / (completions x max-new-tokens) (Dr. GRPO)")
     p.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group",
-                   help="divide advantages by the group's reward std, the batch's, or nothing")
-    p.add_argument("--no-std-scale", dest="scale_rewards", action="store_const", const="none",
-                   help="same as --scale-rewards none (Dr. GRPO)")
+                   help="divide advantages by the group's reward std, the batch's, or nothing "
+                        "(--no-std-scale is --scale-rewards none, Dr. GRPO's name)")
+    p.add_argument("--no-std-scale", dest="scale_rewards", action="store_const", const="none", help=argparse.SUPPRESS)
     p.add_argument("--sample-batch-size", type=SIZE, default=256, help="sequences per sampler batch")
-    training.add_common_args(p)
     # Chosen defaults (the paper gives none): 16 prompts x 8 samples = 128 rollouts per step, 200 steps;
     # a LoRA learning rate about ten times a full fine-tuning RL rate; no adapter dropout, so the learner
     # scores tokens with the same function that sampled them.
@@ -72,13 +76,17 @@ def parse_args(argv=None):
     return args
 
 
+# ----------------------------------------------------------------------------------------------
+# The signal and Eq. 6
+
+
 def exact_answer_reward(rollout, example) -> float:
     """The paper's reward: 1 when the extracted answer equals the gold number (evaluate.py's check)."""
     return float(is_correct(rollout.text, example["answer"]))
 
 
 def advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
-    """r - mean(group), divided by the group's (or the batch's) std unless scale == "none"."""
+    """A_i = r_i - mean(group), divided by the group's (or the batch's) std unless scale == "none"."""
     r = rewards.view(-1, group_size)
     a = r - r.mean(1, keepdim=True)
     if scale == "group":
@@ -88,16 +96,28 @@ def advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tens
     return a.flatten()
 
 
-def collate(rollouts, adv, weights, eos_ids, device):
-    """A micro-batch of prompt + completion rows (training.pad_rows: the completion tokens up to the first EOS are
-    the targets, their own prefixes the states), with the sampler's log-probs, the advantages and the per-token
-    loss weights laid out on the same [B, T] grid (training.policy_gradient_loss's batch)."""
-    completions = [training.through_eos(r.tokens, eos_ids) for r in rollouts]
-    ids, attn, target, state = training.pad_rows([(r.prompt_ids, None, c) for r, c in zip(rollouts, completions)],
-                                                 device)
-    grids = [training.on_targets(v, target) for v in ([r.logprobs for r in rollouts], adv.tolist() if
-                                                      torch.is_tensor(adv) else adv, weights)]
-    return [ids, attn, target, state, *grids]
+def clipped_loss(new, old, adv, weights, clip_eps: float, beta: float = 0.0, ref=None):
+    """Eq. 6 over a micro-batch's tokens (1-D tensors in the same order), already weighted for the step's aggregate:
+
+        ρ_t = exp(new_t - old_t),   L = Σ_t w_t [ -min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) + β k3_t ]
+
+    new: the learner's log-probs (differentiable); old: the sampler's; ref: the reference policy's, for β > 0."""
+    ratio = torch.exp(new - old)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if beta > 0:   # k3: an unbiased, always >= 0 estimator of KL(π_θ || π_ref) on π_θ's samples
+        per_token = per_token + beta * (torch.exp(ref - new) - (ref - new) - 1)
+    return (per_token * weights).sum()
+
+
+def ratio_figures(figures: dict, new, old, adv, clip_eps: float, first: bool):
+    """Add to the step's figures the tokens the clip stopped (clip_frac) and, before any update on these rollouts
+    (first), how far the sampler (merged weights) and the learner disagree, as TRL and tinker name it."""
+    ratio = torch.exp(new - old).detach()
+    clip = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+    figures.setdefault("clip_frac", []).append(clip.float())
+    if first:
+        figures.setdefault("sampling/importance_sampling_ratio", []).append(ratio)
+        figures.setdefault("kl_sample_train", []).append((old - new).detach())
 
 
 def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int, tokens: int | None = None):
@@ -111,93 +131,95 @@ def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int, tokens: 
     return [1.0 / (n_total * max_new_tokens)] * len(lengths)
 
 
-def learner_batches(rollouts, group, args, eos, reward_fn):
-    """The step's micro-batches for the learner pass, and the figures of its rollouts. `group` holds this rank's
-    prompts (all of the step's in one process) and `rollouts` their G samples each; the rewards of every rank
-    are gathered, so advantages, normalizers and figures are those of the whole step."""
+@dataclass
+class Micro:
+    """A learner micro-batch: its rows (prompt + completion; the completion tokens are the targets, their own
+    prefixes the states) and, per target token, the sampler's log-prob, the advantage and the loss weight."""
+    rows: training.Rows
+    old: torch.Tensor
+    adv: torch.Tensor
+    weights: torch.Tensor
+
+
+def learner_batches(args, rollouts, group, reward_fn):
+    """The step's micro-batches for the learner pass, the figures of its rollouts, and its groups and completion
+    tokens (over all ranks). `group`
+    holds this rank's prompts (all of the step's in one process) and `rollouts` their G samples each; the rewards of
+    every rank are gathered, so advantages, normalizers and figures are those of the whole step."""
     G = args.group_size
     rewards = torch.tensor([reward_fn(r, group[i // G]) for i, r in enumerate(rollouts)], dtype=torch.float32)
     grouped = torch.tensor(distributed.gather(rewards.view(-1, G).tolist()), dtype=torch.float32).view(-1, G)
-    mine = grouped[distributed.rank()::distributed.world()]               # this rank's prompts, in its order
-    adv = advantages(grouped.flatten(), G, args.scale_rewards).view(-1, G)[distributed.rank()::distributed.world()].flatten()
-    lengths = [len(training.through_eos(r.tokens, eos)) for r in rollouts]
-    correct = sum(is_correct(r.text, group[i // G]["answer"]) for i, r in enumerate(rollouts))
-    n_total, tokens, correct, truncated = distributed.total(
-        [len(rollouts), sum(lengths), correct, sum(r.finish == "length" for r in rollouts)])
+    mine = slice(distributed.rank(), None, distributed.world())                  # this rank's prompts, in its order
+    adv = advantages(grouped.flatten(), G, args.scale_rewards).view(-1, G)[mine].flatten()
+    lengths = [len(r.tokens) for r in rollouts]
+    n_total, tokens = distributed.total([len(rollouts), sum(lengths)])
     weights = token_weights(lengths, args.loss_agg, args.max_new_tokens, int(n_total), int(tokens))
-    zero_signal = (grouped == grouped[:, :1]).all(1)
     # Zero-advantage completions contribute exactly zero gradient unless the KL term acts on them.
-    flat = (mine == mine[:, :1]).all(1)
-    keep = [i for i in range(len(rollouts)) if args.beta > 0 or not flat[i // G]]
-    keep.sort(key=lambda i: lengths[i])  # similar lengths per micro-batch: less padding
-    size = -(-len(keep) // args.grad_accum) if keep else 1
-    batch = [collate([rollouts[i] for i in part], adv[part], [weights[i] for i in part], eos, args.device)
-             for part in (keep[j:j + size] for j in range(0, len(keep), size))]
-    stats = {"reward": grouped.mean().item(), "accuracy": correct / n_total,
-             "zero_signal_groups": int(zero_signal.sum()), "groups": len(grouped),
-             "completion_len": tokens / n_total, "truncated": truncated / n_total, "tokens": tokens}
-    return batch, stats
-
-
-def sample(model, tok, examples, args, seed):
-    """G rollouts per example from the current policy (its adapter merged into the weights)."""
-    prompts = training.prompts(tok, examples)
-    return gsm8k_rollouts(model, tok, [p for p in prompts for _ in range(args.group_size)], "default",
-                          args.max_new_tokens, args.temperature, seed, args.sample_batch_size)
+    flat = (grouped[mine] == grouped[mine][:, :1]).all(1)
+    keep = sorted((i for i in range(len(rollouts)) if args.beta > 0 or not flat[i // G]), key=lambda i: lengths[i])
+    size = -(-len(keep) // args.grad_accum) if keep else 1   # similar lengths per micro-batch: less padding
+    micro = []
+    for part in (keep[j:j + size] for j in range(0, len(keep), size)):
+        per_token = lambda values: torch.tensor([v for i in part for v in [values[i]] * lengths[i]])   # noqa: E731
+        micro.append(Micro(training.pad_rows([(rollouts[i].prompt_ids, None, rollouts[i].tokens) for i in part],
+                                             args.device),
+                           torch.tensor([lp for i in part for lp in rollouts[i].logprobs]).to(args.device),
+                           per_token(adv.tolist()).to(args.device), per_token(weights).to(args.device)))
+    figures = {"reward": [rewards], "accuracy": [torch.tensor([exact_answer_reward(r, group[i // G])
+                                                               for i, r in enumerate(rollouts)])],
+               "completion_len": [torch.tensor(lengths, dtype=torch.float32)],
+               "truncated": [torch.tensor([r.finish == "length" for r in rollouts], dtype=torch.float32)],
+               "zero_signal_frac": [flat.float()]}
+    return micro, figures, int(n_total) // G, tokens
 
 
 def main(argv=None, reward_fn=exact_answer_reward):
     args = parse_args(argv)
-    meta = {"method": "grpo"}
-    model, tok, optimizer, resumed = training.setup(args, meta)
-    params = lora.lora_parameters(model)
-    examples = training.train_examples(args, meta, resumed)
-    problems = training.validation_problems(args)
-    eos = set(tok.eos_ids)
-
-    epoch_batches = training.data_order([len(p) for p in training.prompts(tok, examples)], args.batch_size, args.seed)
-    n_batches = -(-len(examples) // args.batch_size)
-    total = args.max_steps or training.plan_steps(args, n_batches) * args.mu
-    step, position = training.start(resumed, total)
-    first, saved, bar = step, (step if resumed else None), training.progress(args, "grpo", step, total)
-    save = lambda snapshot=False: training.save(args, model, optimizer, meta, step, total, position, snapshot)  # noqa: E731
-    micro = None
-    with cli.stop_at_step_end():
+    run = training.Run(args, {"method": "grpo"})
+    model, tok, optimizer = run.model, run.tok, run.optimizer
+    with run.start([len(p) for p in run.prompts], steps_per_batch=args.mu):   # Ctrl-C, SIGTERM: end the step
         # a stop (Ctrl-C, --stop-after) waits for the end of a cycle of --mu steps: a checkpoint holds no rollouts
-        while step < total and (step % args.mu or not training.stopping(args, step, first, saved, save)):
-            started = time.perf_counter()
-            if micro is None or step % args.mu == 0:  # the states: a fresh batch of rollouts from the current policy
-                # this rank's share of the step's prompts (all grad-accum batches), so every world size works
-                step_batch = [i for _ in range(args.grad_accum) for i in training.next_batch(epoch_batches, position)]
-                group = [examples[i] for i in distributed.share(step_batch)]
-                rollouts = sample(model, tok, group, args, seed=distributed.seed(args.seed, "rollouts", step))
-                micro, rollout_stats = learner_batches(rollouts, group, args, eos, reward_fn)   # the signal: rewards
+        while run.going(cycle=args.mu):
+            first = run.step % args.mu == 0
+            if first:   # the states: a fresh batch of rollouts from the current policy, G per prompt
+                batch = run.next_batch(args.grad_accum)   # this rank's share of the step's prompts
+                prompts = [run.prompts[i] for i in batch for _ in range(args.group_size)]
+                rollouts = gsm8k_rollouts(model, tok, prompts, "default", args.max_new_tokens, args.temperature,
+                                          distributed.seed(args.seed, "rollouts", run.step), args.sample_batch_size)
+                # the signal: rewards, group-relative advantages
+                micro, rollout_figures, groups, tokens = learner_batches(args, rollouts,
+                                                                         [run.examples[i] for i in batch], reward_fn)
             sampled = time.perf_counter()
-            locality = training.wants_locality(args, step)
+            locality = run.locality([m.rows for m in micro])   # {} but every --locality-every steps
+            figures = {**rollout_figures, **locality}
             model.train()
-            sums = {}
-            for batch in micro:
-                with training.autocast(model):
-                    loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps,
-                                                                  args.beta, locality, step % args.mu == 0)  # Eq. 6
-                if not training.add(sums, loss, figures):
-                    break
+            loss_sum = 0.0
+            for m in micro:
+                rows = m.rows
+                new = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)
+                ref = None
+                if args.beta > 0 or locality:   # kl: k3 to the base, in the loss (β > 0) or logged beside it
+                    with torch.no_grad():   # π_ref: the base policy, the same weights with the adapter off
+                        ref = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature,
+                                                      policy=None)
+                    d = (ref - new).detach()
+                    figures.setdefault("kl", []).append(torch.exp(d) - d - 1)
+                loss = clipped_loss(new, m.old, m.adv, m.weights, args.clip_eps, args.beta, ref)        # Eq. 6
                 loss.backward()
+                loss_sum += loss.item()
+                ratio_figures(figures, new, m.old, m.adv, args.clip_eps, first)
             model.eval()
-            stats = training.over_ranks(sums, params, optimizer, step, saved, args)
-            grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
-            lr = training.schedule(optimizer, step, total, args)         # warmup, then cosine decay
+            stats = run.all_reduce(loss_sum, figures, extremes=("sampling/importance_sampling_ratio",))
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip or math.inf).item()
+            lr = training.lr_at(run.step, run.total, args.lr, args.warmup)     # warmup, then cosine decay
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            stats = {"loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm, **stats, **rollout_stats,
-                     "sample_s": sampled - started, "learn_s": time.perf_counter() - sampled}
-            stats.update(training.validate(args, model, tok, problems, step, total))   # --eval-every
-            tokens = stats.pop("tokens")
-            training.log(args, bar, {"step": step, **stats}, started, tokens)
-            saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots
-    bar.close()
-    training.finish(args, "grpo", save, saved, step, total)
+            run.step += 1
+            run.log({**stats, "lr": lr, "grad_norm": grad_norm, "groups": groups, "sample_s": sampled - run.started,
+                     "learn_s": time.perf_counter() - sampled}, tokens)
+            run.save()                                                         # every --save-every, and --snapshots
     return args
 
 

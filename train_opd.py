@@ -7,12 +7,12 @@
     python train_opd.py --teacher ckpt/sft_stress.pt --states data          # same signal, the dataset's states
     python train_opd.py --teacher ckpt/sft_stress.pt --resume               # continue an interrupted run
 
-A step has two halves, and they are two functions below:
+A step has two halves, and they are functions below; then its loss, where each signal's equation is written:
 1. State source (`collect_states`, --states): trajectories whose prefixes s_t = (x, y_<t) are the training
    states. `student` (default): the student samples rollouts of GSM8K train prompts (the current adapter,
    merged into the weights for speed). `teacher`: the teacher samples them (offline sequence-level
    distillation). `data`: the gold solutions (SFT's states).
-2. Signal (--signal; a function that builds it and the loss it makes, in SIGNALS) at those states:
+2. Signal (--signal; a function that builds it at those states, in SIGNALS, and a loss):
    - `continuation` (default, the paper's successful variant): at --cuts random cut points t of each
      trajectory the teacher writes --continuation-tokens tokens c from (x, y_<t) (greedy, or sampled at
      --teacher-temperature); the student learns them by cross-entropy on its own prefix:
@@ -24,7 +24,7 @@ A step has two halves, and they are two functions below:
    - `sampled-kl` (OPD as tinker-cookbook runs it; TRL's MiniLLM at γ = 0, verl's and slime's OPD): no
      continuation and no sum over the vocabulary. The teacher scores the student's own sampled tokens, and the
      per-token sample of the reverse KL (both log-probs from one no-dropout forward each) is a negative advantage
-     for GRPO's clipped policy-gradient loss (training.policy_gradient_loss; the ratio against the sampler's
+     for GRPO's clipped policy-gradient loss (train_grpo.clipped_loss, Eq. 6; the ratio against the sampler's
      log-probs, one step per batch, no KL term):
          A_t = -Σ_{k≥t} γ^(k-t) (log π_S(y_k | s_k) - log π_T(y_k | s_k)),   y ~ π_S,  γ = --discount (0)
      Its expected gradient at γ = 0 is the exact gradient of Σ_t KL(π_S(·|s_t) || π_T(·|s_t)) (`kl --kl
@@ -34,19 +34,18 @@ A step has two halves, and they are two functions below:
      adapter dropout defaults to 0, as GRPO's (the ratio is taken against the dropout-free sampler).
 Losses are summed over supervised tokens (states, for kl) and divided by their count in the optimizer step.
 
-Teacher and student are ONE base model with two LoRA adapters, "teacher" (frozen, from --teacher) and
+Teacher and student are ONE base model with two LoRA adapters, "teacher" (frozen, no dropout, from --teacher) and
 "default" (the student: fresh, or --init); switching is a flag per layer, never a second copy of the base.
-The loop is main()'s, its pieces (flags, checkpoints, --resume, logging) training.py's plain functions;
+The loop is main()'s, the run's bookkeeping (flags, checkpoints, --resume, logging) training.Run's;
 `python train_opd.py --teacher X.pt` needs nothing else, because --model and --data-dir default to what the
 teacher's checkpoint records.
 
 Logged per step (JSONL, training.py): loss; supervised tokens; response length; sample/learn seconds; tokens/s
 (sampled plus trained tokens over the step's wall time). With state locality (every --locality-every steps):
-state_nll_base (base-policy NLL of the state tokens y_<t), target_nll (the student's NLL of its targets, the
-teacher's tokens, or for kl the expected NLL under π_T), and kl_forward = KL(π_T||π_S) and kl_reverse, exact,
-averaged over the states the step supervised: the student's divergence from its teacher where it was trained,
-before the update. The continuation loss needs neither the teacher's distribution nor the student's, so these
-cost a no-grad forward of each there; the kl signal computes them anyway and logs them every step.
+state_nll_base (base-policy NLL of the state tokens y_<t), target_nll (the student's NLL of its target tokens:
+the teacher's, or for kl and sampled-kl its own), and kl_forward = KL(π_T||π_S) and kl_reverse, exact, averaged
+over the states the step supervised: the student's divergence from its teacher where it was trained, before the
+update, at the cost of a no-grad forward of each.
 
 Defaults (ours; the paper gives no OPD hyperparameters): 8 prompts per step, 4 cuts x 32 greedy teacher tokens,
 200 steps (1,600 of GSM8K's 7,473 train prompts), lr 1e-4, LoRA r 16 / alpha 32 (training.py's); `--max-steps 0
@@ -63,30 +62,28 @@ Honest simplifications:
   teacher's mode; --teacher-temperature 1 makes the cross-entropy an unbiased estimate of the forward KL's
   gradient on those states.
 - Logits are computed in row chunks under activation checkpointing (training.token_logprobs; for the KLs,
-  --logit-chunk states at a time), so the [states x vocabulary] matrices of the 152k vocabulary never exist
-  all at once.
+  `one_step_kl`, --logit-chunk states at a time), so the [states x vocabulary] matrices of the 152k vocabulary never
+  exist all at once.
 """
 import argparse
+import math
 import random
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-import cli
 import distributed
-import lora
 import training
-from cli import NONNEGATIVE, PROBABILITY, SIZE, FlagParser, number
+from cli import NONNEGATIVE, PROBABILITY, SIZE, TWO_OR_MORE
 from evaluate import gsm8k_rollouts
-
-DEFAULT_MODEL = "Qwen/Qwen3-0.6B-Base"
+from train_grpo import clipped_loss, ratio_figures
 
 
 def parse_args(argv=None):
-    p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.parser(__doc__)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--teacher", required=True,
                    help="the teacher's LoRA checkpoint (.pt); its metadata names the base model and data")
     p.add_argument("--states", choices=["student", "teacher", "data"], default="student",
@@ -102,15 +99,17 @@ def parse_args(argv=None):
     p.add_argument("--continuation-tokens", type=SIZE, default=32, help="continuation: teacher tokens per cut point")
     p.add_argument("--teacher-temperature", type=NONNEGATIVE, default=0.0,
                    help="continuation: teacher sampling temperature (0 = greedy)")
-    p.add_argument("--temperature", type=NONNEGATIVE, default=1.0, help="rollout temperature (student or teacher states; 0 = greedy)")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=1.0,
+                   help="rollout temperature (student or teacher states; 0 = greedy)")
     p.add_argument("--max-new-tokens", type=SIZE, default=256, help="rollout length limit (evaluate.py's GSM8K limit)")
-    p.add_argument("--max-len", type=number(int, 2), default=1024, help="--states data: tokens per gold example at most (as SFT)")
+    p.add_argument("--max-len", type=TWO_OR_MORE, default=1024,
+                   help="--states data: tokens per gold example at most (as SFT)")
     p.add_argument("--sample-batch-size", type=SIZE, default=64, help="sequences per sampler batch")
     p.add_argument("--logit-chunk", type=SIZE, default=1024,
-                   help="states per lm_head/softmax chunk in the loss (bounds memory)")
-    training.add_common_args(p)
+                   help="states per lm_head/softmax chunk in the KLs (bounds memory)")
     # --model / --data-dir: None = the teacher's. 8 prompts x 4 cuts x 32 tokens per step, 200 steps (1,600 prompts).
-    # --lora-dropout: None = 0.05, but 0 for sampled-kl, whose ratio is taken against the dropout-free sampler (as GRPO's)
+    # --lora-dropout: None = 0.05, but 0 for sampled-kl, whose ratio is taken against the dropout-free sampler (as
+    # GRPO's)
     p.set_defaults(model=None, data_dir=None, batch_size=8, max_steps=200, lr=1e-4, lora_dropout=None)
     args = p.parse_args(argv)
     if args.lora_dropout is None:
@@ -135,131 +134,102 @@ class Trajectory:
     logprobs: list | None = None     # the sampler's log-probs of y (None for the gold solutions)
 
 
-def collect_states(args, model, tok, examples, seed: int) -> list:
-    """--states: the student's rollouts, the teacher's rollouts, or the gold solutions of `examples`."""
+def collect_states(args, model, tok, prompts: list, gold: list | None, seed: int) -> list:
+    """--states: the student's rollouts of `prompts`, the teacher's rollouts, or their `gold` solutions."""
     if args.states == "data":
-        return [Trajectory(p, a) for p, a in training.gold_solutions(tok, examples, args.max_len)]  # SFT's states
-    prompts = training.prompts(tok, examples)
+        return [Trajectory(x, y) for x, y in gold]                                           # SFT's states
     rollouts = gsm8k_rollouts(model, tok, prompts, "default" if args.states == "student" else "teacher",
                               args.max_new_tokens, args.temperature, seed, args.sample_batch_size)
-    responses = [training.through_eos(r.tokens, tok.eos_ids) for r in rollouts]
-    return [Trajectory(p, y, r.logprobs[:len(y)]) for p, y, r in zip(prompts, responses, rollouts)]
+    return [Trajectory(x, r.tokens, r.logprobs) for x, r in zip(prompts, rollouts)]
 
 
 # ----------------------------------------------------------------------------------------------
-# Signal: what the teacher supervises at those states, and the loss it makes (one pair of functions per --signal)
+# Signal: what the teacher supervises at those states (one function per --signal), and the losses they make
 
 
 @dataclass
 class Supervision:
-    """A packed micro-batch: each row is prompt + state tokens + supervised tokens, right-padded.
-    Masks are bool [B, T] over input positions (training.py's convention: token t predicted from t - 1)."""
-    ids: torch.Tensor
-    attn: torch.Tensor
-    target: torch.Tensor   # supervised tokens: each is predicted from the state just before it
-    state: torch.Tensor    # the state-source tokens of the supervised states (for state locality)
-    sampled: int           # tokens the sampler produced for this micro-batch (rollouts + continuations)
-    logprobs: torch.Tensor | None = None     # sampled-kl: the sampler's log π_S(y_t | s_t) at the targets, [B, T]
-    reverse_kl: torch.Tensor | None = None   # sampled-kl: log π_S(y_t | s_t) - log π_T(y_t | s_t) there, [B, T]
+    """A micro-batch of rows prompt + state tokens + supervised tokens (training.pad_rows: the masks `target`, the
+    supervised tokens, each predicted from the state just before it, and `state`, the state-source tokens)."""
+    rows: training.Rows
+    sampled: int                             # tokens the sampler produced for it (rollouts + continuations)
+    logprobs: torch.Tensor | None = None     # sampled-kl: the sampler's log π_S(y_t | s_t), per target
+    reverse_kl: torch.Tensor | None = None   # sampled-kl: log π_S(y_t | s_t) - log π_T(y_t | s_t), per target
+    advantage: torch.Tensor | None = None    # sampled-kl: A_t, per target
 
 
-def continuation_signal(args, model, tok, trajectories, seed: int, sampled: int) -> Supervision:
+def continuation_signal(args, model, tok, trajectories, seed: int) -> Supervision:
     """The paper's signal: at --cuts random cut points t of each trajectory the teacher writes
     --continuation-tokens tokens c from the state (x, y_<t); they are the targets, (x, y_<t) the states."""
     rng = random.Random(seed)
     cuts = [(tr, t) for tr in trajectories
             for t in sorted(rng.sample(range(len(tr.response)), min(args.cuts, len(tr.response))))]
-    prefixes = [tr.prompt + tr.response[:t] for tr, t in cuts]
-    continuations = gsm8k_rollouts(model, tok, prefixes, "teacher", args.continuation_tokens, args.teacher_temperature,
+    continuations = gsm8k_rollouts(model, tok, [tr.prompt + tr.response[:t] for tr, t in cuts], "teacher",
+                                   args.continuation_tokens, args.teacher_temperature,
                                    distributed.seed(seed, "continuations"), args.sample_batch_size)
-    rows = [(tr.prompt, tr.response[:t], training.through_eos(c.tokens, tok.eos_ids))
-            for (tr, t), c in zip(cuts, continuations)]
-    return Supervision(*training.pad_rows(rows, args.device), sampled + sum(len(c.tokens) for c in continuations))
+    rows = training.pad_rows([(tr.prompt, tr.response[:t], c.tokens) for (tr, t), c in zip(cuts, continuations)],
+                             args.device)
+    return Supervision(rows, sampled_tokens(args, trajectories) + sum(len(c.tokens) for c in continuations))
 
 
-def continuation_loss(args, model, sup: Supervision, normalizer: float, locality: bool):
+def continuation_loss(model, rows, normalizer: float):
     """Eq. 7: SFT's cross-entropy (Eq. 5) on the teacher's continuations, at the learner's states."""
-    logp = training.token_logprobs(model, sup.ids, sup.attn, sup.target)
-    loss = -logp.sum() / normalizer                                                             # Eq. 7
-    if not locality:
-        return loss, {}
-    figures = logged_divergences(args, model, sup)
-    figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=logp))
-    return loss, figures
+    logp = training.token_logprobs(model, rows.ids, rows.attn, rows.target)
+    return -logp.sum() / normalizer                                                             # Eq. 7
 
 
-def kl_signal(args, model, tok, trajectories, seed: int, sampled: int) -> Supervision:
+def kl_signal(args, model, tok, trajectories, seed: int) -> Supervision:
     """Every state (x, y_<t) supervises the distribution of position t: the targets are all of y, and the states
     are their own prefixes (the last token of y ends the trajectory without forming a state)."""
-    return Supervision(*training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device), sampled)
+    rows = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
+    return Supervision(rows, sampled_tokens(args, trajectories))
 
 
-def kl_loss(args, model, sup: Supervision, normalizer: float, locality: bool):
-    """Σ_t KL(π_T(·|s_t) || π_S(·|s_t)) (--kl reverse: KL(π_S || π_T)), exact over the vocabulary, / the states."""
-    forward, reverse, cross = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
-    loss = (forward if args.kl == "forward" else reverse).sum() / normalizer
-    figures = {"kl_forward": training.total(forward), "kl_reverse": training.total(reverse)}
-    if locality:   # the target is π_T: the student's expected NLL of the teacher's samples
-        figures.update(training.state_locality(model, sup.ids, sup.attn, sup.state, target_logprobs=-cross))
-    return loss, figures
+def _kl(h_student, h_teacher, lm_head):
+    logp_s, logp_t = (lm_head(h).double().log_softmax(-1) if h.dtype == torch.float64 else
+                      lm_head(h).float().log_softmax(-1) for h in (h_student, h_teacher))
+    forward = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    reverse = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    return torch.stack([forward, reverse], dim=-1)
 
 
-def sampled_kl_signal(args, model, tok, trajectories, seed: int, sampled: int) -> Supervision:
-    """Teacher and student score the student's sampled tokens by the same forward (the student without dropout), at
-    the sampler's temperature: equal policies give exactly zero. The sampler's own log-probs (merged weights) are
-    π_old of the ratio only."""
-    ids, attn, target, state = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
-    logp = {}
-    for policy in ("default", "teacher"):
-        with torch.no_grad(), as_policy(model, policy), training.autocast(model):
-            logp[policy] = training.token_logprobs(model, ids, attn, target, temperature=args.temperature).float()
-    reverse_kl = torch.zeros(target.shape, device=target.device)
-    reverse_kl[target] = logp["default"] - logp["teacher"]
-    sampler = training.on_targets([tr.logprobs for tr in trajectories], target)
-    return Supervision(ids, attn, target, state, sampled, sampler, reverse_kl)
+def one_step_kl(h_student, h_teacher, lm_head, chunk: int = 1024):
+    """Per state [N, 2]: KL(π_T||π_S) and KL(π_S||π_T) of the next-token distributions that the final hidden states
+    give, exact over the vocabulary. Over row chunks, each recomputed in backward: memory O(chunk x vocabulary),
+    not O(states x vocabulary). (drift.py takes the policy KLs with it, the base in the teacher's place.)"""
+    parts = [torch.utils.checkpoint.checkpoint(_kl, h_student[i:i + chunk], h_teacher[i:i + chunk], lm_head,
+                                               use_reentrant=False) for i in range(0, len(h_student), chunk)]
+    return torch.cat(parts) if parts else h_student.new_zeros(0, 2)
 
 
-def sampled_kl_loss(args, model, sup: Supervision, normalizer: float, locality: bool):
-    """GRPO's clipped policy-gradient loss with the per-token advantage A_t = -Σ_{k≥t} γ^(k-t) (log π_S - log π_T)."""
-    batch = [sup.ids, sup.attn, sup.target, sup.state, sup.logprobs,
-             sampled_kl_advantage(sup.reverse_kl, args.discount), sup.target.float() / normalizer]
-    loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps, 0.0, locality)
-    figures["reverse_kl_sampled"] = training.total(sup.reverse_kl[sup.target])
-    if locality:
-        figures.update(logged_divergences(args, model, sup))
-    return loss, figures
+def divergences(model, rows, chunk: int):
+    """one_step_kl at every supervised state of the rows: the student as it is (in training: differentiable, with
+    its adapter dropout), the teacher frozen."""
+    h_student = training.scored_hidden(model, rows.ids, rows.attn, rows.target)
+    with torch.no_grad():
+        h_teacher = training.scored_hidden(model, rows.ids, rows.attn, rows.target, policy="teacher")
+    return one_step_kl(h_student, h_teacher, model.lm_head, chunk)
 
 
-SIGNALS = {"continuation": (continuation_signal, continuation_loss), "kl": (kl_signal, kl_loss),
-           "sampled-kl": (sampled_kl_signal, sampled_kl_loss)}
+def kl_loss(model, rows, normalizer: float, direction: str, chunk: int):
+    """Σ_t KL(π_T(·|s_t) || π_S(·|s_t)) (direction reverse: KL(π_S || π_T)), exact, / the step's states."""
+    kl = divergences(model, rows, chunk)
+    return kl[:, 0 if direction == "forward" else 1].sum() / normalizer
 
 
-@contextmanager
-def as_policy(model, adapter: str):
-    """Adapter `adapter`'s policy as it samples: that adapter active, no adapter dropout."""
-    was_training = model.training
-    model.eval()
-    try:
-        with lora.use_adapter(model, adapter):
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def teacher_divergences(model, sup: Supervision, chunk: int):
-    """Per supervised state [N, 3]: training.divergences() of the student as it is (training: differentiable, with
-    its adapter dropout) and of the teacher."""
-    h_student = training.scored_hidden(model, sup.ids, sup.attn, sup.target)
-    with torch.no_grad(), as_policy(model, "teacher"):
-        h_teacher = training.scored_hidden(model, sup.ids, sup.attn, sup.target)
-    return training.divergences(h_student, h_teacher, model.lm_head, chunk)
-
-
-def logged_divergences(args, model, sup: Supervision) -> dict:
-    """kl_forward and kl_reverse, exact, at the supervised states, of the student without dropout (logging only)."""
-    with torch.no_grad(), as_policy(model, "default"):
-        forward, reverse, _ = teacher_divergences(model, sup, args.logit_chunk).unbind(-1)
-    return {"kl_forward": training.total(forward), "kl_reverse": training.total(reverse)}
+def sampled_kl_signal(args, model, tok, trajectories, seed: int) -> Supervision:
+    """Teacher and student score the student's sampled tokens, each by one no-dropout forward, at the sampler's
+    temperature: equal policies give exactly zero. The sampler's own log-probs (merged weights) are π_old of the
+    ratio only. A_t = -Σ_{k≥t} γ^(k-t) (log π_S - log π_T)_k along each trajectory."""
+    rows = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
+    with torch.no_grad():
+        student, teacher = (training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature, policy)
+                            for policy in ("default", "teacher"))
+    grid = torch.zeros(rows.target.shape, dtype=student.dtype, device=student.device)
+    grid[rows.target] = student - teacher
+    sampler = torch.tensor([lp for tr in trajectories for lp in tr.logprobs], device=student.device)
+    return Supervision(rows, sampled_tokens(args, trajectories), sampler, student - teacher,
+                       sampled_kl_advantage(grid, args.discount)[rows.target])
 
 
 def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Tensor:
@@ -269,95 +239,98 @@ def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Ten
         return -reverse_kl
     k = torch.arange(reverse_kl.shape[1], device=reverse_kl.device)
     lag = k[:, None] - k[None, :]                                   # [k, t]: k - t
-    gamma = torch.where(lag >= 0, discount ** lag.clamp(min=0).float(), 0.0)
+    gamma = torch.where(lag >= 0, discount ** lag.clamp(min=0).to(reverse_kl.dtype), 0.0)
     return -(reverse_kl @ gamma)
 
 
+SIGNALS = {"continuation": continuation_signal, "kl": kl_signal, "sampled-kl": sampled_kl_signal}
+
+
+def sampled_tokens(args, trajectories) -> int:
+    """The tokens the sampler wrote for the states (none for the gold solutions)."""
+    return 0 if args.states == "data" else sum(len(tr.response) for tr in trajectories)
+
+
 # ----------------------------------------------------------------------------------------------
+# What is logged beside the loss
+
+
+@torch.no_grad()
+def divergence_figures(args, model, micro: list) -> dict:
+    """kl_forward and kl_reverse, exact, at the supervised states, of the student without dropout."""
+    kl = [divergences(model, sup.rows, args.logit_chunk) for sup in micro]
+    return {"kl_forward": [d[:, 0] for d in kl], "kl_reverse": [d[:, 1] for d in kl]}
 
 
 def by_position(micro: list, width: int = 32) -> list:
     """The step's sampled reverse KL per token, averaged in bins of `width` response positions (0-31, 32-63, ..)."""
     sums, counts = defaultdict(float), defaultdict(int)
     for sup in micro:
-        position = (sup.target.cumsum(1) - 1)[sup.target] // width
-        for b, v in zip(position.tolist(), sup.reverse_kl[sup.target].tolist()):
+        position = (sup.rows.target.cumsum(1) - 1)[sup.rows.target] // width
+        for b, v in zip(position.tolist(), sup.reverse_kl.tolist()):
             sums[b] += v
             counts[b] += 1
     return [round(sums[b] / counts[b], 5) if counts[b] else None for b in range(max(counts, default=-1) + 1)]
 
 
-def load_teacher(args) -> dict:
-    """Read the teacher's checkpoint and fill --model / --data-dir from its metadata when not given."""
-    ckpt = lora.load_checkpoint(args.teacher)
-    meta = ckpt["meta"]
-    if args.model is None:
-        args.model = meta.get("base_model") or DEFAULT_MODEL
-    if args.data_dir is None:
-        args.data_dir = meta.get("data_dir")
-    return ckpt
-
-
 def main(argv=None):
     args = parse_args(argv)
-    teacher = load_teacher(args)
-    meta = {"method": "opd", "teacher": args.teacher, "teacher_method": teacher["meta"].get("method"),
-            "signal": args.signal, "states": args.states}
-    model, tok, optimizer, resumed = training.setup(args, meta)
-    lora.load_adapter(model, teacher, name="teacher")
-    params = lora.lora_parameters(model)
-    signal, opd_loss = SIGNALS[args.signal]
-    examples = training.train_examples(args, meta, resumed)
-    problems = training.validation_problems(args)
-    epoch_batches = training.data_order([len(p) for p in training.prompts(tok, examples)], args.batch_size, args.seed)
-    total = training.plan_steps(args, -(-len(examples) // args.batch_size))
-    step, position = training.start(resumed, total)
-    first, saved, bar = step, (step if resumed else None), training.progress(args, "opd", step, total)
-    save = lambda snapshot=False: training.save(args, model, optimizer, meta, step, total, position, snapshot)  # noqa: E731
-    with cli.stop_at_step_end():
-        while step < total and not training.stopping(args, step, first, saved, save):
-            started = time.perf_counter()
+    meta = {"method": "opd", "teacher": args.teacher, "signal": args.signal, "states": args.states}
+    run = training.Run(args, meta, teacher=args.teacher)   # the teacher: adapter "teacher", frozen
+    model, tok, optimizer = run.model, run.tok, run.optimizer
+    gold = training.gold_solutions(tok, run.examples, args.max_len) if args.states == "data" else None
+    with run.start([len(p) for p in run.prompts]):   # inside, Ctrl-C and SIGTERM end the step, then the run
+        while run.going():
             micro, responses = [], []
             for k in range(args.grad_accum):
-                batch = [examples[i] for i in distributed.share(training.next_batch(epoch_batches, position))]
+                batch = run.next_batch()
                 if not batch:      # under torchrun, a micro-batch smaller than the number of ranks
                     continue
-                seed = distributed.seed(args.seed, "opd", step, k)
-                trajectories = collect_states(args, model, tok, batch, seed)          # the state source
+                seed = distributed.seed(args.seed, "opd", run.step, k)
+                trajectories = collect_states(args, model, tok, [run.prompts[i] for i in batch],
+                                              gold and [gold[i] for i in batch], seed)             # the state source
                 responses += [len(tr.response) for tr in trajectories]
-                sampled = 0 if args.states == "data" else sum(len(tr.response) for tr in trajectories)
-                micro.append(signal(args, model, tok, trajectories, seed, sampled))  # the teacher's signal there
-            sampled_s = time.perf_counter()
+                micro.append(SIGNALS[args.signal](args, model, tok, trajectories, seed))   # the teacher's signal
+            sampled = time.perf_counter()
             supervised, response_tokens, n_responses, tokens = distributed.total(
-                [sum(int(s.target.sum()) for s in micro), sum(responses), len(responses),
-                 sum(s.sampled + int(s.attn.sum()) for s in micro)])          # the step's, over all ranks
+                [sum(int(s.rows.target.sum()) for s in micro), sum(responses), len(responses),
+                 sum(s.sampled + int(s.rows.attn.sum()) for s in micro)])          # the step's, over all ranks
             normalizer = max(1, supervised)
-            locality = training.wants_locality(args, step)
+            figures = run.locality([s.rows for s in micro])
+            if figures:   # at the same steps: how far the student is from its teacher where it is trained
+                figures.update(divergence_figures(args, model, micro))
+            if args.signal == "sampled-kl":
+                figures["reverse_kl_sampled"] = [s.reverse_kl for s in micro]
             model.train()
-            sums = {}
+            loss_sum = 0.0
             for sup in micro:
-                with training.autocast(model):
-                    loss, figures = opd_loss(args, model, sup, normalizer, locality)
-                if not training.add(sums, loss, figures):
-                    break
+                if args.signal == "continuation":
+                    loss = continuation_loss(model, sup.rows, normalizer)                                  # Eq. 7
+                elif args.signal == "kl":
+                    loss = kl_loss(model, sup.rows, normalizer, args.kl, args.logit_chunk)      # Σ_t KL, exact
+                else:   # sampled-kl: GRPO's clipped loss (Eq. 6), A_t = -(log π_S - log π_T), one update per batch
+                    rows = sup.rows
+                    new = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)
+                    loss = clipped_loss(new, sup.logprobs, sup.advantage, 1.0 / normalizer, args.clip_eps)
+                    ratio_figures(figures, new, sup.logprobs, sup.advantage, args.clip_eps, first=True)
                 loss.backward()
+                loss_sum += loss.item()
             model.eval()
-            stats = training.over_ranks(sums, params, optimizer, step, saved, args)
-            grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
-            lr = training.schedule(optimizer, step, total, args)         # warmup, then cosine decay
+            stats = run.all_reduce(loss_sum, figures, extremes=("sampling/importance_sampling_ratio",))
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip or math.inf).item()
+            lr = training.lr_at(run.step, run.total, args.lr, args.warmup)     # warmup, then cosine decay
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"step": step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm, **stats,
-                      "supervised_tokens": normalizer, "response_len": response_tokens / n_responses,
-                      "sample_s": sampled_s - started, "learn_s": time.perf_counter() - sampled_s}
+            run.step += 1
+            record = {**stats, "lr": lr, "grad_norm": grad_norm, "supervised_tokens": normalizer,
+                      "response_len": response_tokens / max(1, n_responses), "sample_s": sampled - run.started,
+                      "learn_s": time.perf_counter() - sampled}
             if args.signal == "sampled-kl":
                 record["reverse_kl_by_position"] = by_position(micro)   # this rank's (rank 0 logs)
-            record.update(training.validate(args, model, tok, problems, step, total))   # --eval-every
-            training.log(args, bar, record, started, tokens)
-            saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots
-    bar.close()
-    training.finish(args, "opd", save, saved, step, total)
+            run.log(record, tokens)
+            run.save()                                                         # every --save-every, and --snapshots
     return args
 
 

@@ -12,6 +12,8 @@ format followed by a prefix of its gold solution; the signal is the gold next to
 
 averaged over all answer tokens of the optimizer step (every token weighs the same, and gradient
 accumulation equals one large batch). Prompt tokens carry no loss and are not even sent through the lm_head.
+The loop below is the method, step by step; the run's bookkeeping (flags, checkpoints, --resume, the log, ranks)
+is training.Run's.
 
 --states learner: the same loss on the learner's own states (rejection-sampling fine-tuning: STaR, RFT; "Retaining
 by Doing", Chen et al. 2025, finds it forgets less than SFT on gold data). Each step samples --group-size
@@ -34,15 +36,14 @@ included (they are the dataset's tokens; the paper does not say it stripped them
 learns to stop; there is no packing of several examples into one row (batches of similar lengths keep
 padding small instead); examples longer than --max-len tokens are cut at the end.
 """
-import time
+import math
 
-import cli
+import torch
 
 import distributed
-import lora
 import training
+from cli import RATE, SIZE, TWO_OR_MORE
 from evaluate import gsm8k_rollouts, is_correct
-from cli import RATE, SIZE, FlagParser, number
 
 PRESETS = {
     "mild": dict(epochs=1.0, lr=1e-4, lora_r=16, lora_alpha=32),
@@ -51,18 +52,19 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = FlagParser(description=__doc__, formatter_class=training.HelpFormatter)
+    p = training.parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="mild",
                    help="sets --epochs, --lr, --lora-r, --lora-alpha (those show default None: the preset's value)")
-    p.add_argument("--max-len", type=number(int, 2), default=1024, help="tokens per example at most (prompt + answer + EOS)")
+    p.add_argument("--max-len", type=TWO_OR_MORE, default=1024,
+                   help="tokens per example at most (prompt + answer + EOS)")
     p.add_argument("--states", choices=["data", "learner"], default="data",
                    help="state source: the gold solutions, or the learner's own samples that are correct")
     p.add_argument("--group-size", type=SIZE, default=8, help="--states learner: completions sampled per prompt")
-    p.add_argument("--keep", type=SIZE, default=1, help="--states learner: accepted completions kept per prompt, at most")
+    p.add_argument("--keep", type=SIZE, default=1,
+                   help="--states learner: accepted completions kept per prompt, at most")
     p.add_argument("--temperature", type=RATE, default=1.0, help="--states learner: sampling temperature")
     p.add_argument("--max-new-tokens", type=SIZE, default=256, help="--states learner: completion tokens at most")
     p.add_argument("--sample-batch-size", type=SIZE, default=256, help="--states learner: sequences per sampler batch")
-    training.add_common_args(p)
     # None = "take it from the preset"
     p.set_defaults(epochs=None, lr=None, lora_r=None, lora_alpha=None, batch_size=16)
     args = p.parse_args(argv)
@@ -74,104 +76,70 @@ def parse_args(argv=None):
     return args
 
 
-def sft_loss(model, batch, normalizer: float, locality: bool):
-    """Eq. 5 on one micro-batch: summed gold-token NLL / the step's answer-token count."""
-    ids, attn, target, state = batch
-    logp = training.token_logprobs(model, ids, attn, target)
-    loss = -logp.sum() / normalizer                                                 # Eq. 5
-    figures = training.state_locality(model, ids, attn, state, target_logprobs=logp) if locality else {}
-    return loss, figures
+def sft_loss(model, rows, normalizer: float):
+    """Eq. 5 on one micro-batch: the summed NLL of its target tokens / the step's target-token count."""
+    logp = training.token_logprobs(model, rows.ids, rows.attn, rows.target)
+    return -logp.sum() / normalizer                                                   # Eq. 5
 
 
-def accepted_samples(args, model, tok, examples, seed: int):
-    """--states learner: (prompt ids, None, completion ids) rows of the learner's accepted completions of
-    `examples`, at most --keep per prompt, and the figures of the sampling."""
-    prompts = training.prompts(tok, examples)
+def accepted_samples(args, model, tok, prompts, examples, seed: int):
+    """--states learner: (prompt ids, None, completion ids) rows of the learner's completions of `prompts` that
+    evaluate.is_correct accepts, at most --keep per prompt, and figures of the sampling: per sample whether it was
+    accepted and kept, per prompt whether any sample solved it."""
     G = args.group_size
     rollouts = gsm8k_rollouts(model, tok, [p for p in prompts for _ in range(G)], "default", args.max_new_tokens,
                               args.temperature, seed, args.sample_batch_size)
-    correct = [is_correct(r.text, examples[i // G]["answer"]) for i, r in enumerate(rollouts)]
-    rows = []
-    for j, p in enumerate(prompts):
-        good = [rollouts[i] for i in range(j * G, (j + 1) * G) if correct[i]][:args.keep]
-        rows += [(p, None, training.through_eos(r.tokens, tok.eos_ids)) for r in good]
-    solved = sum(any(correct[j * G:(j + 1) * G]) for j in range(len(prompts)))
-    return rows, {"prompts": len(prompts), "sampled": len(rollouts), "accepted": sum(correct), "kept": len(rows),
-                  "solved": solved}
-
-
-def gold_batch(args, pairs, shares):
-    """A micro-batch per share of gold (prompt, answer) pairs: the states x + y*_<t are the answer's own prefixes
-    (pad_rows' states None), and every answer token is a target."""
-    return [training.pad_rows([(pairs[i][0], None, pairs[i][1]) for i in share], args.device) for share in shares if share]
-
-
-def learner_batch(args, model, tok, examples, shares, step: int):
-    """--states learner: a micro-batch per share of prompts, of the learner's own accepted completions (none when
-    it solved nothing), and the step's sampling counts over all ranks."""
-    micro, counts = [], dict.fromkeys(("prompts", "sampled", "accepted", "kept", "solved"), 0)
-    for k, share in enumerate(shares):
-        seed = distributed.seed(args.seed, "rollouts", step, k)
-        rows, figures = accepted_samples(args, model, tok, [examples[i] for i in share], seed)
-        counts = {key: counts[key] + figures[key] for key in counts}
-        if rows:
-            micro.append(training.pad_rows([(x, s, c[:max(1, args.max_len - len(x))]) for x, s, c in rows], args.device))
-    return micro, dict(zip(counts, distributed.total(list(counts.values()))))
+    correct = torch.tensor([is_correct(r.text, examples[i // G]["answer"]) for i, r in enumerate(rollouts)])
+    kept = correct.view(-1, G) & (correct.view(-1, G).cumsum(1) <= args.keep)   # the first --keep accepted
+    rows = [(prompts[i // G], None, r.tokens[:max(1, args.max_len - len(r.prompt_ids))])
+            for i, r in enumerate(rollouts) if kept.flatten()[i]]
+    return rows, {"accepted": [correct.float()], "kept": [kept.flatten().float()],
+                  "prompts_solved": [correct.view(-1, G).any(1).float()]}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    meta = {"method": "sft", "preset": args.preset, "states": args.states}
-    model, tok, optimizer, resumed = training.setup(args, meta)
-    params = lora.lora_parameters(model)
-    examples = training.train_examples(args, meta, resumed)
-    problems = training.validation_problems(args)
-    if args.states == "learner":
-        lengths = [len(p) for p in training.prompts(tok, examples)]
-    else:
-        pairs = training.gold_solutions(tok, examples, args.max_len)
-        lengths = [len(p) + len(a) for p, a in pairs]
-    epoch_batches = training.data_order(lengths, args.batch_size, args.seed)
-    total = training.plan_steps(args, -(-len(examples) // args.batch_size))
-    step, position = training.start(resumed, total)
-    first, saved, bar = step, (step if resumed else None), training.progress(args, "sft", step, total)
-    save = lambda snapshot=False: training.save(args, model, optimizer, meta, step, total, position, snapshot)  # noqa: E731
-    with cli.stop_at_step_end():
-        while step < total and not training.stopping(args, step, first, saved, save):
-            started = time.perf_counter()
-            # the step's states and signal: gold solutions, or the learner's own accepted samples
-            shares = [distributed.share(training.next_batch(epoch_batches, position)) for _ in range(args.grad_accum)]
-            record = {}
-            if args.states == "learner":
-                micro, counts = learner_batch(args, model, tok, examples, shares, step)
-                record = {"kept": counts["kept"] / counts["sampled"], "accepted": counts["accepted"] / counts["sampled"],
-                          "prompts_solved": counts["solved"] / counts["prompts"]}
-            else:
-                micro = gold_batch(args, pairs, shares)
-            n_targets, tokens = distributed.total([sum(int(b[2].sum()) for b in micro), sum(int(b[1].sum()) for b in micro)])
-            locality = training.wants_locality(args, step)
+    run = training.Run(args, {"method": "sft", "preset": args.preset, "states": args.states})
+    model, tok, optimizer = run.model, run.tok, run.optimizer
+    if args.states == "data":
+        gold = training.gold_solutions(tok, run.examples, args.max_len)
+    lengths = [len(p) for p in run.prompts] if args.states == "learner" else [len(p) + len(a) for p, a in gold]
+    with run.start(lengths):   # inside, Ctrl-C and SIGTERM end the step, then the run
+        while run.going():
+            # the step's states and signal: the gold solutions' prefixes and tokens, or the learner's accepted samples
+            micro, figures = [], {}
+            for k in range(args.grad_accum):
+                batch = run.next_batch()
+                if args.states == "learner":
+                    seed = distributed.seed(args.seed, "rollouts", run.step, k)
+                    rows, sampling = accepted_samples(args, model, tok, [run.prompts[i] for i in batch],
+                                                      [run.examples[i] for i in batch], seed)
+                    figures = {key: figures.get(key, []) + v for key, v in sampling.items()}
+                else:   # the states x + y*_<t are the answer's own prefixes (states None), every answer token a target
+                    rows = [(gold[i][0], None, gold[i][1]) for i in batch]
+                if rows:
+                    micro.append(training.pad_rows(rows, args.device))
+            n_targets, tokens = distributed.total([sum(int(r.target.sum()) for r in micro),
+                                                   sum(int(r.attn.sum()) for r in micro)])
+            figures.update(run.locality(micro))
             # loss and backward, micro-batch by micro-batch (no accepted completion: no micro-batch, no update)
             model.train()
-            sums = {}
-            for batch in micro:
-                with training.autocast(model):
-                    loss, figures = sft_loss(model, batch, n_targets, locality)     # Eq. 5, / the step's targets
-                if not training.add(sums, loss, figures):
-                    break
+            loss_sum = 0.0
+            for rows in micro:
+                loss = sft_loss(model, rows, n_targets)                        # Eq. 5, / the step's target tokens
                 loss.backward()
+                loss_sum += loss.item()
             model.eval()
-            stats = training.over_ranks(sums, params, optimizer, step, saved, args)
-            grad_norm = training.clip_gradients(params, args.clip, optimizer, step, saved, args)
-            lr = training.schedule(optimizer, step, total, args)         # warmup, then cosine decay
+            stats = run.all_reduce(loss_sum, figures)          # gradients and figures of every rank; a NaN stops here
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip or math.inf).item()
+            lr = training.lr_at(run.step, run.total, args.lr, args.warmup)     # warmup, then cosine decay
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record.update(training.validate(args, model, tok, problems, step, total))   # --eval-every
-            training.log(args, bar, {"step": step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm,
-                                     **stats, **record}, started, tokens)
-            saved = training.checkpoint(args, step, total, save, saved)   # every --save-every, and --snapshots
-    bar.close()
-    training.finish(args, "sft", save, saved, step, total)
+            run.step += 1
+            run.log({**stats, "lr": lr, "grad_norm": grad_norm}, tokens)
+            run.save()                                                         # every --save-every, and --snapshots
     return args
 
 

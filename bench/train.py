@@ -10,8 +10,8 @@ autocast; transformers computes the lm_head over every position (its standard `l
 answer positions. Each side runs in its own process (clean peak memory) and reports the median of --steps
 timed steps after --warmup; the sides take turns for --rounds rounds and each keeps its best. tokens/s = batch x
 seq-len / step time; peak memory is above the loaded model (GPU: torch's allocator peak; CPU: the process's peak
-resident size). "ours + locality" adds the state-locality forward (frozen base, no grad) that the trainers log
-every step by default. Then both sides once more in a single process, one step each in turn for --steps x
+resident size). "ours + locality" adds the state-locality measurement (two no-grad forwards: the frozen base on
+the states, the learner on the targets) that the trainers take every --locality-every steps (10 by default). Then both sides once more in a single process, one step each in turn for --steps x
 --rounds steps (same allocator, threads and moment of a shared machine): median seconds per step of each.
 
 GRPO split: train_grpo.py itself for a few steps (a random 0/1 reward so every group carries signal), the
@@ -93,29 +93,31 @@ def timed_steps(step, device, warmup, steps):
 
 
 def ours_step(model_dir, cfg, a, locality: bool):
-    """Our LoRA SFT step (train_sft.py's loop body: loss, backward, clip, schedule, AdamW) as a closure."""
-    import lora
+    """Our LoRA SFT step (train_sft.py's loop body: loss, backward, clip, schedule, AdamW) as a closure; with
+    locality, the state-locality measurement the trainers take every --locality-every steps."""
     import train_sft
     import training
     device = "cuda" if a.cuda else "cpu"
-    args = train_sft.parse_args(["--model", model_dir, "--device", device, "--dtype", "bfloat16" if a.cuda else "float32",
-                                 "--lora-r", "16", "--lora-alpha", "32", "--out", os.path.join(model_dir, "x.pt")]
+    args = train_sft.parse_args(["--model", model_dir, "--data-dir", os.path.join(model_dir, "data"), "--device", device,
+                                 "--dtype", "bfloat16" if a.cuda else "float32", "--lora-r", "16", "--lora-alpha", "32",
+                                 "--out", os.path.join(model_dir, "x.pt"), "--locality-every", "1"]
                                 + (["--grad-checkpointing"] if a.grad_checkpointing else []))
-    model, _, optimizer, _ = training.setup(args, {"method": "sft"})
-    params = lora.lora_parameters(model)
+    run = training.Run(args, {"method": "sft"})
+    model, optimizer = run.model, run.optimizer
     ids, target = sft_batch(cfg, a.batch, a.seq_len, a.prompt_len, device)
-    attn = torch.ones_like(target)
     state = target.clone()
     state[:, -1] = False
+    rows = training.Rows(ids, torch.ones_like(target), target, state)
     n = int(target.sum())
+    run.step = 0
 
     def step():
+        if locality:
+            run.locality([rows])
         model.train()
-        with training.autocast(model):
-            loss, _ = train_sft.sft_loss(model, (ids, attn, target, state), n, locality)
-        loss.backward()
+        train_sft.sft_loss(model, rows, n).backward()
         model.eval()
-        training.clip_gradients(params, args.clip, optimizer, 0, None, args)
+        torch.nn.utils.clip_grad_norm_(run.params, args.clip)
         for group in optimizer.param_groups:
             group["lr"] = training.lr_at(1, 10_000, args.lr, args.warmup)
         optimizer.step()

@@ -43,10 +43,11 @@ def grpo_step(model, tok, G=4, prompts=6):
             rollouts.append(Rollout(prompt, tokens, "", (-torch.rand(n, generator=gen)).tolist(), "length"))
     mine = distributed.share(list(range(prompts)))
     local = [rollouts[j * G + g] for j in mine for g in range(G)]
-    batch, _ = train_grpo.learner_batches(local, [group[j] for j in mine], args, set(tok.eos_ids),
-                                          lambda r, ex: float(r.tokens[-1] % 2 == 0))
-    for b in batch:
-        training.policy_gradient_loss(model, b, args.temperature, args.clip_eps, args.beta, False)[0].backward()
+    micro, _, _, _ = train_grpo.learner_batches(args, local, [group[j] for j in mine],
+                                             lambda r, ex: float(r.tokens[-1] % 2 == 0))
+    for m in micro:
+        new = training.token_logprobs(model, m.rows.ids, m.rows.attn, m.rows.target, args.temperature)
+        train_grpo.clipped_loss(new, m.old, m.adv, m.weights, args.clip_eps).backward()
 
 
 def opd_step(model, tok, signal, prompts=5):
@@ -62,10 +63,17 @@ def opd_step(model, tok, signal, prompts=5):
         trajectories.append(train_opd.Trajectory(torch.randint(3, 900, (4,), generator=gen).tolist(),
                                                  torch.randint(3, 900, (n,), generator=gen).tolist(),
                                                  (-torch.rand(n, generator=gen)).tolist()))
-    signal, loss = train_opd.SIGNALS[args.signal]
-    sup = signal(args, model, tok, distributed.share(trajectories), seed=0, sampled=0)
-    normalizer = distributed.total([int(sup.target.sum())])[0]
-    loss(args, model, sup, normalizer, locality=False)[0].backward()
+    sup = train_opd.SIGNALS[args.signal](args, model, tok, distributed.share(trajectories), seed=0)
+    rows = sup.rows
+    normalizer = distributed.total([int(rows.target.sum())])[0]
+    if args.signal == "continuation":
+        loss = train_opd.continuation_loss(model, rows, normalizer)
+    elif args.signal == "kl":
+        loss = train_opd.kl_loss(model, rows, normalizer, args.kl, args.logit_chunk)
+    else:
+        new = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)
+        loss = train_grpo.clipped_loss(new, sup.logprobs, sup.advantage, 1.0 / normalizer, args.clip_eps)
+    loss.backward()
 
 
 def main():

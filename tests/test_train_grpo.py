@@ -1,4 +1,6 @@
 """train_grpo.py: the CLI runs, the policy gradient climbs a reward, advantages, EOS masking, aggregation, clipping."""
+import math
+
 import pytest
 import torch
 
@@ -24,9 +26,10 @@ def test_cli_runs_end_to_end_and_writes_a_loadable_checkpoint(tiny_dir, tmp_path
     assert ckpt["meta"]["method"] == "grpo" and ckpt["meta"]["step"] == 2 and ckpt["meta"]["args"]["beta"] == 0.1
     load_adapter(load_model(tiny_dir)[0], out)
     log = read_log(str(tmp_path / "grpo.jsonl"))
-    assert {"reward", "accuracy", "completion_len", "zero_signal_groups", "kl", "clip_frac", "sample_s", "learn_s",
-            "state_nll_base", "target_nll", "tokens_per_s"} <= set(log[-1])
-    assert log[-1]["groups"] == 4 and log[-1]["kl"] >= 0  # β > 0: every group is scored, even without signal
+    assert {"reward", "accuracy", "completion_len", "zero_signal_frac", "kl", "clip_frac", "sample_s", "learn_s",
+            "tokens_per_s"} <= set(log[-1])
+    assert {"state_nll_base", "target_nll"} <= set(log[0])   # state locality at step 0, every --locality-every
+    assert log[-1]["kl"] >= 0  # β > 0: every group is scored, even without signal
 
 
 def test_policy_gradient_climbs_a_synthetic_reward(learnable_dir, tmp_path, one_thread):
@@ -50,14 +53,20 @@ def test_group_relative_advantages():
     torch.testing.assert_close(train_grpo.advantages(rewards, 4, "none")[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
 
 
-def test_completion_tokens_after_the_first_eos_carry_no_loss(tiny_dir):
+def test_every_completion_token_is_a_target_with_its_advantage_weight_and_sampler_logprob(tiny_dir):
     _, tok = load_model(tiny_dir)
     eos = tok.eos_ids[0]
-    r = Rollout(prompt_ids=[5, 6, 7], tokens=[8, 9, eos, 10, 11], text="", logprobs=[-1.0] * 5, finish="eos")
-    ids, attn, target, state, old, adv, w = train_grpo.collate([r], [1.0], [0.5], set(tok.eos_ids), "cpu")
-    assert ids[0].tolist() == [5, 6, 7, 8, 9, eos]
-    assert target[0].tolist() == [False] * 3 + [True] * 3       # the EOS is the last supervised action
-    assert state[0].tolist() == [False] * 3 + [True, True, False]
+    args = train_grpo.parse_args(["--group-size", "2", "--grad-accum", "1", "--scale-rewards", "none"])
+    rollouts = [Rollout(prompt_ids=[5, 6, 7], tokens=[8, 9, eos], text="", logprobs=[-1.0, -2.0, -3.0], finish="eos"),
+                Rollout(prompt_ids=[5, 6, 7], tokens=[8, 4], text="", logprobs=[-4.0, -5.0], finish="length")]
+    [m], figures, groups, tokens = train_grpo.learner_batches(args, rollouts, [{"answer": "#### 1"}],
+                                                      lambda r, ex: float(len(r.tokens) == 3))
+    rows = m.rows   # sorted by length: the short completion first
+    assert rows.ids.tolist() == [[5, 6, 7, 8, 4, 0], [5, 6, 7, 8, 9, eos]] and (groups, tokens) == (1, 5)
+    assert rows.target.tolist() == [[False] * 3 + [True] * 2 + [False], [False] * 3 + [True] * 3]   # the EOS too
+    assert rows.state.tolist() == [[False] * 3 + [True, False, False], [False] * 3 + [True, True, False]]
+    assert m.old.tolist() == [-4.0, -5.0, -1.0, -2.0, -3.0] and m.adv.tolist() == [-0.5] * 2 + [0.5] * 3
+    assert m.weights.tolist() == pytest.approx([1 / 5] * 5)      # token-mean over the step's 5 tokens
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "constant"])
@@ -72,25 +81,19 @@ def test_loss_aggregation_weights(agg):
 def test_clipped_ratio_stops_the_gradient_beyond_the_trust_region(tiny_dir):
     model, tok = load_model(tiny_dir)
     add_lora(model, LoraConfig(r=4, dropout=0.0))
-    args = train_grpo.parse_args(["--clip-eps", "0.2"])
-    r = Rollout([5, 6, 7], [8, 9, 10], "", [0.0] * 3, "length")
-    ids, attn, target, *_ = batch = train_grpo.collate([r, r], [1.0, -1.0], [1 / 6, 1 / 6], set(tok.eos_ids), "cpu")
-    with torch.no_grad():
-        new = training.token_logprobs(model, ids, attn, target)
-    old = torch.zeros_like(batch[4])
-    old[target] = new - 1.0  # ratio = e: beyond 1 + ε, so the positive-advantage row is clipped
-    batch[4] = old
-    loss, figures = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps, args.beta, False)
-    loss.backward()
-    clipped, tokens = figures["clip_frac"]                      # a figure is (sum, count)
-    assert clipped / tokens == 0.5
+    rows = training.pad_rows([([5, 6, 7], None, [8, 9, 10])] * 2, "cpu")
+    new = training.token_logprobs(model, rows.ids, rows.attn, rows.target)
+    old = new.detach() - 1.0          # ratio = e: beyond 1 + ε, so the positive-advantage row is clipped
+    adv, weights = torch.tensor([1.0] * 3 + [-1.0] * 3), torch.full((6,), 1 / 6)
+    figures = {}
+    train_grpo.ratio_figures(figures, new, old, adv, clip_eps=0.2, first=False)
+    assert figures["clip_frac"][0].mean() == 0.5
+    train_grpo.clipped_loss(new, old, adv, weights, clip_eps=0.2).backward()
     # only the negative-advantage row (unclipped, since min() picks ρ·A < clip(ρ)·A there) moves the adapter
-    grad_norm = sum(p.grad.norm() for p in model.parameters() if p.grad is not None)
-    assert grad_norm > 0
+    assert sum(p.grad.norm() for p in model.parameters() if p.grad is not None) > 0
     model.zero_grad()
-    batch[5] = batch[5].clamp(min=0)  # keep only the positive (clipped) row's advantage
-    loss, _ = training.policy_gradient_loss(model, batch, args.temperature, args.clip_eps, args.beta, False)
-    loss.backward()
+    new = training.token_logprobs(model, rows.ids, rows.attn, rows.target)
+    train_grpo.clipped_loss(new, old, adv.clamp(min=0), weights, clip_eps=0.2).backward()   # the clipped row alone
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
 
 
@@ -116,24 +119,18 @@ def test_the_sampler_learner_mismatch_is_logged_and_is_numerics_only_in_float32(
     assert all("kl_sample_train" not in row for row in log[1::2])   # the second update has moved the learner
 
 
-def test_the_mismatch_figures_are_the_ratio_to_a_shifted_sampler(tiny_dir):
-    """Sampler log-probs shifted by a known δ: the ratio is exp(-δ) at every token, kl_sample_train is δ."""
-    model, _ = load_model(tiny_dir)
-    add_lora(model, LoraConfig(r=4, dropout=0.0))
-    ids = torch.randint(2, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
-    attn = torch.ones_like(ids, dtype=torch.bool)
-    target = torch.zeros_like(attn)
-    target[:, 3:] = True
+def test_the_mismatch_figures_are_the_ratio_to_a_shifted_sampler(tiny_dir, tmp_path):
+    """Sampler log-probs shifted by a known δ: the ratio is exp(-δ) at every token (its mean, min and max over the
+    step), kl_sample_train is δ."""
+    args = train_grpo.parse_args(["--model", tiny_dir, "--data-dir", gsm8k_dir(str(tmp_path / "data")),
+                                  "--device", "cpu", "--out", str(tmp_path / "x.pt")])
+    run = training.Run(args, {"method": "grpo"})
+    rows = training.pad_rows([([5, 6, 7], None, [8, 9, 10, 11]), ([5, 6], None, [8, 9])], "cpu")
     with torch.no_grad():
-        new = training.token_logprobs(model, ids, attn, target)
-    delta, old = 0.3, torch.zeros(target.shape)
-    old[target] = new + 0.3
-    batch = [ids, attn, target, target.clone(), old, torch.ones(target.shape), target.float() / 8]
-    _, figures = training.policy_gradient_loss(model, batch, 1.0, 0.2, 0.0, False)
-    sums = {}
-    training.add(sums, torch.tensor(0.0), figures)
-    stats = training.over_ranks(sums, [], None, 0, None, None)
-    for key in ("min", "mean", "max"):
-        assert stats[f"sampling/importance_sampling_ratio/{key}"] == pytest.approx(torch.exp(torch.tensor(-delta)).item(),
-                                                                                   rel=1e-5)
+        new = training.token_logprobs(run.model, rows.ids, rows.attn, rows.target)
+    delta, figures = 0.3, {}
+    train_grpo.ratio_figures(figures, new, new + 0.3, torch.ones(6), clip_eps=0.2, first=True)
+    stats = run.all_reduce(0.0, figures, extremes=("sampling/importance_sampling_ratio",))
+    for key in ("/mean", "/min", "/max"):
+        assert stats[f"sampling/importance_sampling_ratio{key}"] == pytest.approx(math.exp(-delta), rel=1e-5)
     assert stats["kl_sample_train"] == pytest.approx(delta, rel=1e-5)

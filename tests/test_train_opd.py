@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import evaluate
 import generate as generate_module
 import lora
+import train_grpo
 import train_opd
 import training
 from model import load_model
@@ -68,7 +69,7 @@ def teacher_and_student(world, student=None):
         lora.load_adapter(model, student)
     else:
         lora.add_lora(model, lora.LoraConfig(r=4, alpha=8, dropout=0.0))
-    lora.load_adapter(model, world.teacher, name="teacher")
+    lora.load_adapter(model, world.teacher, name="teacher", dropout=0.0)   # as training.Run loads it: frozen, no dropout
     return model, tok
 
 
@@ -83,9 +84,11 @@ def opd_args(**args):
 def kl_on_student_states(model, tok, n=8, seed=1234):
     """Mean exact KL(teacher || student) over every state of fresh student rollouts (not the training ones)."""
     args = opd_args(max_new_tokens=16)
-    prompts = [{"question": f"Sam has {i} pens and gets {i + 2} more. How many pens?"} for i in range(n)]
-    sup = train_opd.kl_signal(args, model, tok, train_opd.collect_states(args, model, tok, prompts, seed), seed, 0)
-    return train_opd.teacher_divergences(model, sup, 1024)[:, 0].mean().item()
+    examples = [{"question": f"Sam has {i} pens and gets {i + 2} more. How many pens?", "answer": "#### 0"}
+                for i in range(n)]
+    prompts = [x for x, _ in training.gold_solutions(tok, examples, 1024)]
+    sup = train_opd.kl_signal(args, model, tok, train_opd.collect_states(args, model, tok, prompts, None, seed), seed)
+    return train_opd.divergences(model, sup.rows, 1024)[:, 0].mean().item()
 
 
 def direct_kl(model, trajectories, reverse=False):
@@ -177,14 +180,10 @@ def test_state_source_decides_who_samples_the_states(world, tmp_path, monkeypatc
 def test_data_states_are_the_gold_solutions(world):
     model, tok = teacher_and_student(world)
     examples = [{"question": "Tom has 2 apples and buys 5 more. How many apples?", "answer": "2 + 5 = 7\n#### 7"}]
-    [tr] = train_opd.collect_states(opd_args(states="data"), model, tok, examples, seed=0)
+    gold = training.gold_solutions(tok, examples, 1024)
+    [tr] = train_opd.collect_states(opd_args(states="data"), model, tok, [gold[0][0]], gold, seed=0)
     assert tok.decode(tr.response[:-1]) == " 2 + 5 = 7\n#### 7" and tr.response[-1] == tok.eos_ids[0]
     assert tok.decode(tr.prompt) == "Question: Tom has 2 apples and buys 5 more. How many apples?\nAnswer:"
-
-
-def test_nothing_after_eos_is_a_state():
-    assert training.through_eos([5, 6, 1, 7, 8], [1]) == [5, 6, 1]
-    assert training.through_eos([5, 6, 7], [1]) == [5, 6, 7]
 
 
 def test_loading_the_teacher_leaves_the_student_trainable_and_the_teacher_frozen(world):
@@ -205,15 +204,15 @@ def test_exact_kl_matches_a_direct_computation(world, direction):
     trajectories = [train_opd.Trajectory([3, 40, 41, 42], [50, 51, 52, 53, 54, 1]),
                     train_opd.Trajectory([3, 60], [70, 71, 1])]
     args = opd_args(signal="kl", kl=direction, logit_chunk=4)   # chunks split rows across the batch
-    sup = train_opd.kl_signal(args, model, tok, trajectories, seed=0, sampled=0)
-    assert int(sup.target.sum()) == 9 and int(sup.state.sum()) == 9 - 2
+    sup = train_opd.kl_signal(args, model, tok, trajectories, seed=0)
+    assert int(sup.rows.target.sum()) == 9 and int(sup.rows.state.sum()) == 9 - 2
     model.train()
-    loss, figures = train_opd.kl_loss(args, model, sup, normalizer=9, locality=False)
+    loss = train_opd.kl_loss(model, sup.rows, 9, direction, args.logit_chunk)
     reference = direct_kl(model, trajectories, reverse=direction == "reverse")
     other = direct_kl(model, trajectories, reverse=direction == "forward")
     assert loss.item() == pytest.approx(reference.mean().item(), rel=1e-4, abs=1e-6)
-    kl_sum, states = figures["kl_forward" if direction == "forward" else "kl_reverse"]   # a figure is (sum, count)
-    assert states == 9 and kl_sum / states == pytest.approx(reference.mean().item(), rel=1e-4)
+    logged = train_opd.divergence_figures(args, model, [sup])["kl_forward" if direction == "forward" else "kl_reverse"]
+    assert logged[0].shape == (9,) and logged[0].mean().item() == pytest.approx(reference.mean().item(), rel=1e-4)
     assert abs(reference.mean() - other.mean()) > 1e-3          # the two directions are different objectives
     loss.backward()
     grads = [p.grad for p in lora.lora_parameters(model) if p.grad is not None]
@@ -243,8 +242,7 @@ def test_sigterm_checkpoints_the_step_and_resume_ends_with_the_same_student(worl
     common = ["--teacher", world.teacher, "--max-steps", "4", "--batch-size", "2", "--max-new-tokens", "8",
               "--continuation-tokens", "4", "--lr", "1e-2", "--lora-r", "4", "--save-every", "0"]
     train_opd.main(common + ["--out", str(tmp_path / "whole.pt")])
-    make, real = train_opd.SIGNALS["continuation"]
-    calls = []
+    real, calls = train_opd.continuation_loss, []
 
     def loss_then_sigterm(*args, **kwargs):
         calls.append(1)
@@ -252,7 +250,7 @@ def test_sigterm_checkpoints_the_step_and_resume_ends_with_the_same_student(worl
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
     with monkeypatch.context() as m:
-        m.setitem(train_opd.SIGNALS, "continuation", (make, loss_then_sigterm))
+        m.setattr(train_opd, "continuation_loss", loss_then_sigterm)
         with pytest.raises(SystemExit) as stop:
             train_opd.main(common + ["--out", str(tmp_path / "cut.pt")])
     assert stop.value.code == 143
@@ -272,7 +270,7 @@ def test_sampled_kl_of_a_student_equal_to_its_teacher_has_zero_advantage_and_zer
     out = str(tmp_path / "same.pt")
     train_opd.main(["--teacher", world.teacher, "--init", world.teacher, "--signal", "sampled-kl", "--out", out,
                     "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "16", "--lora-r", "4",
-                    "--lora-alpha", "8", "--lora-dropout", "0", "--save-every", "0"])
+                    "--lora-alpha", "8", "--lora-dropout", "0", "--save-every", "0", "--locality-every", "1"])
     log = [json.loads(line) for line in open(str(tmp_path / "same.jsonl"))]
     for row in log:   # the sampler runs merged weights, the scorer unmerged ones: equal up to float32 rounding
         assert abs(row["reverse_kl_sampled"]) < 1e-5 and row["grad_norm"] < 1e-5, row
@@ -282,7 +280,7 @@ def test_sampled_kl_of_a_student_equal_to_its_teacher_has_zero_advantage_and_zer
 
 
 def test_sampled_kl_expected_gradient_is_the_exact_reverse_kl_gradient():
-    """On a 6-token vocabulary: the mean policy-gradient (training.clipped_objective at ρ = 1) with advantage
+    """On a 6-token vocabulary: the mean policy-gradient (train_grpo.clipped_loss at ρ = 1) with advantage
     -(log π_S(y) - log π_T(y)), y ~ π_S, is a Monte Carlo estimate of ∇ KL(π_S || π_T)."""
     gen = torch.Generator().manual_seed(0)
     theta = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
@@ -298,9 +296,10 @@ def test_sampled_kl_expected_gradient_is_the_exact_reverse_kl_gradient():
     grid[target] = (logp[y] - teacher[y]).detach()
     adv = train_opd.sampled_kl_advantage(grid, discount=0.0)[target]
     new = theta.log_softmax(-1)[y]
-    per_token, clipped = training.clipped_objective(new, new.detach(), adv, clip_eps=0.2)
-    assert not clipped.any()
-    (estimate,) = torch.autograd.grad(per_token.mean(), theta)
+    figures = {}
+    train_grpo.ratio_figures(figures, new, new.detach(), adv, clip_eps=0.2, first=False)
+    assert not figures["clip_frac"][0].any()
+    (estimate,) = torch.autograd.grad(train_grpo.clipped_loss(new, new.detach(), adv, 1.0 / n, clip_eps=0.2), theta)
     # tolerance: 5 standard errors of the mean, from the per-sample gradients -A (onehot(y) - π_S)
     p = logp.exp().detach()
     per_sample = -adv[:, None] * (torch.nn.functional.one_hot(y, 6).double() - p)

@@ -64,7 +64,7 @@ def test_prompt_tokens_carry_no_loss(tiny_dir, tmp_path):
     for row, (prompt, answer) in enumerate(pairs):
         assert target[row].nonzero().flatten().tolist() == list(range(len(prompt), len(prompt) + len(answer)))
         assert answer[-1] == tok.eos_ids[0]
-    loss, _ = train_sft.sft_loss(model, (ids, attn, target, state), normalizer=int(target.sum()), locality=False)
+    loss = train_sft.sft_loss(model, rows(pairs), normalizer=int(target.sum()))
     # the same number by brute force: every token's full-vocabulary log-prob, averaged over answer tokens only
     with torch.no_grad():
         logp = reference_logprobs(model, ids, attn)
@@ -82,9 +82,9 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_dir, tmp_path):
     pairs[0] = (pairs[0][0], pairs[0][1][:3])  # unequal answer lengths: a per-micro-batch mean would differ
 
     def grads(micro):
-        n = sum(int(b[2].sum()) for b in micro)
+        n = sum(int(b.target.sum()) for b in micro)
         for b in micro:
-            train_sft.sft_loss(model, b, n, locality=False)[0].backward()
+            train_sft.sft_loss(model, b, n).backward()
         g = torch.cat([p.grad.flatten() for p in lora_parameters(model)])
         model.zero_grad()
         return g
@@ -100,7 +100,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_dir, tmp_path):
 def scripted_sampler(tok, examples, correct_copies):
     """A stand-in for the learner's sampler: copy j of each prompt's G answers "#### gold" when j is in
     correct_copies(prompt index), else "#### -1"; the rollouts end with EOS, as sampled ones do."""
-    index = {tuple(p): i for i, p in enumerate(training.prompts(tok, examples))}
+    index = {tuple(p): i for i, (p, _) in enumerate(training.gold_solutions(tok, examples, 1024))}
 
     def sample(model, tok_, prompts, policy, max_new_tokens, temperature, seed, batch_size):
         seen, out = {}, []

@@ -12,7 +12,7 @@ from conftest import reference_logprobs
 from lora import LoraConfig, add_lora, load_checkpoint, lora_layers, lora_parameters, save_checkpoint
 from model import LoadError, load_model
 from test_train_grpo import low_token_fraction
-from trainer_helpers import gsm8k_dir, learnable_dir, one_thread, read_log  # noqa: F401 (fixtures)
+from trainer_helpers import gsm8k_dir, learnable_dir, one_thread, read_log, run_cli  # noqa: F401 (fixtures)
 
 
 def trainer_argv(method, model_dir, data, out, steps=6):
@@ -36,13 +36,13 @@ def crash_at(module, name, step, monkeypatch, value=None):
     real = getattr(module, name)
     training_step[0] = 0
 
-    def wrapped(model, batch, *a, **k):
-        loss, figures = real(model, batch, *a, **k)
+    def wrapped(*a, **k):
+        loss = real(*a, **k)
         if training_step[0] + 1 == step:
             if value is None:
                 raise Crash("interrupted")
-            return loss * value, figures
-        return loss, figures
+            return loss * value
+        return loss
     monkeypatch.setattr(module, name, wrapped)
 
 
@@ -60,7 +60,7 @@ def track_step(monkeypatch):
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(method, learnable_dir, tmp_path, monkeypatch,
                                                                     one_thread):
-    module, loss_name = (train_sft, "sft_loss") if method == "sft" else (training, "policy_gradient_loss")
+    module, loss_name = (train_sft, "sft_loss") if method == "sft" else (train_grpo, "clipped_loss")
     main = module.main if method == "sft" else (lambda argv: train_grpo.main(argv, reward_fn=low_token_fraction))
     data = gsm8k_dir(str(tmp_path / "data"))
     whole = str(tmp_path / "whole.pt")
@@ -90,7 +90,7 @@ def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(method, learn
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(learnable_dir, tmp_path, monkeypatch, one_thread):
     data, out = gsm8k_dir(str(tmp_path / "data")), str(tmp_path / "nan.pt")
     crash_at(train_sft, "sft_loss", 3, monkeypatch, value=float("nan"))
-    with pytest.raises(SystemExit, match=r"error: loss is nan at step 3: .*last good checkpoint .*nan.pt \(step 2\)"):
+    with pytest.raises(SystemExit, match=r"error: the loss is nan at step 3: .*last good checkpoint .*nan.pt \(step 2\)"):
         training.run(lambda: train_sft.main(trainer_argv("sft", learnable_dir, data, out)))
     ckpt = load_checkpoint(out)
     assert ckpt["meta"]["step"] == 2 and "optimizer" in ckpt["train_state"]  # resumable from the good state
@@ -123,6 +123,7 @@ def test_token_logprobs_are_the_full_sequence_logprobs_at_the_masked_tokens(tiny
 def test_chunked_token_logprobs_give_the_same_values_and_gradients(tiny_dir):
     model, _ = load_model(tiny_dir)
     add_lora(model, LoraConfig(r=4, dropout=0.0))
+    torch.manual_seed(0)   # the same adapter whichever tests ran before
     with torch.no_grad():
         for p in lora_parameters(model):
             p.normal_(0, 0.1)
@@ -151,22 +152,27 @@ def test_length_grouped_batches_cover_every_example_once_with_similar_lengths():
     assert batches != training.length_grouped_batches(lengths, 8, seed=1)
 
 
-def test_state_locality_scores_states_under_the_base_whatever_the_adapter(tiny_dir):
-    model, _ = load_model(tiny_dir)
+def test_state_locality_scores_states_under_the_base_and_targets_under_the_learner(tiny_dir, tmp_path):
+    args = train_sft.parse_args(["--model", tiny_dir, "--data-dir", gsm8k_dir(str(tmp_path / "data")), "--device", "cpu",
+                                 "--lora-r", "4", "--locality-every", "2", "--out", str(tmp_path / "x.pt")])
+    run = training.Run(args, {"method": "sft"})
     ids = torch.randint(2, 1000, (2, 8), generator=torch.Generator().manual_seed(1))
-    attn = torch.ones_like(ids, dtype=torch.bool)
-    state = torch.zeros_like(attn)
-    state[:, 3:7] = True
+    rows = training.Rows(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.bool),
+                         torch.zeros(2, 8, dtype=torch.bool))
+    rows.state[:, 3:7], rows.target[:, 5:] = True, True
     with torch.no_grad():
-        base = -reference_logprobs(model, ids, attn)[state[:, 1:]].mean().item()
-    add_lora(model, LoraConfig(r=4))
-    with torch.no_grad():
-        for p in lora_parameters(model):
+        base = -reference_logprobs(run.model, ids, rows.attn)[rows.state[:, 1:]].mean().item()
+        for p in run.params:
             p.normal_(0, 0.2)
-    target_lp = torch.tensor([-1.0, -3.0])
-    got = training.state_locality(model, ids, attn, state, target_logprobs=target_lp)   # figures: (sum, count)
-    (nll_sum, n), target_nll = got["state_nll_base"], got["target_nll"]
-    assert n == 8 and nll_sum / n == pytest.approx(base, rel=1e-5) and target_nll == (4.0, 2)
+        learner = -reference_logprobs(run.model, ids, rows.attn)[rows.target[:, 1:]].mean().item()
+    run.model.train()   # measured without dropout, whatever the mode of the loop
+    run.step = 2
+    micro = [training.Rows(*(t[:1] for t in rows)), training.Rows(*(t[1:] for t in rows))]   # two micro-batches
+    stats = run.all_reduce(0.0, run.locality(micro))
+    assert stats["state_nll_base"] == pytest.approx(base, rel=1e-5) != pytest.approx(learner, rel=1e-2)
+    assert stats["target_nll"] == pytest.approx(learner, rel=1e-5)
+    run.step = 3
+    assert run.locality([rows]) == {}                          # only every --locality-every steps
 
 
 def test_init_from_a_checkpoint_keeps_a_float32_adapter_exactly_on_a_bf16_base(tiny_dir, tmp_path):
@@ -177,9 +183,10 @@ def test_init_from_a_checkpoint_keeps_a_float32_adapter_exactly_on_a_bf16_base(t
             p.normal_(0, 0.1)
     save_checkpoint(str(tmp_path / "init.pt"), model, {"method": "sft"})
     args = train_sft.parse_args(["--model", tiny_dir, "--init", str(tmp_path / "init.pt"), "--dtype", "bfloat16",
-                                 "--lora-r", "4", "--device", "cpu", "--out", str(tmp_path / "x.pt")])
-    model, _, _, _ = training.setup(args, {"method": "sft"})
-    params = lora_parameters(model)
+                                 "--lora-r", "4", "--device", "cpu", "--out", str(tmp_path / "x.pt"),
+                                 "--data-dir", gsm8k_dir(str(tmp_path / "data"))])
+    run = training.Run(args, {"method": "sft"})
+    model, params = run.model, run.params
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
     saved = load_checkpoint(str(tmp_path / "init.pt"))["adapter"]
@@ -192,34 +199,27 @@ def test_init_keeps_the_checkpoints_weights_with_this_runs_dropout_and_refuses_a
     add_lora(model, LoraConfig(r=16, alpha=32, dropout=0.05))   # an SFT adapter, trained with dropout
     init = str(tmp_path / "sft.pt")
     save_checkpoint(init, model, {"method": "sft"})
-    argv = ["--model", tiny_dir, "--init", init, "--device", "cpu", "--out", str(tmp_path / "grpo.pt")]
+    argv = ["--model", tiny_dir, "--init", init, "--device", "cpu", "--out", str(tmp_path / "grpo.pt"),
+            "--data-dir", gsm8k_dir(str(tmp_path / "data"))]
     # GRPO's premise (the learner scores tokens with the function that sampled them) needs its own dropout, 0
     args = train_grpo.parse_args(argv)
-    model, _, optimizer, _ = training.setup(args, {"method": "grpo"})
-    assert {layer.dropout["default"] for layer in lora_layers(model).values()} == {0.0}
-    training.save(args, model, optimizer, {"method": "grpo"}, 0, 0, {})
+    run = training.Run(args, {"method": "grpo"})
+    assert {layer.dropout["default"] for layer in lora_layers(run.model).values()} == {0.0}
+    run.start([1, 2], 1)
+    run.save(force=True)
     ckpt = load_checkpoint(args.out)
     assert ckpt["lora"]["dropout"] == 0.0 and ckpt["meta"]["args"]["lora_dropout"] == 0.0   # what ran
     with pytest.raises(LoadError, match=r"--lora-r is 8, but --init .*sft.pt holds an adapter with r 16"):
-        training.setup(train_grpo.parse_args(argv + ["--lora-r", "8"]), {"method": "grpo"})
+        training.Run(train_grpo.parse_args(argv + ["--lora-r", "8"]), {"method": "grpo"})
 
 
 def test_logged_figures_weigh_every_token_of_the_step_alike(tiny_dir, tmp_path):
-    args = train_sft.parse_args(["--model", tiny_dir, "--device", "cpu", "--lora-r", "2", "--out", str(tmp_path / "x.pt")])
-    model, _, optimizer, _ = training.setup(args, {"method": "sft"})
-    params = lora_parameters(model)
-    ids = torch.randint(2, 1000, (2, 8), generator=torch.Generator().manual_seed(4))
-    attn = torch.ones_like(ids, dtype=torch.bool)
-    state = torch.zeros_like(attn)
-    state[0, 3], state[1, 1:7] = True, True          # micro-batches of 1 and of 6 state tokens
-    with torch.no_grad():
-        expected = -reference_logprobs(model, ids, attn)[state[:, 1:]].mean().item()
-    sums = {}
-    for row in (0, 1):
-        zero = sum(p.sum() for p in params) * 0.0
-        training.add(sums, zero, training.state_locality(model, ids[row:row + 1], attn[row:row + 1], state[row:row + 1]))
-    stats = training.over_ranks(sums, params, optimizer, 0, None, args)
-    assert stats["state_nll_base"] == pytest.approx(expected, rel=1e-5)   # not the mean of the two micro-batch means
+    args = train_sft.parse_args(["--model", tiny_dir, "--data-dir", gsm8k_dir(str(tmp_path / "data")), "--device", "cpu",
+                                 "--lora-r", "2", "--out", str(tmp_path / "x.pt")])
+    run = training.Run(args, {"method": "sft"})
+    micro = [torch.tensor([4.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])]   # micro-batches of 1 and 6 tokens
+    stats = run.all_reduce(2.5, {"state_nll_base": micro})
+    assert stats == {"loss": 2.5, "state_nll_base": pytest.approx(10 / 7)}   # not the mean of the two means, 2.5
 
 
 def test_resume_refuses_flags_or_data_that_differ_from_the_run(tiny_dir, tmp_path):
@@ -265,7 +265,7 @@ def test_grpo_mu_stopped_inside_a_cycle_finishes_the_cycle_and_resumes_exactly(l
     main = lambda a: train_grpo.main(a, reward_fn=low_token_fraction)   # noqa: E731
     whole, cut = str(tmp_path / "whole.pt"), str(tmp_path / "cut.pt")
     main(argv(whole))
-    real, calls = training.policy_gradient_loss, []
+    real, calls = train_grpo.clipped_loss, []
 
     def interrupt_in_the_first_step(*a, **k):
         calls.append(1)
@@ -273,7 +273,7 @@ def test_grpo_mu_stopped_inside_a_cycle_finishes_the_cycle_and_resumes_exactly(l
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
     with monkeypatch.context() as m:
-        m.setattr(training, "policy_gradient_loss", interrupt_in_the_first_step)
+        m.setattr(train_grpo, "clipped_loss", interrupt_in_the_first_step)
         with pytest.raises(SystemExit) as stop:
             main(argv(cut))
     assert stop.value.code == 130 and load_checkpoint(cut)["train_state"]["step"] == 2
@@ -282,25 +282,47 @@ def test_grpo_mu_stopped_inside_a_cycle_finishes_the_cycle_and_resumes_exactly(l
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(learnable_dir, tmp_path,
-                                                                                      monkeypatch, one_thread):
-    """Issue 27, bug 6: a disk that fills while a checkpoint is written ends as one line, not a traceback; the
-    checkpoint before it is whole."""
-    import errno
-    data, out = gsm8k_dir(str(tmp_path / "data")), str(tmp_path / "full.pt")
-    real, saves = torch.save, []
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MB filesystem (tmpfs), which a test fills up; mounting needs root, as on CI and these machines."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root (and mount)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)])
 
-    def fills_up(obj, path, *a, **k):
-        saves.append(path)
-        if len(saves) == 2:
-            with open(path, "wb") as f:
-                f.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device", path)
-        return real(obj, path, *a, **k)
-    monkeypatch.setattr(torch, "save", fills_up)
-    with pytest.raises(SystemExit, match=r"^error: the disk is full"):
-        training.run(lambda: train_sft.main(trainer_argv("sft", learnable_dir, data, out)))
-    assert load_checkpoint(out)["meta"]["step"] == 2 and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+def fill(disk, leave: int = 0):
+    """Fill the filesystem, then free `leave` bytes."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError:
+            pass
+    os.truncate(disk / "filler", max(0, os.path.getsize(disk / "filler") - leave))
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "log"])
+def test_a_full_disk_is_one_line_and_leaves_every_file_whole(learnable_dir, tmp_path, small_disk, what):
+    """Issue 36: a disk that fills during a checkpoint (or a log line) ends in one line naming the file, exit code 1;
+    the previous checkpoint stays whole and the log keeps every line written before, on a real small filesystem."""
+    data, out = gsm8k_dir(str(tmp_path / "data")), str(small_disk / "run.pt")
+    argv = ["--model", learnable_dir, "--data-dir", data, "--out", out, "--max-steps", "40", "--batch-size", "2",
+            "--lora-r", "4", "--save-every", "2", "--locality-every", "0"]
+    assert run_cli("train_sft.py", *argv, "--stop-after", "2").returncode == 0
+    fill(small_disk, leave=8192 if what == "checkpoint" else 0)   # room for log lines, not for a checkpoint
+    r = run_cli("train_sft.py", *argv, "--resume")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("error: the disk is full (") and "Traceback" not in r.stderr
+    assert lines[-1].startswith(f"error: the disk is full ({out if what == 'checkpoint' else out[:-3] + '.jsonl'})")
+    ckpt = load_checkpoint(out)
+    assert ckpt["meta"]["step"] == 2 and "optimizer" in ckpt["train_state"]   # the previous one, whole, resumable
+    steps = [r["step"] for r in read_log(out[:-3] + ".jsonl")]               # every line whole JSON
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+    assert not [p for p in os.listdir(small_disk) if ".tmp" in p]
 
 
 def test_a_device_this_torch_lacks_is_a_one_line_error(tmp_path, capsys):
