@@ -56,7 +56,8 @@ def main(argv=None):
     export = p.add_subparsers(dest="command", required=True).add_parser("export", help="write --peft and/or --merged")
     export.add_argument("checkpoint", help="the trainer's checkpoint (.pt)")
     export.add_argument("--peft", metavar="DIR", help="adapter_config.json + adapter_model.safetensors")
-    export.add_argument("--merged", metavar="DIR", help="config, tokenizer and model.safetensors, the adapter folded in")
+    export.add_argument("--merged", metavar="DIR",
+                        help="config, tokenizer and model.safetensors, the adapter folded in")
     export.add_argument("--model", help="the base model (default: the one the checkpoint names)")
     args = p.parse_args(argv)
     if not (args.peft or args.merged):

@@ -143,8 +143,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path, hf_models):
         load_model(bad)
     wide = _copy_dir(path, tmp_path / "wide")
     json.dump({**cfg, "intermediate_size": 130}, open(f"{wide}/config.json", "w"))
-    with pytest.raises(LoadError, match=r"layers.0.mlp.gate_proj.weight: copying a param with shape "
-                       r"torch.Size\(\[128, 64\]\) from checkpoint, the shape in current model is torch.Size\(\[130, 64\]\)"):
+    with pytest.raises(LoadError, match=r"layers.0.mlp.gate_proj.weight: copying a param with shape torch.Size"
+                       r"\(\[128, 64\]\) from checkpoint, the shape in current model is torch.Size\(\[130, 64\]\)"):
         load_model(wide)
     deep = _copy_dir(path, tmp_path / "deep")
     json.dump({**cfg, "num_hidden_layers": 3}, open(f"{deep}/config.json", "w"))
