@@ -242,7 +242,8 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
             h0 = model(ids, attn, return_hidden=True)[states]
         with lora.use_adapter(model, policy):
             h = model(ids, attn, return_hidden=True)[states]
-        kl = divergences(h, h0, model.lm_head, chunk)[:, :2].double()   # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
+        # π0 in the teacher's place: the columns are KL(π0‖π) and KL(π‖π0)
+        kl = divergences(h, h0, model.lm_head, chunk)[:, :2].double()
         owner = torch.arange(len(batch), device=device).repeat_interleave(count)
         sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device).index_add_(0, owner, kl)
         rows.append((sums / count[:, None]).cpu())

@@ -430,7 +430,8 @@ def summary(records: list[dict]) -> dict:
         out.update(mc1=out["score"], mc2=float(scores["truthfulqa_mc2"].mean()),
                    mc2_stderr=stderr(scores["truthfulqa_mc2"]))
     for key in (k for k in LM_EVAL_GSM8K if k in scores):   # lm-eval's names, beside the study's score
-        out.update({key: float(scores[key].mean()), key.replace("exact_match", "exact_match_stderr"): stderr(scores[key])})
+        out[key] = float(scores[key].mean())
+        out[key.replace("exact_match", "exact_match_stderr")] = stderr(scores[key])
     passes = {key.split("@")[1]: v for key, v in scores.items() if key.startswith("gsm8k_pass@")}
     if passes:
         out["pass_at_k"] = {k: {"score": float(v.mean()), "stderr": stderr(v)} for k, v in passes.items()}
@@ -534,12 +535,13 @@ def main(argv=None) -> dict:
             if task == "gsm8k":
                 _, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
                                      args.samples, args.temperature, distributed.seed(args.seed))
-                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
-                            "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
-                            "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
-                            "extraction": "score: strict-match, else flexible-extract (last number), numeric comparison; "
-                                          "lm-eval's two filters beside it as exact_match,strict-match and "
-                                          "exact_match,flexible-extract"}
+                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:",
+                            "fewshot": args.fewshot, "fewshot_from": "train, first k",
+                            "subset": f"test, first {n}" if n else "test, all", "decoding": "greedy",
+                            "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
+                            "extraction": "score: strict-match, else flexible-extract (last number), numeric "
+                                          "comparison; lm-eval's two filters beside it as exact_match,strict-match "
+                                          "and exact_match,flexible-extract"}
                 if args.samples:
                     protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature,
                                              "seed": args.seed,
