@@ -15,7 +15,7 @@ teacher continuations, drift's state sets, GSM8K evaluation), so the structure i
 - stop strings are checked in Python only for the rows whose new token could complete one (a precomputed
   vocabulary mask of "trigger" tokens), so the common step costs no decoding at all;
 - on CUDA the one-token decode step (model.Qwen3.graph_step, over the whole cache so that no shape changes) is
-  captured once as a CUDA graph and replayed (decode is launch-bound).
+  captured once as a CUDA graph and replayed (decode is launch-bound): DecodeGraph, in its own section at the end.
 
 Left out: beam search, repetition penalties, speculative decoding (the study samples plainly).
 """
