@@ -486,7 +486,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=SIZE, default=64, help="prompts per generation / contexts per scoring batch")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                   choices=["float32", "bfloat16", "float16"], help="the base model's weights")
+                   choices=["float32", "bfloat16", "float16", "float64"], help="the base model's weights")
     args = p.parse_args(argv)
     args.device = distributed.init(args.device)    # under torchrun: each rank scores its share of every task
     args.data_dir = resolve_data_dir(args.model, args.data_dir)

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from model import KVCache
+from model import KVCache, upcast
 
 
 @dataclass
@@ -72,7 +72,7 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
     The recorded log-prob ignores top-k/top-p truncation (it is the policy's own probability, which is what
     GRPO's ratio and OPD's KL need); greedy decoding (T = 0) records log_softmax(logits).
     """
-    logits = logits.float()
+    logits = upcast(logits)
     logp = torch.log_softmax(logits / temperature if temperature not in (0, 1) else logits, dim=-1)
     if temperature == 0:
         token = logits.argmax(-1)
@@ -205,7 +205,7 @@ def _score_batch(model, batch, batch_size):
     pairs = sorted(((row, j) for row, (_, conts) in enumerate(batch) for j in range(len(conts))),
                    key=lambda rj: len(batch[rj[0]][1][rj[1]]))
     cache = KVCache.empty(model.config, len(batch), ids.shape[1], device, dtype)
-    last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
+    last = upcast(model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]).log_softmax(-1)
     out = [[None] * len(conts) for _, conts in batch]
     for p0 in range(0, len(pairs), batch_size):
         part = pairs[p0:p0 + batch_size]
@@ -217,7 +217,7 @@ def _score_batch(model, batch, batch_size):
         # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
         first = last[rows].gather(-1, cont_ids[:, :1])
         scored = cont_mask[:, 1:]
-        logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
+        logp = upcast(model.lm_head(hidden[:, :-1][scored])).log_softmax(-1)
         rest = torch.zeros(scored.shape, device=device)
         rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
         per_token = torch.cat([first, rest], dim=1).cpu()

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import replace_atomically
-from model import BUNDLED, LoadError
+from model import BUNDLED, LoadError, upcast
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -68,8 +68,8 @@ class LoraLinear(nn.Module):
     def merge(self):
         """W + (alpha / r) B A of the active adapter, in float32, into merged_weight (the base weight stays)."""
         if self.active is not None:
-            delta = (self.lora_B[self.active].float() @ self.lora_A[self.active].float()) * self.scale[self.active]
-            self.merged_weight = (self.base.weight.float() + delta).to(self.base.weight.dtype)
+            delta = (upcast(self.lora_B[self.active]) @ upcast(self.lora_A[self.active])) * self.scale[self.active]
+            self.merged_weight = (upcast(self.base.weight) + delta).to(self.base.weight.dtype)
 
     def forward(self, x):
         if self.merged_weight is not None:

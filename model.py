@@ -82,23 +82,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float()
+        h = upcast(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when it is bfloat16 or float16 (for a norm, a softmax, a sum); float32 and float64 stay."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 @functools.lru_cache(maxsize=8)
-def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """theta^(-2i/head_dim), i = 0 .. head_dim/2 - 1, in float32 (computed once per device, not per step;
-    a normal tensor even when first asked for under inference_mode, so training can use it too)."""
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """theta^(-2i/head_dim), i = 0 .. head_dim/2 - 1, in float32 (float64 for a float64 model; computed once per
+    device, not per step; a normal tensor even when first asked for under inference_mode, so training can use it)."""
     with torch.inference_mode(False):
-        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
     """Rotary tables for integer positions [B, T] -> cos and sin, each [B, 1, T, head_dim] (float32 math); the
     second half of each table repeats the first, as rotate_half pairs dimension i with i + head_dim/2."""
-    angles = positions.float()[..., None] * rope_inv_freq(head_dim, theta, positions.device)
+    work = torch.promote_types(dtype, torch.float32)
+    angles = positions.to(work)[..., None] * rope_inv_freq(head_dim, theta, positions.device, work)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], dim=-1).to(dtype)[:, None], torch.cat([sin, sin], dim=-1).to(dtype)[:, None]
 
