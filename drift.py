@@ -60,7 +60,7 @@ import lora
 from evaluate import (DEFAULT_LIMITS, GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, load_mmlu,
                       load_truthfulqa, mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
 from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number, output_dir, run, write_text
-from model import LoadError, load_model
+from model import LoadError, load_model, upcast
 from train_opd import one_step_kl
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[
     for i in tqdm(range(0, len(sequences), batch_size), desc="hidden states", disable=len(sequences) <= batch_size):
         seqs = sequences[i:i + batch_size]
         ids, mask = generate.pad(seqs, device=device)
-        h = model(ids, mask, return_hidden=True).float() * mask[..., None]
+        h = upcast(model(ids, mask, return_hidden=True)) * mask[..., None]
         csum = torch.nn.functional.pad(h.cumsum(1), (0, 0, 1, 0))   # [:, k]: the first k tokens' sum; padding adds 0
         for b, lengths in enumerate(state_lengths[i:i + batch_size]):
             pad, a = ids.shape[1] - len(seqs[b]), starts[i + b] if starts else 0
@@ -377,6 +377,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=number(int), default=0,
                    help="seed of sampling, projections, bandwidth subsample, bootstrap")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default=None,
+                   help="the base model's weights (default: bfloat16 on CUDA, float32 on the CPU)")
     args = p.parse_args(argv)
     args.device = distributed.init(args.device)   # under torchrun: rollouts and policy KLs split over the ranks
     name = os.path.splitext(os.path.basename(args.checkpoint))[0]
@@ -391,8 +393,8 @@ def main(argv=None) -> dict:
     prompts = [gsm8k_prompt(ex["question"]) for ex in load_gsm8k("test", args.data_dir)[:args.prompts or None]]
     contexts, where = (retention_prompts(args.data_dir, args.retention_prompts, args.evaluated)
                        if args.policy_kl and args.retention_prompts else ([], None))
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, tok = load_model(model_name, device=args.device, dtype=dtype)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    model, tok = load_model(model_name, device=args.device, dtype=getattr(torch, dtype))
     for side, ckpt in checkpoints.items():   # both on the one base, before any sampling: a mismatch fails at once
         lora.load_adapter(model, ckpt, name=side)
 

@@ -37,6 +37,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from collections import defaultdict
 from itertools import groupby
@@ -55,24 +56,61 @@ RETENTION_TASKS = ("truthfulqa", "mmlu")
 DEFAULT_LIMITS = {"gsm8k": 500, "truthfulqa": 200, "mmlu": 500}  # the paper's scores are multiples of 1/500, 1/200
 
 # ----------------------------------------------------------------------------------------------
-# Data: the hub's datasets, or the same files in a local directory (--data-dir)
+# Data: one local layout per task, under --data-dir or, without one, the hub's copy written in it on first use
+#   gsm8k/<split>.jsonl                 one {"question", "answer"} per line, the answer ending in "#### N"
+#   truthfulqa/mc_task.json             TruthfulQA v0: [{question, mc1_targets, mc2_targets: {answer: 0/1}}]
+#   mmlu/<split>/<subject>_<split>.csv  hendrycks: no header; question, choices A-D, answer letter
+
+HUB_DATA = os.path.join(os.path.expanduser("~"), ".cache", "states-not-tokens", "data")
 
 
-def _hub(path: str, name: str, split: str):
+def resolve_data_dir(model: str | None, data_dir: str | None) -> str | None:
+    """--data-dir as given; for `--model tiny` without one, the tiny world's data (None: the hub's, in HUB_DATA)."""
+    return os.path.join(TINY_DIR, "data") if data_dir is None and model == "tiny" else data_dir
+
+
+def task_path(data_dir: str | None, task: str, *path: str) -> str:
+    """A file of `task`'s layout under data_dir; with none, under HUB_DATA, where the first use downloads it."""
+    if data_dir is None:
+        data_dir = HUB_DATA
+        if not os.path.isdir(os.path.join(HUB_DATA, task)):
+            download(task, HUB_DATA)
+    return os.path.join(data_dir, task, *path)
+
+
+def download(task: str, root: str):
+    """Write the hub's `task` (openai/gsm8k main, truthfulqa/truthful_qa multiple_choice, cais/mmlu all) in its local
+    layout as root/<task>, whole or not at all. The hub's TruthfulQA validation split is v0's mc_task.json in order."""
+    tmp = os.path.join(root, f"{task}.tmp{os.getpid()}")
     try:
         import datasets
         import huggingface_hub
         datasets.logging.set_verbosity_error()
         huggingface_hub.utils.logging.set_verbosity_error()   # no retry chatter: the error below says it all
-        return datasets.load_dataset(path, name, split=split)
-    except Exception as e:  # offline, no `datasets`, unknown id, ...
-        raise LoadError(f"could not load {path} ({name}, {split}) from the Hugging Face hub ({type(e).__name__}); "
+        os.makedirs(tmp)
+        if task == "gsm8k":
+            for split in ("train", "test"):   # its rows are {question, answer}: JSONL as it stands
+                datasets.load_dataset("openai/gsm8k", "main", split=split).to_json(os.path.join(tmp, f"{split}.jsonl"))
+        elif task == "truthfulqa":
+            rows = datasets.load_dataset("truthfulqa/truthful_qa", "multiple_choice", split="validation")
+            def v0(targets):   # {"choices": [...], "labels": [...]} -> {choice: label}
+                return dict(zip(targets["choices"], targets["labels"]))
+            with open(os.path.join(tmp, "mc_task.json"), "w", encoding="utf-8") as f:
+                json.dump([{"question": r["question"], "mc1_targets": v0(r["mc1_targets"]),
+                            "mc2_targets": v0(r["mc2_targets"])} for r in rows], f)
+        else:
+            for split in ("dev", "test"):
+                os.makedirs(os.path.join(tmp, split))
+                for r in datasets.load_dataset("cais/mmlu", "all", split=split):
+                    with open(os.path.join(tmp, split, f"{r['subject']}_{split}.csv"), "a", newline="") as f:
+                        csv.writer(f).writerow([r["question"], *r["choices"], "ABCD"[r["answer"]]])
+        if not os.path.isdir(os.path.join(root, task)):   # another rank may have written it meanwhile
+            os.replace(tmp, os.path.join(root, task))
+    except Exception as e:  # offline, no `datasets`, unknown id, a full disk, ...
+        raise LoadError(f"could not download {task} from the Hugging Face hub to {root} ({type(e).__name__}); "
                         "pass --data-dir DIR holding gsm8k/, truthfulqa/ and mmlu/ instead")
-
-
-def resolve_data_dir(model: str | None, data_dir: str | None) -> str | None:
-    """--data-dir as given; for `--model tiny` without one, the tiny world's data (None: the hub)."""
-    return os.path.join(TINY_DIR, "data") if data_dir is None and model == "tiny" else data_dir
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _need(row, fields, where: str):
@@ -105,10 +143,8 @@ def _read(path: str, called: str = "") -> str:
 
 
 def load_gsm8k(split: str = "test", data_dir: str | None = None) -> list[dict]:
-    """GSM8K `split` as [{question, answer}], the answer ending in "#### N" (openai/gsm8k, config main)."""
-    if data_dir is None:
-        return [{"question": r["question"], "answer": r["answer"]} for r in _hub("openai/gsm8k", "main", split)]
-    path = os.path.join(data_dir, "gsm8k", f"{split}.jsonl")
+    """GSM8K `split` as [{question, answer}], the answer ending in "#### N"."""
+    path = task_path(data_dir, "gsm8k", f"{split}.jsonl")
     rows = []
     for i, line in enumerate(_read(path).split("\n"), 1):
         if line.strip():
@@ -120,36 +156,26 @@ def load_gsm8k(split: str = "test", data_dir: str | None = None) -> list[dict]:
 
 
 def load_truthfulqa(data_dir: str | None = None, name: str = "mc_task.json") -> list[dict]:
-    """TruthfulQA multiple choice as [{question, mc1: {choices, labels}, mc2: {choices, labels}}].
-
-    Locally: the original v0 mc_task.json ({answer text: 0/1} per target set), which is the hub's
-    truthfulqa/truthful_qa multiple_choice validation split in the same order."""
-    if data_dir is None:
-        return [{"question": r["question"], "mc1": dict(r["mc1_targets"]), "mc2": dict(r["mc2_targets"])}
-                for r in _hub("truthfulqa/truthful_qa", "multiple_choice", "validation")]
-    path = os.path.join(data_dir, "truthfulqa", name)   # drift.py reads extra.json, in the same layout
+    """TruthfulQA multiple choice as [{question, mc1: {choices, labels}, mc2: {choices, labels}}]."""
+    path = task_path(data_dir, "truthfulqa", name)   # drift.py reads extra.json, in the same layout
     rows = _json(_read(path), path)
     if not isinstance(rows, list):
         raise LoadError(f"{path} is not a JSON list of questions")
     out = []
     for i, r in enumerate(rows):
         _need(r, ("question", "mc1_targets", "mc2_targets"), f"{path} entry {i}")
-        out.append({"question": r["question"], **{k: {"choices": list(t), "labels": list(t.values())}
-                                                  for k, t in (("mc1", r["mc1_targets"]), ("mc2", r["mc2_targets"]))}})
+        out.append({"question": r["question"], **{mc: {"choices": list(r[f"{mc}_targets"]),
+                                                       "labels": list(r[f"{mc}_targets"].values())}
+                                                  for mc in ("mc1", "mc2")}})
     return _nonempty(out, path)
 
 
 def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
     """MMLU `split` (test or dev) as [{id, subject, question, choices (4), answer (0-3)}], sorted by subject."""
-    if data_dir is None:
-        rows = sorted(_hub("cais/mmlu", "all", split), key=lambda r: r["subject"])   # stable: each subject in its order
-        return [{"id": f"{subject}/{i}", "subject": subject, "question": r["question"], "choices": list(r["choices"]),
-                 "answer": int(r["answer"])} for subject, group in groupby(rows, lambda r: r["subject"])
-                for i, r in enumerate(group)]
-    # hendrycks layout: mmlu/<split>/<subject>_<split>.csv, no header, columns question, A, B, C, D, answer letter
-    files = sorted(glob.glob(os.path.join(data_dir, "mmlu", split, f"*_{split}.csv")))
+    folder = task_path(data_dir, "mmlu", split)
+    files = sorted(glob.glob(os.path.join(folder, f"*_{split}.csv")))
     if not files:
-        raise LoadError(f"{os.path.join(data_dir, 'mmlu', split)} holds no *_{split}.csv files")
+        raise LoadError(f"{folder} holds no *_{split}.csv files")
     out = []
     for path in files:
         subject = os.path.basename(path)[:-len(f"_{split}.csv")]
@@ -159,7 +185,7 @@ def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
                     raise LoadError(f"{path} row {i + 1}: expected question, 4 choices and an answer letter")
                 out.append({"id": f"{subject}/{i}", "subject": subject, "question": row[0], "choices": row[1:5],
                             "answer": "ABCD".index(row[5])})
-    return _nonempty(out, os.path.join(data_dir, "mmlu", split))
+    return _nonempty(out, folder)
 
 
 def stratified_subset(examples: list[dict], limit: int, seed: int) -> list[dict]:
@@ -404,7 +430,8 @@ def summary(records: list[dict]) -> dict:
         out.update(mc1=out["score"], mc2=float(scores["truthfulqa_mc2"].mean()),
                    mc2_stderr=stderr(scores["truthfulqa_mc2"]))
     for key in (k for k in LM_EVAL_GSM8K if k in scores):   # lm-eval's names, beside the study's score
-        out.update({key: float(scores[key].mean()), key.replace("exact_match", "exact_match_stderr"): stderr(scores[key])})
+        out[key] = float(scores[key].mean())
+        out[key.replace("exact_match", "exact_match_stderr")] = stderr(scores[key])
     passes = {key.split("@")[1]: v for key, v in scores.items() if key.startswith("gsm8k_pass@")}
     if passes:
         out["pass_at_k"] = {k: {"score": float(v.mean()), "stderr": stderr(v)} for k, v in passes.items()}
@@ -459,7 +486,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=SIZE, default=64, help="prompts per generation / contexts per scoring batch")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                   choices=["float32", "bfloat16", "float16"], help="the base model's weights")
+                   choices=["float32", "bfloat16", "float16", "float64"], help="the base model's weights")
     args = p.parse_args(argv)
     args.device = distributed.init(args.device)    # under torchrun: each rank scores its share of every task
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
@@ -508,12 +535,13 @@ def main(argv=None) -> dict:
             if task == "gsm8k":
                 _, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
                                      args.samples, args.temperature, distributed.seed(args.seed))
-                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": args.fewshot,
-                            "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
-                            "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
-                            "extraction": "score: strict-match, else flexible-extract (last number), numeric comparison; "
-                                          "lm-eval's two filters beside it as exact_match,strict-match and "
-                                          "exact_match,flexible-extract"}
+                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:",
+                            "fewshot": args.fewshot, "fewshot_from": "train, first k",
+                            "subset": f"test, first {n}" if n else "test, all", "decoding": "greedy",
+                            "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
+                            "extraction": "score: strict-match, else flexible-extract (last number), numeric "
+                                          "comparison; lm-eval's two filters beside it as exact_match,strict-match "
+                                          "and exact_match,flexible-extract"}
                 if args.samples:
                     protocol["pass_at_k"] = {"samples": args.samples, "temperature": args.temperature,
                                              "seed": args.seed,

@@ -15,7 +15,7 @@ teacher continuations, drift's state sets, GSM8K evaluation), so the structure i
 - stop strings are checked in Python only for the rows whose new token could complete one (a precomputed
   vocabulary mask of "trigger" tokens), so the common step costs no decoding at all;
 - on CUDA the one-token decode step (model.Qwen3.graph_step, over the whole cache so that no shape changes) is
-  captured once as a CUDA graph and replayed (decode is launch-bound).
+  captured once as a CUDA graph and replayed (decode is launch-bound): DecodeGraph, in its own section at the end.
 
 Left out: beam search, repetition penalties, speculative decoding (the study samples plainly).
 """
@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from model import KVCache
+from model import KVCache, upcast
 
 
 @dataclass
@@ -72,7 +72,7 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
     The recorded log-prob ignores top-k/top-p truncation (it is the policy's own probability, which is what
     GRPO's ratio and OPD's KL need); greedy decoding (T = 0) records log_softmax(logits).
     """
-    logits = logits.float()
+    logits = upcast(logits)
     logp = torch.log_softmax(logits / temperature if temperature not in (0, 1) else logits, dim=-1)
     if temperature == 0:
         token = logits.argmax(-1)
@@ -110,42 +110,6 @@ def stop_triggers(tokenizer, stop: Sequence[str], vocab_size: int, device):
     return cached[key]
 
 
-class DecodeGraph:
-    """One decode step (B tokens -> next-token logits) captured as a CUDA graph over a static cache.
-
-    Shapes never change: the step is model.graph_step, which reads all cache slots, masked by cache.valid;
-    the write slot and positions are tensors updated in place before each replay.
-    """
-
-    def __init__(self, model, cache: KVCache):
-        B, S = cache.valid.shape
-        dev = cache.valid.device
-        self.model, self.cache = model, cache
-        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        # warm-up really runs: let it write the last slot, which decoding fills later anyway
-        self.slot = torch.full((1,), S - 1, dtype=torch.long, device=dev)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up kernels outside the graph
-            self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
-        cache.valid[:, S - 1] = False
-
-    def _step(self):
-        return self.model.graph_step(self.tokens, self.positions, self.cache, self.slot)
-
-    def __call__(self, tokens, positions, slot: int):
-        self.tokens.copy_(tokens[:, None])
-        self.positions.copy_(positions[:, None])
-        self.slot.fill_(slot)
-        self.graph.replay()
-        return self.logits
-
-
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, stop: Sequence[str] = (), seed: int | None = 0, batch_size: int = 64,
@@ -158,14 +122,13 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
         generator.seed()   # a fresh seed for this generator only: the caller's torch RNG is left as it was
     else:
         generator.manual_seed(seed)
-    use_graph = cuda_graph and device.type == "cuda"
     return longest_first(lambda batch: _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p,
-                                                       top_k, stop, generator, use_graph),
+                                                       top_k, stop, generator, cuda_graph),
                          prompts, len, batch_size, "rollouts" if progress else None)
 
 
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, stop, generator,
-                    use_graph):
+                    cuda_graph):
     device = next(model.parameters()).device
     dtype = model.embed_tokens.weight.dtype
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -179,7 +142,8 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     logps = torch.zeros(B, max_new_tokens, device=device)
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
     reason = torch.zeros(B, dtype=torch.long, device=device)    # index into FINISH; 0 (length) while a row runs
-    step_fn = DecodeGraph(model, cache) if use_graph and max_new_tokens > 1 else None
+    # on CUDA the decode step is replayed as a graph (DecodeGraph, at the end of this file)
+    graph = DecodeGraph(model, cache) if cuda_graph and device.type == "cuda" and max_new_tokens > 1 else None
     alive = torch.arange(B, device=device)          # the rows still in the decoding batch (logits, cache, positions)
     for t in range(max_new_tokens):
         token, logp = sample_next(logits, temperature, top_p, top_k, generator)
@@ -199,16 +163,15 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
         if t == max_new_tokens - 1 or bool((reason > 0).all()):
             break
         running &= ~ended
-        if step_fn is None and 2 * int(running.sum()) <= len(alive):
+        if graph is None and 2 * int(running.sum()) <= len(alive):
             # Half the batch has finished: drop those rows, so one long sample does not hold up the finished
             # ones (the CUDA graph keeps its fixed batch).
             keep = running.nonzero().flatten()
             alive, token, positions, cache = alive[keep], token[keep], positions[keep], cache.select(keep)
-        if step_fn is not None:
-            logits = step_fn(token, positions, cache.length)
-            cache.length += 1
-        else:
+        if graph is None:
             logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
+        else:
+            logits = graph(token, positions)
         positions = positions + 1
     result = []
     for prompt, row, lp, n, why in zip(prompts, tokens.tolist(), logps.tolist(), length.tolist(), reason.tolist()):
@@ -242,7 +205,7 @@ def _score_batch(model, batch, batch_size):
     pairs = sorted(((row, j) for row, (_, conts) in enumerate(batch) for j in range(len(conts))),
                    key=lambda rj: len(batch[rj[0]][1][rj[1]]))
     cache = KVCache.empty(model.config, len(batch), ids.shape[1], device, dtype)
-    last = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1].float().log_softmax(-1)
+    last = upcast(model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]).log_softmax(-1)
     out = [[None] * len(conts) for _, conts in batch]
     for p0 in range(0, len(pairs), batch_size):
         part = pairs[p0:p0 + batch_size]
@@ -254,13 +217,59 @@ def _score_batch(model, batch, batch_size):
         # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
         first = last[rows].gather(-1, cont_ids[:, :1])
         scored = cont_mask[:, 1:]
-        logp = model.lm_head(hidden[:, :-1][scored]).float().log_softmax(-1)
+        logp = upcast(model.lm_head(hidden[:, :-1][scored])).log_softmax(-1)
         rest = torch.zeros(scored.shape, device=device)
         rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
         per_token = torch.cat([first, rest], dim=1).cpu()
         for k, (r, j) in enumerate(part):
             out[r][j] = per_token[k, :len(conts[k])]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graph decode: the same step as the loop's model(...) call, captured once and replayed
+
+
+class DecodeGraph:
+    """One decode step (B tokens -> next-token logits) captured as a CUDA graph over a static cache.
+
+    Shapes never change: the step is model.graph_step, which reads all cache slots, masked by cache.valid;
+    the write slot and positions are tensors updated in place before each replay.
+    """
+
+    def __init__(self, model, cache: KVCache):
+        B, S = cache.valid.shape
+        dev = cache.valid.device
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        # warm-up really runs: let it write the last slot, which decoding fills later anyway
+        self.slot = torch.full((1,), S - 1, dtype=torch.long, device=dev)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up kernels outside the graph
+            self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        cache.valid[:, S - 1] = False
+
+    def _step(self):
+        return self.model.graph_step(self.tokens, self.positions, self.cache, self.slot)
+
+    def __call__(self, tokens, positions):
+        """model(tokens[:, None], cache=cache, positions=positions[:, None])[:, -1], replayed."""
+        self.tokens.copy_(tokens[:, None])
+        self.positions.copy_(positions[:, None])
+        self.slot.fill_(self.cache.length)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler's command line: python generate.py --model tiny --prompt "..." --n 4 --temperature 1
 
 
 def main():

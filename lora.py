@@ -16,9 +16,8 @@ drops it: the base weight is never modified, so unmerge restores it bit for bit 
 would not, in floating point).
 
 Checkpoints are plain `.pt` dictionaries (adapter tensors, LoRA config, metadata, optional trainer state)
-readable with torch.load(weights_only=True). export_peft/export_merged take results to peft/transformers/vLLM.
+readable with torch.load(weights_only=True). export.py takes them to peft/transformers/vLLM (`python lora.py export`).
 """
-import json
 import math
 import os
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import replace_atomically
-from model import BUNDLED, LoadError
+from model import BUNDLED, LoadError, upcast
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -69,8 +68,8 @@ class LoraLinear(nn.Module):
     def merge(self):
         """W + (alpha / r) B A of the active adapter, in float32, into merged_weight (the base weight stays)."""
         if self.active is not None:
-            delta = (self.lora_B[self.active].float() @ self.lora_A[self.active].float()) * self.scale[self.active]
-            self.merged_weight = (self.base.weight.float() + delta).to(self.base.weight.dtype)
+            delta = (upcast(self.lora_B[self.active]) @ upcast(self.lora_A[self.active])) * self.scale[self.active]
+            self.merged_weight = (upcast(self.base.weight) + delta).to(self.base.weight.dtype)
 
     def forward(self, x):
         if self.merged_weight is not None:
@@ -192,6 +191,10 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def _base_name(path) -> str:
+    return os.path.basename(os.path.normpath(BUNDLED.get(str(path), str(path))))
+
+
 def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = True, dtype=None,
                  dropout: float | None = None) -> dict:
     """Add adapter `name` to the model with the checkpoint's config and weights (no random init is drawn);
@@ -210,13 +213,11 @@ def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = 
     for n, m in target_layers(model, cfg.targets).items():
         linear = m.base if isinstance(m, LoraLinear) else m
         expected[f"{n}.lora_A"], expected[f"{n}.lora_B"] = (cfg.r, linear.in_features), (linear.out_features, cfg.r)
-    if set(ckpt["adapter"]) != set(expected):
-        odd = sorted(set(ckpt["adapter"]) ^ set(expected))[0]
-        raise LoadError(f"adapter tensors do not match the model (first mismatch: {odd})")
-    for key, shape in expected.items():
-        got = tuple(ckpt["adapter"][key].shape)
-        if got != shape:
-            raise LoadError(f"adapter tensor {key} has shape {got}, the model needs {shape}")
+    got = {k: tuple(t.shape) for k, t in ckpt["adapter"].items()}
+    if got != expected:
+        odd = sorted(k for k in got.keys() | expected.keys() if got.get(k) != expected.get(k))[0]
+        raise LoadError(f"adapter tensor {odd}: the checkpoint has {got.get(odd, 'none')}, the model needs "
+                        f"{expected.get(odd, 'none')}")
     previous = active_adapter(model)
     add_lora(model, cfg, name, dtype, weights=ckpt["adapter"])
     if name != "default" and previous is not None:
@@ -224,79 +225,7 @@ def load_adapter(model, path_or_ckpt, name: str = "default", check_base: bool = 
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------
-# Export
-
-
-def _base_name(path) -> str:
-    return os.path.basename(os.path.normpath(BUNDLED.get(str(path), str(path))))
-
-
-def export_peft(model, out_dir: str, name: str = "default"):
-    """adapter_config.json + adapter_model.safetensors in PEFT's layout, loadable with PeftModel.from_pretrained."""
-    from safetensors.torch import save_file
-    cfg = model.lora_configs[name]
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {f"base_model.model.model.{k}.weight": v.contiguous() for k, v in adapter_state(model, name).items()}
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-              "base_model_name_or_path": getattr(model, "name_or_path", None), "r": cfg.r, "lora_alpha": cfg.alpha,
-              "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets), "bias": "none", "fan_in_fan_out": False,
-              "use_rslora": False, "init_lora_weights": True, "inference_mode": True}
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def export_merged(model, model_dir: str, out_dir: str, name: str = "default"):
-    """A full HF model directory (config, tokenizer files copied from model_dir) with the adapter merged in."""
-    import shutil
-    from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
-    for f in os.listdir(model_dir):
-        if f.endswith(".json") and not f.startswith("model.safetensors") or f.endswith(".txt"):
-            shutil.copy(os.path.join(model_dir, f), out_dir)
-    with use_adapter(model, name), merged(model):
-        # a layer without adapter `name` keeps its base weight
-        folded = {f"{n}.base.weight": layer.merged_weight for n, layer in lora_layers(model).items()
-                  if layer.merged_weight is not None}
-        state = {"model." + n.replace(".base.", ".") if n != "lm_head.weight" else n: folded.get(n, p)
-                 for n, p in model.state_dict().items() if ".lora_" not in n}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-
-
-def main(argv=None):
-    """python lora.py export CKPT --peft DIR --merged DIR: a trainer's checkpoint for the tools of the field."""
-    from cli import FlagParser, output_dir
-    from model import load_model, resolve_model_dir
-    p = FlagParser(description="Export a trainer's LoRA checkpoint: a PEFT adapter directory (peft, vLLM) and/or a "
-                               "merged Hugging Face model directory (transformers, lm_eval --model hf).")
-    export = p.add_subparsers(dest="command", required=True).add_parser("export", help="write --peft and/or --merged")
-    export.add_argument("checkpoint", help="the trainer's checkpoint (.pt)")
-    export.add_argument("--peft", metavar="DIR", help="adapter_config.json + adapter_model.safetensors")
-    export.add_argument("--merged", metavar="DIR", help="config, tokenizer and model.safetensors, the adapter folded in")
-    export.add_argument("--model", help="the base model (default: the one the checkpoint names)")
-    args = p.parse_args(argv)
-    if not (args.peft or args.merged):
-        export.error("say where: --peft DIR, --merged DIR, or both")
-    ckpt = load_checkpoint(args.checkpoint)
-    base = args.model or ckpt["meta"].get("base_model")
-    if not base:
-        raise LoadError(f"{args.checkpoint} does not name its base model; pass --model")
-    model, _ = load_model(base, with_tokenizer=False)
-    load_adapter(model, ckpt)
-    for kind, out in (("peft", args.peft), ("merged", args.merged)):
-        if out:
-            output_dir(os.path.join(out, "x"), f"--{kind}")
-            if kind == "peft":
-                export_peft(model, out)
-            else:
-                export_merged(model, resolve_model_dir(base), out)
-            print(f"{kind}: {out}")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":   # python lora.py export CKPT --peft DIR --merged DIR: the command lives in export.py
     from cli import run
+    from export import main
     run(main)

@@ -53,23 +53,22 @@ class Qwen3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3Config":
+        rope = d.get("rope_parameters") or {}
         if d.get("model_type") != "qwen3":
             raise LoadError(f"model_type is {d.get('model_type')!r}, this implementation only runs 'qwen3'")
-        if d.get("rope_scaling") or (d.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+        if d.get("rope_scaling") or rope.get("rope_type", "default") != "default":
             raise LoadError("rope scaling is not implemented (Qwen3-0.6B does not use it)")
         if d.get("use_sliding_window"):
             raise LoadError("sliding-window attention is not implemented (Qwen3-0.6B does not use it)")
-        d = dict(d)
+        kwargs = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
         # Released Qwen3 configs carry a top-level rope_theta; transformers 5.x writes
         # rope_parameters={rope_theta, rope_type} instead (and defaults to 10000 when both are absent).
-        d["rope_theta"] = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        d.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
-        names = {f.name for f in fields(cls)}
-        missing = [n for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "num_key_value_heads") if n not in d]
-        if missing:
-            raise LoadError(f"config.json lacks {', '.join(missing)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kwargs["rope_theta"] = d.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        try:
+            kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
+            return cls(**kwargs)
+        except (KeyError, TypeError) as e:   # a size the architecture needs is missing
+            raise LoadError(f"config.json is incomplete ({e})")
 
 
 class RMSNorm(nn.Module):
@@ -83,23 +82,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float()
+        h = upcast(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when it is bfloat16 or float16 (for a norm, a softmax, a sum); float32 and float64 stay."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 @functools.lru_cache(maxsize=8)
-def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """theta^(-2i/head_dim), i = 0 .. head_dim/2 - 1, in float32 (computed once per device, not per step;
-    a normal tensor even when first asked for under inference_mode, so training can use it too)."""
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """theta^(-2i/head_dim), i = 0 .. head_dim/2 - 1, in float32 (float64 for a float64 model; computed once per
+    device, not per step; a normal tensor even when first asked for under inference_mode, so training can use it)."""
     with torch.inference_mode(False):
-        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
     """Rotary tables for integer positions [B, T] -> cos and sin, each [B, 1, T, head_dim] (float32 math); the
     second half of each table repeats the first, as rotate_half pairs dimension i with i + head_dim/2."""
-    angles = positions.float()[..., None] * rope_inv_freq(head_dim, theta, positions.device)
+    work = torch.promote_types(dtype, torch.float32)
+    angles = positions.to(work)[..., None] * rope_inv_freq(head_dim, theta, positions.device, work)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], dim=-1).to(dtype)[:, None], torch.cat([sin, sin], dim=-1).to(dtype)[:, None]
 
@@ -353,25 +358,16 @@ def _read_json(path: str) -> dict:
 
 
 def load_state_dict(model_dir: str) -> dict:
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    single = os.path.join(model_dir, "model.safetensors")
-    if os.path.exists(index):
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        if not files:
-            raise LoadError(f"{index} names no weight files (no weight_map)")
-    elif os.path.exists(single):
-        files = ["model.safetensors"]
-    else:
-        raise LoadError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+    """Every tensor of the checkpoint, named as this model's modules are (without the leading "model.")."""
+    index = _read_json(os.path.join(model_dir, "model.safetensors.index.json"))   # a sharded checkpoint's files
     state = {}
-    for name in files:
+    for name in sorted(set(index.get("weight_map", {}).values())) or ["model.safetensors"]:
         path = os.path.join(model_dir, name)
         try:
             tensors = load_file(path)
-        except Exception as e:   # a truncated download, a file that is not safetensors, a missing shard
+        except Exception as e:   # a missing or truncated download, a file that is not safetensors
             raise LoadError(f"{path} is not a readable safetensors file ({type(e).__name__}); download it again")
-        for k, t in tensors.items():
-            state[k.removeprefix("model.")] = t
+        state.update({k.removeprefix("model."): t for k, t in tensors.items()})
     return state
 
 
@@ -401,23 +397,17 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, with_tokeni
         raise LoadError(f"{model_dir} has no config.json")
     cfg = Qwen3Config.from_dict(_read_json(cfg_path))
     state = load_state_dict(model_dir)
-    if "lm_head.weight" in state and cfg.tie_word_embeddings:
-        cfg.tie_word_embeddings = False  # the file has its own head: use it
+    cfg.tie_word_embeddings = cfg.tie_word_embeddings and "lm_head.weight" not in state   # its own head if it has one
     with torch.device("meta"):
         model = Qwen3(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing:
-        raise LoadError(f"checkpoint is missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if extra:
-        raise LoadError(f"checkpoint has unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-    for k, shape in expected.items():
-        if state[k].shape != shape:
-            raise LoadError(f"tensor {k} has shape {tuple(state[k].shape)}, the config implies {tuple(shape)}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
+    if cfg.tie_word_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    try:   # strict: torch names every missing, unexpected and mis-shaped tensor
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    except RuntimeError as e:   # torch's message: a header, then a line per problem (all missing keys on one)
+        problems = str(e).split("\n\t")[1:]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LoadError(f"{model_dir} does not fit its config.json: {problems[0]}{more}")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.name_or_path = name_or_path

@@ -162,6 +162,41 @@ def test_missing_data_is_a_one_line_error_naming_the_file(tmp_path):
         E.load_mmlu("test", str(tmp_path))
 
 
+def test_the_hub_download_writes_the_local_layout(tmp_path, monkeypatch):
+    """No network here: the hub's rows are made from the local sample, in the hub's schema, and the download must
+    write files the loaders read back as the same examples (and only once)."""
+    import datasets
+    tqa = E.load_truthfulqa(DATA)
+    hub = {"openai/gsm8k": {split: E.load_gsm8k(split, DATA) for split in ("train", "test")},
+           "truthfulqa/truthful_qa": {"validation": [{"question": ex["question"], "mc1_targets": ex["mc1"],
+                                                      "mc2_targets": ex["mc2"]} for ex in tqa]},
+           "cais/mmlu": {split: [{"question": ex["question"], "subject": ex["subject"], "choices": ex["choices"],
+                                  "answer": ex["answer"]} for ex in E.load_mmlu(split, DATA)]
+                         for split in ("dev", "test")}}
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split: calls.append(path) or
+                        datasets.Dataset.from_list(hub[path][split]))
+    monkeypatch.setattr(E, "HUB_DATA", str(tmp_path / "hub"))
+    for split in ("train", "test"):
+        assert E.load_gsm8k(split) == E.load_gsm8k(split, DATA)
+    assert E.load_truthfulqa() == tqa
+    assert E.load_mmlu("test") == E.load_mmlu("test", DATA) and E.load_mmlu("dev") == E.load_mmlu("dev", DATA)
+    assert calls == ["openai/gsm8k", "openai/gsm8k", "truthfulqa/truthful_qa", "cais/mmlu", "cais/mmlu"]
+    assert sorted(os.listdir(tmp_path / "hub")) == ["gsm8k", "mmlu", "truthfulqa"]   # no temporary folder left
+
+
+def test_a_failed_hub_download_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(E, "HUB_DATA", str(tmp_path / "hub"))
+    with pytest.raises(LoadError, match="could not download gsm8k from the Hugging Face hub .* pass --data-dir"):
+        E.load_gsm8k("test")
+    assert os.listdir(tmp_path / "hub") == []
+
+
 def test_mmlu_subset_is_stratified_in_proportion_and_seeded():
     rows = [{"subject": s, "i": i} for s, n in (("a", 100), ("b", 290), ("c", 610)) for i in range(n)]
     sub = E.stratified_subset(rows, 10, seed=0)

@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
-from lora import (LoraConfig, add_lora, export_merged, export_peft, load_adapter, load_checkpoint, lora_parameters,
-                  merged, save_checkpoint, use_adapter)
+from export import export_merged, export_peft
+from lora import (LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, merged, save_checkpoint,
+                  use_adapter)
 from model import LoadError, load_model
 
 IDS = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
