@@ -10,9 +10,9 @@ import json
 import os
 import shutil
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from cli import FlagParser, output_dir
+from cli import FlagParser, output_dir, replace_atomically, write_text
 from lora import adapter_state, load_adapter, load_checkpoint, lora_layers, merged, use_adapter
 from model import LoadError, load_model, resolve_model_dir
 
@@ -22,13 +22,12 @@ def export_peft(model, out_dir: str, name: str = "default"):
     cfg = model.lora_configs[name]
     os.makedirs(out_dir, exist_ok=True)
     tensors = {f"base_model.model.model.{k}.weight": v.contiguous() for k, v in adapter_state(model, name).items()}
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    replace_atomically(os.path.join(out_dir, "adapter_model.safetensors"), lambda f: f.write(save(tensors)))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
               "base_model_name_or_path": getattr(model, "name_or_path", None), "r": cfg.r, "lora_alpha": cfg.alpha,
               "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets), "bias": "none",
               "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "inference_mode": True}
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
 
 
 def export_merged(model, model_dir: str, out_dir: str, name: str = "default"):
@@ -45,8 +44,8 @@ def export_merged(model, model_dir: str, out_dir: str, name: str = "default"):
                  for n, p in model.state_dict().items() if ".lora_" not in n}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-              os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    replace_atomically(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(save(tensors, {"format": "pt"})))
 
 
 def main(argv=None):

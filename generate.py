@@ -139,7 +139,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
     triggers = stop_triggers(tokenizer, stop, logits.shape[-1], device) if stop else None
     tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    logps = torch.zeros(B, max_new_tokens, device=device)
+    logps = torch.zeros(B, max_new_tokens, dtype=upcast(logits).dtype, device=device)   # float64 for a float64 model
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
     reason = torch.zeros(B, dtype=torch.long, device=device)    # index into FINISH; 0 (length) while a row runs
     # on CUDA the decode step is replayed as a graph (DecodeGraph, at the end of this file)
@@ -218,7 +218,7 @@ def _score_batch(model, batch, batch_size):
         first = last[rows].gather(-1, cont_ids[:, :1])
         scored = cont_mask[:, 1:]
         logp = upcast(model.lm_head(hidden[:, :-1][scored])).log_softmax(-1)
-        rest = torch.zeros(scored.shape, device=device)
+        rest = torch.zeros(scored.shape, dtype=logp.dtype, device=device)
         rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
         per_token = torch.cat([first, rest], dim=1).cpu()
         for k, (r, j) in enumerate(part):

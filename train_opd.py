@@ -186,8 +186,8 @@ def kl_signal(args, model, tok, trajectories, seed: int) -> Supervision:
 
 
 def _kl(h_student, h_teacher, lm_head):
-    logp_s, logp_t = (lm_head(h).double().log_softmax(-1) if h.dtype == torch.float64 else
-                      lm_head(h).float().log_softmax(-1) for h in (h_student, h_teacher))
+    dtype = torch.promote_types(h_student.dtype, torch.float32)   # bf16 -> float32; float64 stays
+    logp_s, logp_t = (lm_head(h).log_softmax(-1, dtype=dtype) for h in (h_student, h_teacher))
     forward = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
     reverse = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
     return torch.stack([forward, reverse], dim=-1)

@@ -55,7 +55,7 @@ from evaluate import eval_gsm8k, gsm8k_prompt, load_gsm8k, resolve_data_dir
 from generate import pad
 from lora import (ALL_TARGETS, LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, merged,
                   save_checkpoint, use_adapter)
-from model import LoadError, load_model
+from model import LoadError, load_model, upcast
 
 
 class NonFiniteLoss(RuntimeError):
@@ -518,7 +518,7 @@ def token_logprobs(model, input_ids, attention_mask, mask, temperature: float = 
 def _logprobs(lm_head, h, targets, temperature: float):
     with autocast(lm_head):
         logits = lm_head(h)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16 -> float32; float64 stays
+    logits = upcast(logits)   # bf16 -> float32; float64 stays
     if temperature not in (0, 1):
         logits = logits / temperature
     return -F.cross_entropy(logits, targets, reduction="none")
