@@ -205,7 +205,7 @@ class Run:
             add_lora(self.model, LoraConfig(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)),
                      dtype=adapter_dtype)
         if teacher:
-            load_adapter(self.model, self.teacher, name="teacher")
+            load_adapter(self.model, self.teacher, name="teacher", dropout=0.0)   # frozen: no dropout either
         self.model.gradient_checkpointing = args.grad_checkpointing
         self.params = lora_parameters(self.model)
         cuda = args.device.startswith("cuda")
@@ -253,10 +253,7 @@ class Run:
         self.lengths, self._order = lengths, {}
         self.step, self.position = 0, {"epoch": 0, "index": 0}
         if self.resumed:
-            ts = self.resumed["train_state"]
-            if ts["total_steps"] != self.total:
-                raise LoadError(f"--resume: the checkpoint's run planned {ts['total_steps']} steps, "
-                                f"these flags plan {self.total}")
+            ts = self.resumed["train_state"]   # the same flags and examples: the same planned steps
             self.optimizer.load_state_dict(ts["optimizer"])
             self.step, self.position = ts["step"], dict(ts["data"])
         self.first, self.saved = self.step, (self.step if self.resumed else None)
