@@ -153,13 +153,11 @@ def mmd2(X, Y, sigma: float, wx=None, wy=None, block: int = 4096):
     all-ones weights give the formula above. Returns a float, or [B] with weights."""
     single = wx is None
     if single:
-        wx = torch.ones(len(X), 1, dtype=torch.float64, device=X.device)
-        wy = torch.ones(len(Y), 1, dtype=torch.float64, device=X.device)
-    m, n, m2, n2 = wx.sum(0), wy.sum(0), (wx * wx).sum(0), (wy * wy).sum(0)
-    xx = (kernel_sum(X, X, sigma, wx, wx, block) - m2) / (m * m - m2)
-    yy = (kernel_sum(Y, Y, sigma, wy, wy, block) - n2) / (n * n - n2)
-    xy = kernel_sum(X, Y, sigma, wx, wy, block) / (m * n)
-    out = xx + yy - 2 * xy
+        wx, wy = (torch.ones(len(Z), 1, dtype=torch.float64, device=X.device) for Z in (X, Y))
+
+    def within(Z, w):   # the mean kernel over pairs of distinct original states
+        return (kernel_sum(Z, Z, sigma, w, w, block) - (w * w).sum(0)) / (w.sum(0) ** 2 - (w * w).sum(0))
+    out = within(X, wx) + within(Y, wy) - 2 * kernel_sum(X, Y, sigma, wx, wy, block) / (wx.sum(0) * wy.sum(0))
     return out.item() if single else out
 
 
@@ -173,8 +171,7 @@ def wasserstein_1d(x, y):
     W_1 = integral |F_x(t) - F_y(t)| dt, exact for step CDFs over the merged sorted values."""
     x, y = x.double().sort(-1).values.contiguous(), y.double().sort(-1).values.contiguous()
     z = torch.cat([x, y], -1).sort(-1).values
-    Fx = torch.searchsorted(x, z[:, :-1].contiguous(), right=True).double() / x.shape[1]
-    Fy = torch.searchsorted(y, z[:, :-1].contiguous(), right=True).double() / y.shape[1]
+    Fx, Fy = (torch.searchsorted(v, z[:, :-1].contiguous(), right=True).double() / v.shape[1] for v in (x, y))
     return ((Fx - Fy).abs() * z.diff(dim=-1)).sum(-1)
 
 
@@ -207,8 +204,9 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
     scale for every policy against that baseline), plus the MMD²'s bootstrap spread over prompts: groups_x and
     groups_y name each state's prompt, and a resample draws the prompts once for both sets."""
     sigma = median_bandwidth(Y, seed=seed)
-    out = {"bandwidth": sigma, "bandwidth_from": "baseline median", "mmd2": mmd2(X, Y, sigma, block=block)}
-    out["mmd"] = max(out["mmd2"], 0.0) ** 0.5
+    squared = mmd2(X, Y, sigma, block=block)
+    out = {"bandwidth": sigma, "bandwidth_from": "baseline median", "mmd2": squared, "mmd": max(squared, 0.0) ** 0.5,
+           "centroid_l2": centroid_distance(X, Y), "sliced_wasserstein": sliced_wasserstein(X, Y, n_projections, seed)}
     if n_bootstrap:
         units = max(groups_x + groups_y) + 1
         wx, wy = (bootstrap_weights(g, n_bootstrap, seed, units).to(X.device) for g in (groups_x, groups_y))
@@ -216,8 +214,6 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
         ci95 = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         out["mmd2_bootstrap"] = {"resamples": n_bootstrap, "over": "prompts", "std": boot.std().item(),
                                  "mean": boot.mean().item(), "ci95": ci95, "replicates": boot.tolist()}
-    out["centroid_l2"] = centroid_distance(X, Y)
-    out["sliced_wasserstein"] = sliced_wasserstein(X, Y, n_projections, seed)
     return out
 
 
@@ -263,29 +259,28 @@ def kl_measures(model, base_rollouts, policy_rollouts, reference, batch_size) ->
     def kl(rollouts):   # under torchrun each rank scores its share of the rollouts
         return torch.tensor(distributed.gather(policy_kl(model, distributed.share(rollouts), reference, "policy",
                                                          batch_size).tolist())).view(-1, 2)
-    at_base = per_prompt(kl(base_rollouts)[:, 0], base_rollouts)
-    at_policy = per_prompt(kl(policy_rollouts)[:, 1], policy_rollouts)
-    return {"kl_base_policy": sum(at_base) / len(at_base), "kl_policy_base": sum(at_policy) / len(at_policy),
-            "per_prompt": {"kl_base_policy": at_base, "kl_policy_base": at_policy}}
+    prompts = {"kl_base_policy": per_prompt(kl(base_rollouts)[:, 0], base_rollouts),
+               "kl_policy_base": per_prompt(kl(policy_rollouts)[:, 1], policy_rollouts)}
+    return {**{k: sum(v) / len(v) for k, v in prompts.items()}, "per_prompt": prompts}
 
 
 def retention_prompts(data_dir, n: int, evaluated: str) -> tuple[list[str], dict]:
     """n TruthfulQA and n MMLU contexts, posed as evaluate.py poses them but none of them an item it scores (the
     module docstring says which), and where each task's came from."""
     extra = lambda *path: data_dir is not None and os.path.exists(os.path.join(data_dir, *path))   # noqa: E731
-    beyond = evaluated == "default"
+    tqa, mmlu, where = [], [], {"truthfulqa": "none", "mmlu": "none"}   # --evaluated all and no extra contexts
     if extra("truthfulqa", "extra.json"):
-        tqa, where = load_truthfulqa(data_dir, "extra.json"), {"truthfulqa": "truthfulqa/extra.json"}
-    else:
-        tqa = load_truthfulqa(data_dir)[DEFAULT_LIMITS["truthfulqa"]:] if beyond else []
-        where = {"truthfulqa": f"after evaluate.py's first {DEFAULT_LIMITS['truthfulqa']}" if beyond else "none"}
+        tqa, where["truthfulqa"] = load_truthfulqa(data_dir, "extra.json"), "truthfulqa/extra.json"
+    elif evaluated == "default":
+        tqa = load_truthfulqa(data_dir)[DEFAULT_LIMITS["truthfulqa"]:]
+        where["truthfulqa"] = f"after evaluate.py's first {DEFAULT_LIMITS['truthfulqa']}"
     if extra("mmlu", "extra"):
         mmlu, where["mmlu"] = load_mmlu("extra", data_dir), "mmlu/extra/"
-    else:
-        test = load_mmlu("test", data_dir) if beyond else []
+    elif evaluated == "default":
+        test = load_mmlu("test", data_dir)
         scored = {ex["id"] for ex in stratified_subset(test, DEFAULT_LIMITS["mmlu"], 0)}
         mmlu = [ex for ex in test if ex["id"] not in scored]
-        where["mmlu"] = f"outside evaluate.py's stratified {DEFAULT_LIMITS['mmlu']}" if beyond else "none"
+        where["mmlu"] = f"outside evaluate.py's stratified {DEFAULT_LIMITS['mmlu']}"
     tqa, mmlu = tqa[:n], stratified_subset(mmlu, n, 0)
     where = {task: {"from": where[task], "contexts": len(items), "evaluated": evaluated}
              for task, items in (("truthfulqa", tqa), ("mmlu", mmlu))}
@@ -319,9 +314,8 @@ def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, 
                          progress=distributed.main_rank())
     rollouts = distributed.gather([{"prompt_index": i // samples, "prompt_ids": r.prompt_ids, "tokens": r.tokens,
                                     "text": r.text, "finish": r.finish} for i, r in zip(index, out)])
-    if distributed.main_rank():
-        os.makedirs(args.cache_dir, exist_ok=True)
-        write_text(path, "".join(json.dumps(r) + "\n" for r in rollouts))   # an interrupted run leaves no half cache
+    if distributed.main_rank():   # an interrupted run leaves no half cache
+        write_text(output_dir(path, "--cache-dir"), "".join(json.dumps(r) + "\n" for r in rollouts))
     return rollouts, path, True
 
 
@@ -340,10 +334,10 @@ def embed(rollouts, lengths, args, model, tok):
     if args.features == "lexical":
         return lexical_features(texts, args.hash_dim), vocab
     seqs = [r["prompt_ids"] + r["tokens"][:(ls or [0])[-1]] for r, ls in zip(rollouts, lengths)]
+    starts = [len(r["prompt_ids"]) for r in rollouts]
+    ends = [[a + t for t in ls] for a, ls in zip(starts, lengths)]
     with lora.use_adapter(model, None):   # always the base model's space
-        X = hidden_features(model, seqs, [[len(r["prompt_ids"]) + t for t in ls] for r, ls in zip(rollouts, lengths)],
-                            args.batch_size, [len(r["prompt_ids"]) for r in rollouts])
-    return X, vocab
+        return hidden_features(model, seqs, ends, args.batch_size, starts), vocab
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,15 +361,12 @@ def main(argv=None) -> dict:
     p.add_argument("--projections", type=SIZE, default=128, help="random directions of the sliced Wasserstein")
     p.add_argument("--block", type=SIZE, default=4096, help="states per kernel tile (memory ~ 3 x block² x 8 bytes)")
     p.add_argument("--batch-size", type=SIZE, default=64, help="sequences per sampling / forward batch")
-    p.add_argument("--no-policy-kl", dest="policy_kl", action="store_false",
-                   help="skip the policy KLs (they do not depend on --features: one run of the two suffices)")
-    p.add_argument("--retention-prompts", type=COUNT, default=32,
-                   help="TruthfulQA and MMLU contexts (this many of each) where the policy KLs are also measured")
+    p.add_argument("--no-policy-kl", dest="policy_kl", action="store_false", help="skip the (feature-free) policy KLs")
+    p.add_argument("--retention-prompts", type=COUNT, default=32, help="policy-KL contexts per retention task")
     p.add_argument("--evaluated", choices=["default", "all"], default="default", help="retention items the "
                    "evaluations score: evaluate.py's default limits or all (--limit 0); KL contexts avoid them")
     p.add_argument("--retention-tokens", type=SIZE, default=32, help="length of the one rollout per retention context")
-    p.add_argument("--seed", type=number(int), default=0,
-                   help="seed of sampling, projections, bandwidth subsample, bootstrap")
+    p.add_argument("--seed", type=number(int), default=0, help="seed of sampling, projections, bandwidth, bootstrap")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default=None,
                    help="the base model's weights (default: bfloat16 on CUDA, float32 on the CPU)")
