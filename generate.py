@@ -42,13 +42,12 @@ def pad(seqs: Sequence[Sequence[int]], side: str = "left", pad_id: int = 0, devi
     """ids [B, T] and mask [B, T] (True = token) of the sequences padded on `side`: "left" right-aligns them (a
     batch of prompts ends at one column, where decoding goes on), "right" left-aligns them (continuations,
     training rows)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, cols] = True
+    lengths = torch.tensor([len(s) for s in seqs])[:, None]
+    T = int(lengths.max())
+    mask = torch.arange(T) >= T - lengths if side == "left" else torch.arange(T) < lengths
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+    # the mask's True cells, read row by row, are the sequences' tokens one after another
+    ids[mask] = torch.tensor([token for s in seqs for token in s], dtype=torch.long)
     return ids.to(device), mask.to(device)
 
 
@@ -104,9 +103,7 @@ def stop_triggers(tokenizer, stop: Sequence[str], vocab_size: int, device):
         texts = tokenizer.decode_batch([[i] for i in range(n)])
         last = {s[-1] for s in stop if s}
         hit = [any(c in t for c in last) or "\ufffd" in t for t in texts]  # partial UTF-8 bytes count too
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        mask[:n] = torch.tensor(hit)
-        cached[key] = mask.to(device)
+        cached[key] = torch.tensor(hit + [False] * (vocab_size - n), dtype=torch.bool, device=device)
     return cached[key]
 
 
@@ -117,11 +114,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
     """Sample a rollout per prompt (str or token ids). temperature=0 is greedy. Same seed, same rollouts (on CPU)."""
     prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()   # a fresh seed for this generator only: the caller's torch RNG is left as it was
-    else:
-        generator.manual_seed(seed)
+    generator = torch.Generator(device=device)   # its own: the caller's torch RNG is left as it was
+    generator.manual_seed(generator.seed() if seed is None else seed)   # None: a fresh seed
     return longest_first(lambda batch: _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p,
                                                        top_k, stop, generator, cuda_graph),
                          prompts, len, batch_size, "rollouts" if progress else None)
@@ -130,10 +124,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, stop, generator,
                     cuda_graph):
     device = next(model.parameters()).device
-    dtype = model.embed_tokens.weight.dtype
-    B, P = len(prompts), max(len(p) for p in prompts)
     ids, mask = pad(prompts, device=device)
-    cache = KVCache.empty(model.config, B, P + max_new_tokens, device, dtype)
+    B, P = ids.shape
+    cache = KVCache.empty(model.config, B, P + max_new_tokens, device, model.embed_tokens.weight.dtype)
     logits = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]
     positions = mask.sum(-1)                        # next position of every row
     eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
@@ -156,9 +149,8 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
             if maybe:  # rare: decode only these rows and look for a stop string
                 texts = tokenizer.decode_batch(tokens[alive[maybe], :t + 1].tolist())
                 stopped = [k for k, text in zip(maybe, texts) if any(s in text for s in stop)]
-                if stopped:
-                    ended[stopped] = True
-                    reason[alive[stopped]] = 2
+                ended[stopped] = True
+                reason[alive[stopped]] = 2
         length[alive[ended]] = t + 1
         if t == max_new_tokens - 1 or bool((reason > 0).all()):
             break
@@ -200,11 +192,10 @@ def score(model, contexts, continuations, batch_size: int = 64, desc: str | None
 @torch.inference_mode()
 def _score_batch(model, batch, batch_size):
     device = next(model.parameters()).device
-    dtype = model.embed_tokens.weight.dtype
     ids, mask = pad([context for context, _ in batch], device=device)
     pairs = sorted(((row, j) for row, (_, conts) in enumerate(batch) for j in range(len(conts))),
                    key=lambda rj: len(batch[rj[0]][1][rj[1]]))
-    cache = KVCache.empty(model.config, len(batch), ids.shape[1], device, dtype)
+    cache = KVCache.empty(model.config, len(batch), ids.shape[1], device, model.embed_tokens.weight.dtype)
     last = upcast(model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]).log_softmax(-1)
     out = [[None] * len(conts) for _, conts in batch]
     for p0 in range(0, len(pairs), batch_size):
