@@ -83,7 +83,7 @@ def lexical_features(texts: list[str], dim: int = 4096) -> torch.Tensor:
         w = words(text)
         grams = w + [f"{a} {b}" for a, b in zip(w, w[1:])]
         idx = torch.tensor([zlib.crc32(g.encode()) % dim for g in grams], dtype=torch.long)
-        X[i].index_add_(0, idx, torch.ones(len(idx)))
+        X[i] = torch.bincount(idx, minlength=dim)
     return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -232,16 +232,15 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
         batch = rollouts[i:i + batch_size]
         ids, attn = generate.pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
         count = torch.tensor([len(r["tokens"]) for r in batch], device=device)
-        T = ids.shape[1]   # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
-        states = torch.arange(T, device=device) >= T - count[:, None]
+        # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
+        states = torch.arange(ids.shape[1], device=device) >= ids.shape[1] - count[:, None]
         with lora.use_adapter(model, reference):
             h0 = model(ids, attn, return_hidden=True)[states]
         with lora.use_adapter(model, policy):
             h = model(ids, attn, return_hidden=True)[states]
-        kl = one_step_kl(h, h0, model.lm_head, chunk).double()   # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
-        owner = torch.arange(len(batch), device=device).repeat_interleave(count)
-        sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device).index_add_(0, owner, kl)
-        rows.append((sums / count[:, None]).cpu())
+        kl = torch.zeros(*states.shape, 2, dtype=torch.float64, device=device)
+        kl[states] = one_step_kl(h, h0, model.lm_head, chunk).double()   # π0 as the teacher: KL(π0‖π), KL(π‖π0)
+        rows.append((kl.sum(1) / count[:, None]).cpu())
     return torch.cat(rows)
 
 
@@ -298,10 +297,9 @@ def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, 
     # padding, and dtype and device change the numerics, so each is part of the key.
     param = next(model.parameters())
     key = {"model": model_name, "checkpoint": checkpoint and file_sha256(checkpoint),
-           "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
-           "samples_per_prompt": samples, "temperature": args.temperature,
-           "max_new_tokens": max_new_tokens, "stop": list(GSM8K_STOP), "seed": args.seed,
-           "batch_size": args.batch_size, "dtype": str(param.dtype), "device": param.device.type,
+           "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(), "samples_per_prompt": samples,
+           "temperature": args.temperature, "max_new_tokens": max_new_tokens, "stop": list(GSM8K_STOP),
+           "seed": args.seed, "batch_size": args.batch_size, "dtype": str(param.dtype), "device": param.device.type,
            **({"ranks": distributed.world()} if distributed.world() > 1 else {})}   # ranks sample other streams
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"rollouts_{digest}.jsonl")
@@ -411,12 +409,10 @@ def main(argv=None) -> dict:
             base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args,
                                                 args.retention_tokens, 1)[0] for side, ckpt in sides.items())
             result["policy_kl"]["retention"] = kl_measures(model, base_r, policy_r, reference, args.batch_size)
-        if distributed.main_rank():
-            kls = [f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
-                   for where, v in result["policy_kl"].items()]
-            print("policy KL " + ", ".join(kls))
     if distributed.main_rank():
         write_text(out, json.dumps(result, indent=2))
+        for on, v in result.get("policy_kl", {}).items():
+            print(f"policy KL {on}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}")
         std = result.get("mmd2_bootstrap", {}).get("std", float("nan"))
         print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std {std:.5f}), centroid "
               f"{result['centroid_l2']:.4f}, SW {result['sliced_wasserstein']:.4f}, "
