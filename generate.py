@@ -55,14 +55,13 @@ def longest_first(run, items: list, length, batch_size: int, desc: str | None = 
     """run(batch) -> a result per item of the batch, over batches of items of similar length(item), longest
     first (so that each batch pads little); the results come back in the items' order. desc: a progress bar."""
     order = sorted(range(len(items)), key=lambda i: -length(items[i]))
-    out = [None] * len(items)
+    out = {}
     with tqdm(total=len(items), desc=desc, unit="seq", disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for i, result in zip(chunk, run([items[i] for i in chunk])):
-                out[i] = result
+            out.update(zip(chunk, run([items[i] for i in chunk])))
             bar.update(len(chunk))
-    return out
+    return [out[i] for i in range(len(items))]
 
 
 def sample_next(logits, temperature: float, top_p: float, top_k: int, generator):
@@ -78,8 +77,7 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
     else:
         filtered = logp
         if top_k:
-            kth = filtered.topk(top_k, dim=-1).values[:, -1:]
-            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+            filtered = filtered.masked_fill(filtered < filtered.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
         if top_p < 1.0:
             sorted_logp, order = filtered.sort(dim=-1, descending=True)
             p = sorted_logp.softmax(-1)
@@ -193,16 +191,12 @@ def score(model, contexts, continuations, batch_size: int = 64, desc: str | None
 def _score_batch(model, batch, batch_size):
     device = next(model.parameters()).device
     ids, mask = pad([context for context, _ in batch], device=device)
-    pairs = sorted(((row, j) for row, (_, conts) in enumerate(batch) for j in range(len(conts))),
-                   key=lambda rj: len(batch[rj[0]][1][rj[1]]))
     cache = KVCache.empty(model.config, len(batch), ids.shape[1], device, model.embed_tokens.weight.dtype)
     last = upcast(model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]).log_softmax(-1)
-    out = [[None] * len(conts) for _, conts in batch]
-    for p0 in range(0, len(pairs), batch_size):
-        part = pairs[p0:p0 + batch_size]
+
+    def run(part):   # (context row, continuation) pairs of similar lengths, each after its context's cache row
         rows = torch.tensor([r for r, _ in part], device=device)
-        conts = [batch[r][1][j] for r, j in part]
-        cont_ids, cont_mask = pad(conts, side="right", device=device)
+        cont_ids, cont_mask = pad([c for _, c in part], side="right", device=device)
         sub = cache.select(rows, slots=ids.shape[1] + cont_ids.shape[1])
         hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
         # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
@@ -212,9 +206,10 @@ def _score_batch(model, batch, batch_size):
         rest = torch.zeros(scored.shape, dtype=logp.dtype, device=device)
         rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
         per_token = torch.cat([first, rest], dim=1).cpu()
-        for k, (r, j) in enumerate(part):
-            out[r][j] = per_token[k, :len(conts[k])]
-    return out
+        return [per_token[k, :len(c)] for k, (_, c) in enumerate(part)]
+    pairs = [(row, cont) for row, (_, conts) in enumerate(batch) for cont in conts]
+    scores = iter(longest_first(run, pairs, lambda pair: len(pair[1]), batch_size))
+    return [[next(scores) for _ in conts] for _, conts in batch]
 
 
 # ----------------------------------------------------------------------------------------------
