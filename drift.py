@@ -114,19 +114,13 @@ def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[
 # Distances between two state sets X [m, d] and Y [n, d]
 
 
-def sq_dists(A, B):
-    """||a_i - b_j||² for every pair, in float64 (the kernel sums are small differences of large sums)."""
-    A, B = A.double(), B.double()
-    return ((A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2 * A @ B.T).clamp_min(0)
-
-
 def median_bandwidth(Z, max_points: int = 1000, seed: int = 0) -> float:
     """Median heuristic: sigma = median ||z_i - z_j|| over pairs i < j of the states Z
     (of a seeded random subsample of max_points states when there are more; 1.0 if that median is 0)."""
     if len(Z) > max_points:
         Z = Z[torch.randperm(len(Z), generator=torch.Generator().manual_seed(seed))[:max_points].to(Z.device)]
     i, j = torch.triu_indices(len(Z), len(Z), offset=1, device=Z.device)
-    sigma = sq_dists(Z, Z)[i, j].sqrt().quantile(0.5).item() if len(Z) > 1 else 0.0
+    sigma = torch.cdist(Z.double(), Z.double())[i, j].quantile(0.5).item() if len(Z) > 1 else 0.0
     return sigma if sigma > 0 else 1.0
 
 
@@ -137,7 +131,8 @@ def kernel_sum(X, Y, sigma: float, wx, wy, block: int = 4096):
     starts = range(0, len(X), block)
     for i in tqdm(starts, desc="kernel blocks", disable=len(starts) < 4, leave=False):
         for j in range(0, len(Y), block):
-            K = torch.exp(-sq_dists(X[i:i + block], Y[j:j + block]) / (2 * sigma ** 2))
+            # in float64: the MMD² is a small difference of large kernel sums
+            K = torch.exp(-torch.cdist(X[i:i + block].double(), Y[j:j + block].double()).square() / (2 * sigma ** 2))
             total += ((K @ wy[j:j + block]) * wx[i:i + block]).sum(0)
     return total
 
