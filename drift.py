@@ -119,8 +119,7 @@ def median_bandwidth(Z, max_points: int = 1000, seed: int = 0) -> float:
     (of a seeded random subsample of max_points states when there are more; 1.0 if that median is 0)."""
     if len(Z) > max_points:
         Z = Z[torch.randperm(len(Z), generator=torch.Generator().manual_seed(seed))[:max_points].to(Z.device)]
-    i, j = torch.triu_indices(len(Z), len(Z), offset=1, device=Z.device)
-    sigma = torch.cdist(Z.double(), Z.double())[i, j].quantile(0.5).item() if len(Z) > 1 else 0.0
+    sigma = torch.pdist(Z.double()).quantile(0.5).item() if len(Z) > 1 else 0.0
     return sigma if sigma > 0 else 1.0
 
 
@@ -326,7 +325,7 @@ def embed(rollouts, lengths, args, model, tok):
     vocab = {w for text in texts for w in words(text)}
     if args.features == "lexical":
         return lexical_features(texts, args.hash_dim), vocab
-    seqs = [r["prompt_ids"] + r["tokens"][:(ls or [0])[-1]] for r, ls in zip(rollouts, lengths)]
+    seqs = [r["prompt_ids"] + r["tokens"] for r in rollouts]   # the last state is the whole rollout
     starts = [len(r["prompt_ids"]) for r in rollouts]
     ends = [[a + t for t in ls] for a, ls in zip(starts, lengths)]
     with lora.use_adapter(model, None):   # always the base model's space
@@ -389,9 +388,8 @@ def main(argv=None) -> dict:
         lengths, groups = states(rollouts, args.state_stride)
         X, vocab = embed(rollouts, lengths, args, model, tok)
         state_sets[side] = (X.to(args.device), groups, vocab, rollouts)
-        tokens = sum(len(r["tokens"]) for r in rollouts)
-        result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path,
-                        "sampled": sampled, "mean_rollout_tokens": tokens / len(rollouts)}
+        result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "sampled": sampled,
+                        "cache": path, "mean_rollout_tokens": sum(len(r["tokens"]) for r in rollouts) / len(rollouts)}
     (Xb, groups_b, vocab_b, rollouts_b), (Xp, groups_p, vocab_p, rollouts_p) = state_sets.values()
     settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}
     result.update(drift(Xp, Xb, groups_p, groups_b, args.bootstrap, args.projections, args.seed, args.block),

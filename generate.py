@@ -166,8 +166,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     result = []
     for prompt, row, lp, n, why in zip(prompts, tokens.tolist(), logps.tolist(), length.tolist(), reason.tolist()):
         text = tokenizer.decode(row[:n - 1] if FINISH[why] == "eos" else row[:n])
-        if FINISH[why] == "stop":
-            text = text[:min(text.find(s) for s in stop if s in text)]
+        text = text[:min(text.find(s) for s in stop if s in text)] if FINISH[why] == "stop" else text
         result.append(Rollout(list(prompt), row[:n], text, lp[:n], FINISH[why]))
     return result
 
