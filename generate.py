@@ -110,65 +110,60 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
              top_k: int = 0, stop: Sequence[str] = (), seed: int | None = 0, batch_size: int = 64,
              progress: bool = False, cuda_graph: bool = True) -> list[Rollout]:
     """Sample a rollout per prompt (str or token ids). temperature=0 is greedy. Same seed, same rollouts (on CPU)."""
-    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)   # its own: the caller's torch RNG is left as it was
     generator.manual_seed(generator.seed() if seed is None else seed)   # None: a fresh seed
-    return longest_first(lambda batch: _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p,
-                                                       top_k, stop, generator, cuda_graph),
-                         prompts, len, batch_size, "rollouts" if progress else None)
 
-
-def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, stop, generator,
-                    cuda_graph):
-    device = next(model.parameters()).device
-    ids, mask = pad(prompts, device=device)
-    B, P = ids.shape
-    cache = KVCache.empty(model.config, B, P + max_new_tokens, device, model.embed_tokens.weight.dtype)
-    logits = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]
-    positions = mask.sum(-1)                        # next position of every row
-    eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
-    triggers = stop_triggers(tokenizer, stop, logits.shape[-1], device) if stop else None
-    tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    logps = torch.zeros(B, max_new_tokens, dtype=upcast(logits).dtype, device=device)   # float64 for a float64 model
-    length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
-    reason = torch.zeros(B, dtype=torch.long, device=device)    # index into FINISH; 0 (length) while a row runs
-    # on CUDA the decode step is replayed as a graph (DecodeGraph, at the end of this file)
-    graph = DecodeGraph(model, cache) if cuda_graph and device.type == "cuda" and max_new_tokens > 1 else None
-    alive = torch.arange(B, device=device)          # the rows still in the decoding batch (logits, cache, positions)
-    for t in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature, top_p, top_k, generator)
-        tokens[alive, t], logps[alive, t] = token, logp
-        running = reason[alive] == 0
-        ended = running & torch.isin(token, eos)
-        reason[alive[ended]] = 1
-        if triggers is not None:
-            maybe = (running & ~ended & triggers[token]).nonzero().flatten().tolist()
-            if maybe:  # rare: decode only these rows and look for a stop string
-                texts = tokenizer.decode_batch(tokens[alive[maybe], :t + 1].tolist())
-                stopped = [k for k, text in zip(maybe, texts) if any(s in text for s in stop)]
-                ended[stopped] = True
-                reason[alive[stopped]] = 2
-        length[alive[ended]] = t + 1
-        if t == max_new_tokens - 1 or bool((reason > 0).all()):
-            break
-        running &= ~ended
-        if graph is None and 2 * int(running.sum()) <= len(alive):
-            # Half the batch has finished: drop those rows, so one long sample does not hold up the finished
-            # ones (the CUDA graph keeps its fixed batch).
-            keep = running.nonzero().flatten()
-            alive, token, positions, cache = alive[keep], token[keep], positions[keep], cache.select(keep)
-        if graph is None:
-            logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
-        else:
-            logits = graph(token, positions)
-        positions = positions + 1
-    result = []
-    for prompt, row, lp, n, why in zip(prompts, tokens.tolist(), logps.tolist(), length.tolist(), reason.tolist()):
-        text = tokenizer.decode(row[:n - 1] if FINISH[why] == "eos" else row[:n])
-        text = text[:min(text.find(s) for s in stop if s in text)] if FINISH[why] == "stop" else text
-        result.append(Rollout(list(prompt), row[:n], text, lp[:n], FINISH[why]))
-    return result
+    def sample_batch(batch):   # prompts of similar lengths, decoded together
+        ids, mask = pad(batch, device=device)
+        B, P = ids.shape
+        cache = KVCache.empty(model.config, B, P + max_new_tokens, device, model.embed_tokens.weight.dtype)
+        logits = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]
+        positions = mask.sum(-1)                        # next position of every row
+        eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
+        triggers = stop_triggers(tokenizer, stop, logits.shape[-1], device) if stop else None
+        tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        logps = torch.zeros(B, max_new_tokens, dtype=upcast(logits).dtype, device=device)   # float64 if the model is
+        length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
+        reason = torch.zeros(B, dtype=torch.long, device=device)    # index into FINISH; 0 (length) while a row runs
+        # on CUDA the decode step is replayed as a graph (DecodeGraph, at the end of this file)
+        graph = DecodeGraph(model, cache) if cuda_graph and device.type == "cuda" and max_new_tokens > 1 else None
+        alive = torch.arange(B, device=device)   # the rows still in the decoding batch (logits, cache, positions)
+        for t in range(max_new_tokens):
+            token, logp = sample_next(logits, temperature, top_p, top_k, generator)
+            tokens[alive, t], logps[alive, t] = token, logp
+            running = reason[alive] == 0
+            ended = running & torch.isin(token, eos)
+            reason[alive[ended]] = 1
+            if triggers is not None:
+                maybe = (running & ~ended & triggers[token]).nonzero().flatten().tolist()
+                if maybe:  # rare: decode only these rows and look for a stop string
+                    texts = tokenizer.decode_batch(tokens[alive[maybe], :t + 1].tolist())
+                    stopped = [k for k, text in zip(maybe, texts) if any(s in text for s in stop)]
+                    ended[stopped] = True
+                    reason[alive[stopped]] = 2
+            length[alive[ended]] = t + 1
+            if t == max_new_tokens - 1 or bool((reason > 0).all()):
+                break
+            running &= ~ended
+            if graph is None and 2 * int(running.sum()) <= len(alive):
+                # Half the batch has finished: drop those rows, so one long sample does not hold up the finished
+                # ones (the CUDA graph keeps its fixed batch).
+                keep = running.nonzero().flatten()
+                alive, token, positions, cache = alive[keep], token[keep], positions[keep], cache.select(keep)
+            if graph is None:
+                logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
+            else:
+                logits = graph(token, positions)
+            positions = positions + 1
+        result = []
+        for prompt, row, lp, n, why in zip(batch, tokens.tolist(), logps.tolist(), length.tolist(), reason.tolist()):
+            text = tokenizer.decode(row[:n - 1] if FINISH[why] == "eos" else row[:n])
+            text = text[:min(text.find(s) for s in stop if s in text)] if FINISH[why] == "stop" else text
+            result.append(Rollout(list(prompt), row[:n], text, lp[:n], FINISH[why]))
+        return result
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    return longest_first(sample_batch, prompts, len, batch_size, "rollouts" if progress else None)
 
 
 def score(model, contexts, continuations, batch_size: int = 64, desc: str | None = None) -> list[list[torch.Tensor]]:
