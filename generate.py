@@ -19,6 +19,7 @@ teacher continuations, drift's state sets, GSM8K evaluation), so the structure i
 
 Left out: beam search, repetition penalties, speculative decoding (the study samples plainly).
 """
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,7 +27,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from model import KVCache, upcast
+import lora
+from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number, run
+from model import KVCache, load_model, upcast
 
 
 @dataclass
@@ -99,8 +102,8 @@ def stop_triggers(tokenizer, stop: Sequence[str], vocab_size: int, device):
     if key not in cached:
         n = min(tokenizer.vocab_size, vocab_size)
         texts = tokenizer.decode_batch([[i] for i in range(n)])
-        last = {s[-1] for s in stop if s}
-        hit = [any(c in t for c in last) or "\ufffd" in t for t in texts]  # partial UTF-8 bytes count too
+        # a trigger shows the last character of a stop string, or is a partial UTF-8 byte
+        hit = [any(s[-1] in t for s in stop if s) or "\ufffd" in t for t in texts]
         cached[key] = torch.tensor(hit + [False] * (vocab_size - n), dtype=torch.bool, device=device)
     return cached[key]
 
@@ -253,10 +256,6 @@ class DecodeGraph:
 
 
 def main():
-    import time
-    import lora
-    from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number
-    from model import load_model
     p = FlagParser(description="Sample continuations of a prompt with the KV-cache sampler.")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id")
     p.add_argument("--checkpoint", help="a LoRA checkpoint (.pt) to apply, merged")
@@ -288,5 +287,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from cli import run
     run(main)
