@@ -127,8 +127,7 @@ def kernel_sum(X, Y, sigma: float, wx, wy, block: int = 4096):
     """[B]: sum_ij wx[i, b] k(x_i, y_j) wy[j, b] with k(x, y) = exp(-||x - y||² / (2 sigma²)),
     one block x block tile of the kernel matrix at a time (never the whole |X| x |Y| matrix)."""
     total = torch.zeros(wx.shape[1], dtype=torch.float64, device=X.device)
-    starts = range(0, len(X), block)
-    for i in tqdm(starts, desc="kernel blocks", disable=len(starts) < 4, leave=False):
+    for i in tqdm(range(0, len(X), block), desc="kernel blocks", disable=len(X) <= 3 * block, leave=False):
         for j in range(0, len(Y), block):
             # in float64: the MMD² is a small difference of large kernel sums
             K = torch.exp(-torch.cdist(X[i:i + block].double(), Y[j:j + block].double()).square() / (2 * sigma ** 2))
@@ -185,8 +184,7 @@ def bootstrap_weights(groups: list[int], n: int, seed: int = 0, units: int | Non
     """[len(groups), n] multiplicities: each column resamples the units 0 .. units - 1 (default max + 1: prompts)
     with replacement, and every state counts as often as its unit was drawn. The same seed and units give the same
     draws, so two state sets grouped by the same prompts are resampled together (paired)."""
-    groups = torch.tensor(groups)
-    R = units or int(groups.max()) + 1
+    R = units or max(groups) + 1
     draws = torch.randint(0, R, (n, R), generator=torch.Generator().manual_seed(seed))
     counts = torch.zeros(n, R, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, R, dtype=torch.float64))
     return counts[:, groups].T.contiguous()
