@@ -83,7 +83,7 @@ def lexical_features(texts: list[str], dim: int = 4096) -> torch.Tensor:
         w = words(text)
         grams = w + [f"{a} {b}" for a, b in zip(w, w[1:])]
         idx = torch.tensor([zlib.crc32(g.encode()) % dim for g in grams], dtype=torch.long)
-        X[i].index_add_(0, idx, torch.ones(len(idx)))
+        X[i] = torch.bincount(idx, minlength=dim)
     return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -114,19 +114,12 @@ def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[
 # Distances between two state sets X [m, d] and Y [n, d]
 
 
-def sq_dists(A, B):
-    """||a_i - b_j||² for every pair, in float64 (the kernel sums are small differences of large sums)."""
-    A, B = A.double(), B.double()
-    return ((A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2 * A @ B.T).clamp_min(0)
-
-
 def median_bandwidth(Z, max_points: int = 1000, seed: int = 0) -> float:
     """Median heuristic: sigma = median ||z_i - z_j|| over pairs i < j of the states Z
     (of a seeded random subsample of max_points states when there are more; 1.0 if that median is 0)."""
     if len(Z) > max_points:
         Z = Z[torch.randperm(len(Z), generator=torch.Generator().manual_seed(seed))[:max_points].to(Z.device)]
-    i, j = torch.triu_indices(len(Z), len(Z), offset=1, device=Z.device)
-    sigma = sq_dists(Z, Z)[i, j].sqrt().quantile(0.5).item() if len(Z) > 1 else 0.0
+    sigma = torch.pdist(Z.double()).quantile(0.5).item() if len(Z) > 1 else 0.0
     return sigma if sigma > 0 else 1.0
 
 
@@ -134,10 +127,10 @@ def kernel_sum(X, Y, sigma: float, wx, wy, block: int = 4096):
     """[B]: sum_ij wx[i, b] k(x_i, y_j) wy[j, b] with k(x, y) = exp(-||x - y||² / (2 sigma²)),
     one block x block tile of the kernel matrix at a time (never the whole |X| x |Y| matrix)."""
     total = torch.zeros(wx.shape[1], dtype=torch.float64, device=X.device)
-    starts = range(0, len(X), block)
-    for i in tqdm(starts, desc="kernel blocks", disable=len(starts) < 4, leave=False):
+    for i in tqdm(range(0, len(X), block), desc="kernel blocks", disable=len(X) <= 3 * block, leave=False):
         for j in range(0, len(Y), block):
-            K = torch.exp(-sq_dists(X[i:i + block], Y[j:j + block]) / (2 * sigma ** 2))
+            # in float64: the MMD² is a small difference of large kernel sums
+            K = torch.exp(-torch.cdist(X[i:i + block].double(), Y[j:j + block].double()).square() / (2 * sigma ** 2))
             total += ((K @ wy[j:j + block]) * wx[i:i + block]).sum(0)
     return total
 
@@ -153,13 +146,11 @@ def mmd2(X, Y, sigma: float, wx=None, wy=None, block: int = 4096):
     all-ones weights give the formula above. Returns a float, or [B] with weights."""
     single = wx is None
     if single:
-        wx = torch.ones(len(X), 1, dtype=torch.float64, device=X.device)
-        wy = torch.ones(len(Y), 1, dtype=torch.float64, device=X.device)
-    m, n, m2, n2 = wx.sum(0), wy.sum(0), (wx * wx).sum(0), (wy * wy).sum(0)
-    xx = (kernel_sum(X, X, sigma, wx, wx, block) - m2) / (m * m - m2)
-    yy = (kernel_sum(Y, Y, sigma, wy, wy, block) - n2) / (n * n - n2)
-    xy = kernel_sum(X, Y, sigma, wx, wy, block) / (m * n)
-    out = xx + yy - 2 * xy
+        wx, wy = (torch.ones(len(Z), 1, dtype=torch.float64, device=X.device) for Z in (X, Y))
+
+    def within(Z, w):   # the mean kernel over pairs of distinct original states
+        return (kernel_sum(Z, Z, sigma, w, w, block) - (w * w).sum(0)) / (w.sum(0) ** 2 - (w * w).sum(0))
+    out = within(X, wx) + within(Y, wy) - 2 * kernel_sum(X, Y, sigma, wx, wy, block) / (wx.sum(0) * wy.sum(0))
     return out.item() if single else out
 
 
@@ -173,8 +164,7 @@ def wasserstein_1d(x, y):
     W_1 = integral |F_x(t) - F_y(t)| dt, exact for step CDFs over the merged sorted values."""
     x, y = x.double().sort(-1).values.contiguous(), y.double().sort(-1).values.contiguous()
     z = torch.cat([x, y], -1).sort(-1).values
-    Fx = torch.searchsorted(x, z[:, :-1].contiguous(), right=True).double() / x.shape[1]
-    Fy = torch.searchsorted(y, z[:, :-1].contiguous(), right=True).double() / y.shape[1]
+    Fx, Fy = (torch.searchsorted(v, z[:, :-1].contiguous(), right=True).double() / v.shape[1] for v in (x, y))
     return ((Fx - Fy).abs() * z.diff(dim=-1)).sum(-1)
 
 
@@ -194,8 +184,7 @@ def bootstrap_weights(groups: list[int], n: int, seed: int = 0, units: int | Non
     """[len(groups), n] multiplicities: each column resamples the units 0 .. units - 1 (default max + 1: prompts)
     with replacement, and every state counts as often as its unit was drawn. The same seed and units give the same
     draws, so two state sets grouped by the same prompts are resampled together (paired)."""
-    groups = torch.tensor(groups)
-    R = units or int(groups.max()) + 1
+    R = units or max(groups) + 1
     draws = torch.randint(0, R, (n, R), generator=torch.Generator().manual_seed(seed))
     counts = torch.zeros(n, R, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, R, dtype=torch.float64))
     return counts[:, groups].T.contiguous()
@@ -207,8 +196,9 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
     scale for every policy against that baseline), plus the MMD²'s bootstrap spread over prompts: groups_x and
     groups_y name each state's prompt, and a resample draws the prompts once for both sets."""
     sigma = median_bandwidth(Y, seed=seed)
-    out = {"bandwidth": sigma, "bandwidth_from": "baseline median", "mmd2": mmd2(X, Y, sigma, block=block)}
-    out["mmd"] = max(out["mmd2"], 0.0) ** 0.5
+    squared = mmd2(X, Y, sigma, block=block)
+    out = {"bandwidth": sigma, "bandwidth_from": "baseline median", "mmd2": squared, "mmd": max(squared, 0.0) ** 0.5,
+           "centroid_l2": centroid_distance(X, Y), "sliced_wasserstein": sliced_wasserstein(X, Y, n_projections, seed)}
     if n_bootstrap:
         units = max(groups_x + groups_y) + 1
         wx, wy = (bootstrap_weights(g, n_bootstrap, seed, units).to(X.device) for g in (groups_x, groups_y))
@@ -216,8 +206,6 @@ def drift(X, Y, groups_x, groups_y, n_bootstrap: int = 200, n_projections: int =
         ci95 = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         out["mmd2_bootstrap"] = {"resamples": n_bootstrap, "over": "prompts", "std": boot.std().item(),
                                  "mean": boot.mean().item(), "ci95": ci95, "replicates": boot.tolist()}
-    out["centroid_l2"] = centroid_distance(X, Y)
-    out["sliced_wasserstein"] = sliced_wasserstein(X, Y, n_projections, seed)
     return out
 
 
@@ -236,16 +224,15 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
         batch = rollouts[i:i + batch_size]
         ids, attn = generate.pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
         count = torch.tensor([len(r["tokens"]) for r in batch], device=device)
-        T = ids.shape[1]   # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
-        states = torch.arange(T, device=device) >= T - count[:, None]
+        # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
+        states = torch.arange(ids.shape[1], device=device) >= ids.shape[1] - count[:, None]
         with lora.use_adapter(model, reference):
             h0 = model(ids, attn, return_hidden=True)[states]
         with lora.use_adapter(model, policy):
             h = model(ids, attn, return_hidden=True)[states]
-        kl = one_step_kl(h, h0, model.lm_head, chunk).double()   # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
-        owner = torch.arange(len(batch), device=device).repeat_interleave(count)
-        sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device).index_add_(0, owner, kl)
-        rows.append((sums / count[:, None]).cpu())
+        kl = torch.zeros(*states.shape, 2, dtype=torch.float64, device=device)
+        kl[states] = one_step_kl(h, h0, model.lm_head, chunk).double()   # π0 as the teacher: KL(π0‖π), KL(π‖π0)
+        rows.append((kl.sum(1) / count[:, None]).cpu())
     return torch.cat(rows)
 
 
@@ -263,29 +250,28 @@ def kl_measures(model, base_rollouts, policy_rollouts, reference, batch_size) ->
     def kl(rollouts):   # under torchrun each rank scores its share of the rollouts
         return torch.tensor(distributed.gather(policy_kl(model, distributed.share(rollouts), reference, "policy",
                                                          batch_size).tolist())).view(-1, 2)
-    at_base = per_prompt(kl(base_rollouts)[:, 0], base_rollouts)
-    at_policy = per_prompt(kl(policy_rollouts)[:, 1], policy_rollouts)
-    return {"kl_base_policy": sum(at_base) / len(at_base), "kl_policy_base": sum(at_policy) / len(at_policy),
-            "per_prompt": {"kl_base_policy": at_base, "kl_policy_base": at_policy}}
+    prompts = {"kl_base_policy": per_prompt(kl(base_rollouts)[:, 0], base_rollouts),
+               "kl_policy_base": per_prompt(kl(policy_rollouts)[:, 1], policy_rollouts)}
+    return {**{k: sum(v) / len(v) for k, v in prompts.items()}, "per_prompt": prompts}
 
 
 def retention_prompts(data_dir, n: int, evaluated: str) -> tuple[list[str], dict]:
     """n TruthfulQA and n MMLU contexts, posed as evaluate.py poses them but none of them an item it scores (the
     module docstring says which), and where each task's came from."""
     extra = lambda *path: data_dir is not None and os.path.exists(os.path.join(data_dir, *path))   # noqa: E731
-    beyond = evaluated == "default"
+    tqa, mmlu, where = [], [], {"truthfulqa": "none", "mmlu": "none"}   # --evaluated all and no extra contexts
     if extra("truthfulqa", "extra.json"):
-        tqa, where = load_truthfulqa(data_dir, "extra.json"), {"truthfulqa": "truthfulqa/extra.json"}
-    else:
-        tqa = load_truthfulqa(data_dir)[DEFAULT_LIMITS["truthfulqa"]:] if beyond else []
-        where = {"truthfulqa": f"after evaluate.py's first {DEFAULT_LIMITS['truthfulqa']}" if beyond else "none"}
+        tqa, where["truthfulqa"] = load_truthfulqa(data_dir, "extra.json"), "truthfulqa/extra.json"
+    elif evaluated == "default":
+        tqa = load_truthfulqa(data_dir)[DEFAULT_LIMITS["truthfulqa"]:]
+        where["truthfulqa"] = f"after evaluate.py's first {DEFAULT_LIMITS['truthfulqa']}"
     if extra("mmlu", "extra"):
         mmlu, where["mmlu"] = load_mmlu("extra", data_dir), "mmlu/extra/"
-    else:
-        test = load_mmlu("test", data_dir) if beyond else []
+    elif evaluated == "default":
+        test = load_mmlu("test", data_dir)
         scored = {ex["id"] for ex in stratified_subset(test, DEFAULT_LIMITS["mmlu"], 0)}
         mmlu = [ex for ex in test if ex["id"] not in scored]
-        where["mmlu"] = f"outside evaluate.py's stratified {DEFAULT_LIMITS['mmlu']}" if beyond else "none"
+        where["mmlu"] = f"outside evaluate.py's stratified {DEFAULT_LIMITS['mmlu']}"
     tqa, mmlu = tqa[:n], stratified_subset(mmlu, n, 0)
     where = {task: {"from": where[task], "contexts": len(items), "evaluated": evaluated}
              for task, items in (("truthfulqa", tqa), ("mmlu", mmlu))}
@@ -303,10 +289,9 @@ def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, 
     # padding, and dtype and device change the numerics, so each is part of the key.
     param = next(model.parameters())
     key = {"model": model_name, "checkpoint": checkpoint and file_sha256(checkpoint),
-           "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
-           "samples_per_prompt": samples, "temperature": args.temperature,
-           "max_new_tokens": max_new_tokens, "stop": list(GSM8K_STOP), "seed": args.seed,
-           "batch_size": args.batch_size, "dtype": str(param.dtype), "device": param.device.type,
+           "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(), "samples_per_prompt": samples,
+           "temperature": args.temperature, "max_new_tokens": max_new_tokens, "stop": list(GSM8K_STOP),
+           "seed": args.seed, "batch_size": args.batch_size, "dtype": str(param.dtype), "device": param.device.type,
            **({"ranks": distributed.world()} if distributed.world() > 1 else {})}   # ranks sample other streams
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"rollouts_{digest}.jsonl")
@@ -319,9 +304,8 @@ def policy_rollouts(model, tok, model_name, checkpoint, adapter, prompts, args, 
                          progress=distributed.main_rank())
     rollouts = distributed.gather([{"prompt_index": i // samples, "prompt_ids": r.prompt_ids, "tokens": r.tokens,
                                     "text": r.text, "finish": r.finish} for i, r in zip(index, out)])
-    if distributed.main_rank():
-        os.makedirs(args.cache_dir, exist_ok=True)
-        write_text(path, "".join(json.dumps(r) + "\n" for r in rollouts))   # an interrupted run leaves no half cache
+    if distributed.main_rank():   # an interrupted run leaves no half cache
+        write_text(output_dir(path, "--cache-dir"), "".join(json.dumps(r) + "\n" for r in rollouts))
     return rollouts, path, True
 
 
@@ -339,11 +323,11 @@ def embed(rollouts, lengths, args, model, tok):
     vocab = {w for text in texts for w in words(text)}
     if args.features == "lexical":
         return lexical_features(texts, args.hash_dim), vocab
-    seqs = [r["prompt_ids"] + r["tokens"][:(ls or [0])[-1]] for r, ls in zip(rollouts, lengths)]
+    seqs = [r["prompt_ids"] + r["tokens"] for r in rollouts]   # the last state is the whole rollout
+    starts = [len(r["prompt_ids"]) for r in rollouts]
+    ends = [[a + t for t in ls] for a, ls in zip(starts, lengths)]
     with lora.use_adapter(model, None):   # always the base model's space
-        X = hidden_features(model, seqs, [[len(r["prompt_ids"]) + t for t in ls] for r, ls in zip(rollouts, lengths)],
-                            args.batch_size, [len(r["prompt_ids"]) for r in rollouts])
-    return X, vocab
+        return hidden_features(model, seqs, ends, args.batch_size, starts), vocab
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,15 +351,12 @@ def main(argv=None) -> dict:
     p.add_argument("--projections", type=SIZE, default=128, help="random directions of the sliced Wasserstein")
     p.add_argument("--block", type=SIZE, default=4096, help="states per kernel tile (memory ~ 3 x block² x 8 bytes)")
     p.add_argument("--batch-size", type=SIZE, default=64, help="sequences per sampling / forward batch")
-    p.add_argument("--no-policy-kl", dest="policy_kl", action="store_false",
-                   help="skip the policy KLs (they do not depend on --features: one run of the two suffices)")
-    p.add_argument("--retention-prompts", type=COUNT, default=32,
-                   help="TruthfulQA and MMLU contexts (this many of each) where the policy KLs are also measured")
+    p.add_argument("--no-policy-kl", dest="policy_kl", action="store_false", help="skip the (feature-free) policy KLs")
+    p.add_argument("--retention-prompts", type=COUNT, default=32, help="policy-KL contexts per retention task")
     p.add_argument("--evaluated", choices=["default", "all"], default="default", help="retention items the "
                    "evaluations score: evaluate.py's default limits or all (--limit 0); KL contexts avoid them")
     p.add_argument("--retention-tokens", type=SIZE, default=32, help="length of the one rollout per retention context")
-    p.add_argument("--seed", type=number(int), default=0,
-                   help="seed of sampling, projections, bandwidth subsample, bootstrap")
+    p.add_argument("--seed", type=number(int), default=0, help="seed of sampling, projections, bandwidth, bootstrap")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default=None,
                    help="the base model's weights (default: bfloat16 on CUDA, float32 on the CPU)")
@@ -405,9 +386,8 @@ def main(argv=None) -> dict:
         lengths, groups = states(rollouts, args.state_stride)
         X, vocab = embed(rollouts, lengths, args, model, tok)
         state_sets[side] = (X.to(args.device), groups, vocab, rollouts)
-        tokens = sum(len(r["tokens"]) for r in rollouts)
-        result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "cache": path,
-                        "sampled": sampled, "mean_rollout_tokens": tokens / len(rollouts)}
+        result[side] = {"checkpoint": ckpt, "rollouts": len(rollouts), "states": len(X), "sampled": sampled,
+                        "cache": path, "mean_rollout_tokens": sum(len(r["tokens"]) for r in rollouts) / len(rollouts)}
     (Xb, groups_b, vocab_b, rollouts_b), (Xp, groups_p, vocab_p, rollouts_p) = state_sets.values()
     settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "baseline_checkpoint")}
     result.update(drift(Xp, Xb, groups_p, groups_b, args.bootstrap, args.projections, args.seed, args.block),
@@ -420,12 +400,10 @@ def main(argv=None) -> dict:
             base_r, policy_r = (policy_rollouts(model, tok, model_name, ckpt, side, contexts, args,
                                                 args.retention_tokens, 1)[0] for side, ckpt in sides.items())
             result["policy_kl"]["retention"] = kl_measures(model, base_r, policy_r, reference, args.batch_size)
-        if distributed.main_rank():
-            kls = [f"{where}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}"
-                   for where, v in result["policy_kl"].items()]
-            print("policy KL " + ", ".join(kls))
     if distributed.main_rank():
         write_text(out, json.dumps(result, indent=2))
+        for on, v in result.get("policy_kl", {}).items():
+            print(f"policy KL {on}: KL(π0‖π) {v['kl_base_policy']:.4f}, KL(π‖π0) {v['kl_policy_base']:.4f}")
         std = result.get("mmd2_bootstrap", {}).get("std", float("nan"))
         print(f"drift {args.features}: MMD² {result['mmd2']:.5f} (bootstrap std {std:.5f}), centroid "
               f"{result['centroid_l2']:.4f}, SW {result['sliced_wasserstein']:.4f}, "

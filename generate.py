@@ -19,6 +19,7 @@ teacher continuations, drift's state sets, GSM8K evaluation), so the structure i
 
 Left out: beam search, repetition penalties, speculative decoding (the study samples plainly).
 """
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,7 +27,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from model import KVCache, upcast
+import lora
+from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number, run
+from model import KVCache, load_model, upcast
 
 
 @dataclass
@@ -42,13 +45,12 @@ def pad(seqs: Sequence[Sequence[int]], side: str = "left", pad_id: int = 0, devi
     """ids [B, T] and mask [B, T] (True = token) of the sequences padded on `side`: "left" right-aligns them (a
     batch of prompts ends at one column, where decoding goes on), "right" left-aligns them (continuations,
     training rows)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, cols] = True
+    lengths = torch.tensor([len(s) for s in seqs])[:, None]
+    T = int(lengths.max())
+    mask = torch.arange(T) >= T - lengths if side == "left" else torch.arange(T) < lengths
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+    # the mask's True cells, read row by row, are the sequences' tokens one after another
+    ids[mask] = torch.tensor([token for s in seqs for token in s], dtype=torch.long)
     return ids.to(device), mask.to(device)
 
 
@@ -56,14 +58,13 @@ def longest_first(run, items: list, length, batch_size: int, desc: str | None = 
     """run(batch) -> a result per item of the batch, over batches of items of similar length(item), longest
     first (so that each batch pads little); the results come back in the items' order. desc: a progress bar."""
     order = sorted(range(len(items)), key=lambda i: -length(items[i]))
-    out = [None] * len(items)
+    out = {}
     with tqdm(total=len(items), desc=desc, unit="seq", disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for i, result in zip(chunk, run([items[i] for i in chunk])):
-                out[i] = result
+            out.update(zip(chunk, run([items[i] for i in chunk])))
             bar.update(len(chunk))
-    return out
+    return [out[i] for i in range(len(items))]
 
 
 def sample_next(logits, temperature: float, top_p: float, top_k: int, generator):
@@ -79,8 +80,7 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
     else:
         filtered = logp
         if top_k:
-            kth = filtered.topk(top_k, dim=-1).values[:, -1:]
-            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+            filtered = filtered.masked_fill(filtered < filtered.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
         if top_p < 1.0:
             sorted_logp, order = filtered.sort(dim=-1, descending=True)
             p = sorted_logp.softmax(-1)
@@ -102,11 +102,9 @@ def stop_triggers(tokenizer, stop: Sequence[str], vocab_size: int, device):
     if key not in cached:
         n = min(tokenizer.vocab_size, vocab_size)
         texts = tokenizer.decode_batch([[i] for i in range(n)])
-        last = {s[-1] for s in stop if s}
-        hit = [any(c in t for c in last) or "\ufffd" in t for t in texts]  # partial UTF-8 bytes count too
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        mask[:n] = torch.tensor(hit)
-        cached[key] = mask.to(device)
+        # a trigger shows the last character of a stop string, or is a partial UTF-8 byte
+        hit = [any(s[-1] in t for s in stop if s) or "\ufffd" in t for t in texts]
+        cached[key] = torch.tensor(hit + [False] * (vocab_size - n), dtype=torch.bool, device=device)
     return cached[key]
 
 
@@ -115,71 +113,60 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
              top_k: int = 0, stop: Sequence[str] = (), seed: int | None = 0, batch_size: int = 64,
              progress: bool = False, cuda_graph: bool = True) -> list[Rollout]:
     """Sample a rollout per prompt (str or token ids). temperature=0 is greedy. Same seed, same rollouts (on CPU)."""
-    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()   # a fresh seed for this generator only: the caller's torch RNG is left as it was
-    else:
-        generator.manual_seed(seed)
-    return longest_first(lambda batch: _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p,
-                                                       top_k, stop, generator, cuda_graph),
-                         prompts, len, batch_size, "rollouts" if progress else None)
+    generator = torch.Generator(device=device)   # its own: the caller's torch RNG is left as it was
+    generator.manual_seed(generator.seed() if seed is None else seed)   # None: a fresh seed
 
-
-def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, top_k, stop, generator,
-                    cuda_graph):
-    device = next(model.parameters()).device
-    dtype = model.embed_tokens.weight.dtype
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids, mask = pad(prompts, device=device)
-    cache = KVCache.empty(model.config, B, P + max_new_tokens, device, dtype)
-    logits = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]
-    positions = mask.sum(-1)                        # next position of every row
-    eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
-    triggers = stop_triggers(tokenizer, stop, logits.shape[-1], device) if stop else None
-    tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    logps = torch.zeros(B, max_new_tokens, dtype=upcast(logits).dtype, device=device)   # float64 for a float64 model
-    length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
-    reason = torch.zeros(B, dtype=torch.long, device=device)    # index into FINISH; 0 (length) while a row runs
-    # on CUDA the decode step is replayed as a graph (DecodeGraph, at the end of this file)
-    graph = DecodeGraph(model, cache) if cuda_graph and device.type == "cuda" and max_new_tokens > 1 else None
-    alive = torch.arange(B, device=device)          # the rows still in the decoding batch (logits, cache, positions)
-    for t in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature, top_p, top_k, generator)
-        tokens[alive, t], logps[alive, t] = token, logp
-        running = reason[alive] == 0
-        ended = running & torch.isin(token, eos)
-        reason[alive[ended]] = 1
-        if triggers is not None:
-            maybe = (running & ~ended & triggers[token]).nonzero().flatten().tolist()
-            if maybe:  # rare: decode only these rows and look for a stop string
-                texts = tokenizer.decode_batch(tokens[alive[maybe], :t + 1].tolist())
-                stopped = [k for k, text in zip(maybe, texts) if any(s in text for s in stop)]
-                if stopped:
+    def sample_batch(batch):   # prompts of similar lengths, decoded together
+        ids, mask = pad(batch, device=device)
+        B, P = ids.shape
+        cache = KVCache.empty(model.config, B, P + max_new_tokens, device, model.embed_tokens.weight.dtype)
+        logits = model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]
+        positions = mask.sum(-1)                        # next position of every row
+        eos = torch.tensor(tokenizer.eos_ids or [-1], device=device)
+        triggers = stop_triggers(tokenizer, stop, logits.shape[-1], device) if stop else None
+        tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        logps = torch.zeros(B, max_new_tokens, dtype=upcast(logits).dtype, device=device)   # float64 if the model is
+        length = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)   # new tokens kept per row
+        reason = torch.zeros(B, dtype=torch.long, device=device)    # index into FINISH; 0 (length) while a row runs
+        # on CUDA the decode step is replayed as a graph (DecodeGraph, at the end of this file)
+        graph = DecodeGraph(model, cache) if cuda_graph and device.type == "cuda" and max_new_tokens > 1 else None
+        alive = torch.arange(B, device=device)   # the rows still in the decoding batch (logits, cache, positions)
+        for t in range(max_new_tokens):
+            token, logp = sample_next(logits, temperature, top_p, top_k, generator)
+            tokens[alive, t], logps[alive, t] = token, logp
+            running = reason[alive] == 0
+            ended = running & torch.isin(token, eos)
+            reason[alive[ended]] = 1
+            if triggers is not None:
+                maybe = (running & ~ended & triggers[token]).nonzero().flatten().tolist()
+                if maybe:  # rare: decode only these rows and look for a stop string
+                    texts = tokenizer.decode_batch(tokens[alive[maybe], :t + 1].tolist())
+                    stopped = [k for k, text in zip(maybe, texts) if any(s in text for s in stop)]
                     ended[stopped] = True
                     reason[alive[stopped]] = 2
-        length[alive[ended]] = t + 1
-        if t == max_new_tokens - 1 or bool((reason > 0).all()):
-            break
-        running &= ~ended
-        if graph is None and 2 * int(running.sum()) <= len(alive):
-            # Half the batch has finished: drop those rows, so one long sample does not hold up the finished
-            # ones (the CUDA graph keeps its fixed batch).
-            keep = running.nonzero().flatten()
-            alive, token, positions, cache = alive[keep], token[keep], positions[keep], cache.select(keep)
-        if graph is None:
-            logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
-        else:
-            logits = graph(token, positions)
-        positions = positions + 1
-    result = []
-    for prompt, row, lp, n, why in zip(prompts, tokens.tolist(), logps.tolist(), length.tolist(), reason.tolist()):
-        text = tokenizer.decode(row[:n - 1] if FINISH[why] == "eos" else row[:n])
-        if FINISH[why] == "stop":
-            text = text[:min(text.find(s) for s in stop if s in text)]
-        result.append(Rollout(list(prompt), row[:n], text, lp[:n], FINISH[why]))
-    return result
+            length[alive[ended]] = t + 1
+            if t == max_new_tokens - 1 or bool((reason > 0).all()):
+                break
+            running &= ~ended
+            if graph is None and 2 * int(running.sum()) <= len(alive):
+                # Half the batch has finished: drop those rows, so one long sample does not hold up the finished
+                # ones (the CUDA graph keeps its fixed batch).
+                keep = running.nonzero().flatten()
+                alive, token, positions, cache = alive[keep], token[keep], positions[keep], cache.select(keep)
+            if graph is None:
+                logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
+            else:
+                logits = graph(token, positions)
+            positions = positions + 1
+        result = []
+        for prompt, row, lp, n, why in zip(batch, tokens.tolist(), logps.tolist(), length.tolist(), reason.tolist()):
+            text = tokenizer.decode(row[:n - 1] if FINISH[why] == "eos" else row[:n])
+            text = text[:min(text.find(s) for s in stop if s in text)] if FINISH[why] == "stop" else text
+            result.append(Rollout(list(prompt), row[:n], text, lp[:n], FINISH[why]))
+        return result
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    return longest_first(sample_batch, prompts, len, batch_size, "rollouts" if progress else None)
 
 
 def score(model, contexts, continuations, batch_size: int = 64, desc: str | None = None) -> list[list[torch.Tensor]]:
@@ -200,18 +187,13 @@ def score(model, contexts, continuations, batch_size: int = 64, desc: str | None
 @torch.inference_mode()
 def _score_batch(model, batch, batch_size):
     device = next(model.parameters()).device
-    dtype = model.embed_tokens.weight.dtype
     ids, mask = pad([context for context, _ in batch], device=device)
-    pairs = sorted(((row, j) for row, (_, conts) in enumerate(batch) for j in range(len(conts))),
-                   key=lambda rj: len(batch[rj[0]][1][rj[1]]))
-    cache = KVCache.empty(model.config, len(batch), ids.shape[1], device, dtype)
+    cache = KVCache.empty(model.config, len(batch), ids.shape[1], device, model.embed_tokens.weight.dtype)
     last = upcast(model(ids, mask, cache=cache, logits_to_keep=1)[:, -1]).log_softmax(-1)
-    out = [[None] * len(conts) for _, conts in batch]
-    for p0 in range(0, len(pairs), batch_size):
-        part = pairs[p0:p0 + batch_size]
+
+    def run(part):   # (context row, continuation) pairs of similar lengths, each after its context's cache row
         rows = torch.tensor([r for r, _ in part], device=device)
-        conts = [batch[r][1][j] for r, j in part]
-        cont_ids, cont_mask = pad(conts, side="right", device=device)
+        cont_ids, cont_mask = pad([c for _, c in part], side="right", device=device)
         sub = cache.select(rows, slots=ids.shape[1] + cont_ids.shape[1])
         hidden = model(cont_ids, cont_mask, cache=sub, return_hidden=True)
         # token 0 comes from the context's last logit, token i > 0 from continuation position i - 1
@@ -221,9 +203,10 @@ def _score_batch(model, batch, batch_size):
         rest = torch.zeros(scored.shape, dtype=logp.dtype, device=device)
         rest[scored] = logp.gather(-1, cont_ids[:, 1:][scored][:, None]).squeeze(-1)
         per_token = torch.cat([first, rest], dim=1).cpu()
-        for k, (r, j) in enumerate(part):
-            out[r][j] = per_token[k, :len(conts[k])]
-    return out
+        return [per_token[k, :len(c)] for k, (_, c) in enumerate(part)]
+    pairs = [(row, cont) for row, (_, conts) in enumerate(batch) for cont in conts]
+    scores = iter(longest_first(run, pairs, lambda pair: len(pair[1]), batch_size))
+    return [[next(scores) for _ in conts] for _, conts in batch]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,10 +256,6 @@ class DecodeGraph:
 
 
 def main():
-    import time
-    import lora
-    from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number
-    from model import load_model
     p = FlagParser(description="Sample continuations of a prompt with the KV-cache sampler.")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B-Base", help="HF model directory or hub id")
     p.add_argument("--checkpoint", help="a LoRA checkpoint (.pt) to apply, merged")
@@ -308,5 +287,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from cli import run
     run(main)
