@@ -1,7 +1,8 @@
 """How a script meets its user: one-line errors, flags that check their values, outputs written whole, signals.
 
     from cli import FlagParser, SIZE, run
-    p = FlagParser(description=__doc__); p.add_argument("--steps", type=SIZE)   # "error: argument --steps: 0 is below 1"
+    p = FlagParser(description=__doc__)
+    p.add_argument("--steps", type=SIZE)         # "error: argument --steps: 0 is below 1 (see --help)", exit code 2
     if __name__ == "__main__": run(main)                                         # LoadError -> "error: ..." (exit 1)
 
 Nothing here is about the paper; every script shares it, so that a user's mistake, a full disk or a Ctrl-C ends as
@@ -16,6 +17,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
+import torch.distributed as dist
+
 from model import LoadError
 
 
@@ -27,6 +30,8 @@ def run(main, errors=(LoadError,)):
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         main()
+        if dist.is_initialized():   # under torchrun: leave the group before the interpreter's teardown, which gloo's
+            dist.destroy_process_group()   # threads sometimes met under load (an abort of a rank that had finished)
     except errors as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:

@@ -231,7 +231,8 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
         with lora.use_adapter(model, policy):
             h = model(ids, attn, return_hidden=True)[states]
         kl = torch.zeros(*states.shape, 2, dtype=torch.float64, device=device)
-        kl[states] = one_step_kl(h, h0, model.lm_head, chunk).double()   # π0 as the teacher: KL(π0‖π), KL(π‖π0)
+        # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
+        kl[states] = one_step_kl(h, h0, model.lm_head, chunk).double()
         rows.append((kl.sum(1) / count[:, None]).cpu())
     return torch.cat(rows)
 

@@ -12,7 +12,7 @@ What it runs, in order (each a call of the script that owns it, with the flags s
      grpo                            train_grpo.py                                learner states, reward
      sft_learner                     train_sft.py --states learner               learner states, own correct samples
      opd_stress, opd_mild            train_opd.py --teacher sft_stress | sft_mild learner states, teacher continuation
-     opd_kl                          train_opd.py --teacher sft_stress --signal kl   one-step exact KL (collapsed in the paper)
+     opd_kl                          train_opd.py --teacher sft_stress --signal kl   one-step exact KL (its collapse)
      opd_sampled_kl                  train_opd.py --teacher sft_stress --signal sampled-kl   the sampled KL as a
                                                                    per-token advantage (OPD as the field runs it)
      opd_stress_on_teacher_states,   train_opd.py --teacher sft_stress --states teacher | data:
@@ -61,16 +61,17 @@ from study.stages import FRONTIER, run_stages
 
 def parse_args(argv=None):
     p = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="the base: tiny (the bundled world), an HF model directory or hub id")
+    p.add_argument("--model", default="tiny", help="the base: tiny (the bundled world), an HF directory or hub id")
     p.add_argument("--data-dir", default=None, help="local data (default: tiny/data for tiny, else the HF hub)")
     p.add_argument("--out", default=None, help="study directory (default: runs/<model name>)")
     p.add_argument("--seeds", type=SIZE, default=1, help="repeat every trained run with seeds 0..N-1")
-    p.add_argument("--first-seed", type=COUNT, default=0, help="train only seeds K..N-1 (a second process sharing --out "
-                   "takes the last seeds; a final run without it reuses every stage and reports all seeds)")
+    p.add_argument("--first-seed", type=COUNT, default=0, help="train only seeds K..N-1 (a second process sharing "
+                   "--out takes the last seeds; a final run without it reuses every stage and reports all seeds)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps and examples per stage")
     p.add_argument("--only", default=None, help="comma-separated trained runs to do (default: all)")
     p.add_argument("--frontier", action="store_true", help="also evaluate every run after "
-                   f"{', '.join(f'{f:g}' for f in FRONTIER)} of its steps: retention against target accuracy, at matched gain")
+                   f"{', '.join(f'{f:g}' for f in FRONTIER)} of its steps: retention against target accuracy, "
+                   "at matched gain")
     p.add_argument("--features", default="lexical,hidden", help="drift representations (drift.py --features)")
     p.add_argument("--extra", action="append", default=[], metavar='SCRIPT="FLAGS"',
                    help='flags appended to every call of a script, e.g. --extra train_grpo.py="--max-steps 50"')

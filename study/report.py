@@ -68,7 +68,7 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
             lines.append(f"| {row['label']} | {key[6:]} | {fmt(d['mmd2'], 5)} | {fmt(d['mmd2_bootstrap_std'], 5)} | "
                          f"{fmt(d['centroid_l2'], 4)} | {fmt(d['sliced_wasserstein'], 4)} | {fmt(d['jaccard'], 4)} |")
     lines += intervals_tables(summary) + pass_table(summary) + grid_table(summary)
-    lines += ["", "## State locality (logged by every trainer at every step)", "",
+    lines += ["", "## State locality (logged by every trainer every --locality-every steps, 10 by default)", "",
               "state NLL: the mean per-token NLL, under the frozen base policy, of the state tokens where the step "
               "applied supervision (high = off-policy states). target NLL: the learner's NLL of its supervision "
               "targets, over the first and the last tenth of the run.", "",
