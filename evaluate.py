@@ -93,11 +93,9 @@ def download(task: str, root: str):
                 datasets.load_dataset("openai/gsm8k", "main", split=split).to_json(os.path.join(tmp, f"{split}.jsonl"))
         elif task == "truthfulqa":
             rows = datasets.load_dataset("truthfulqa/truthful_qa", "multiple_choice", split="validation")
-            def v0(targets):   # {"choices": [...], "labels": [...]} -> {choice: label}
-                return dict(zip(targets["choices"], targets["labels"]))
-            with open(os.path.join(tmp, "mc_task.json"), "w", encoding="utf-8") as f:
-                json.dump([{"question": r["question"], "mc1_targets": v0(r["mc1_targets"]),
-                            "mc2_targets": v0(r["mc2_targets"])} for r in rows], f)
+            with open(os.path.join(tmp, "mc_task.json"), "w", encoding="utf-8") as f:   # v0: {choice: label}
+                json.dump([{"question": r["question"], **{t: dict(zip(r[t]["choices"], r[t]["labels"]))
+                                                          for t in ("mc1_targets", "mc2_targets")}} for r in rows], f)
         else:
             for split in ("dev", "test"):
                 os.makedirs(os.path.join(tmp, split))
@@ -114,11 +112,9 @@ def download(task: str, root: str):
 
 
 def _need(row, fields, where: str):
-    if not isinstance(row, dict):
-        raise LoadError(f"{where} is not a JSON object")
-    for f in fields:
-        if f not in row:
-            raise LoadError(f"{where} has no field {f!r}")
+    missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+    if missing:
+        raise LoadError(f"{where} has no field {missing[0]!r}")
     return row
 
 
@@ -173,11 +169,8 @@ def load_truthfulqa(data_dir: str | None = None, name: str = "mc_task.json") -> 
 def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
     """MMLU `split` (test or dev) as [{id, subject, question, choices (4), answer (0-3)}], sorted by subject."""
     folder = task_path(data_dir, "mmlu", split)
-    files = sorted(glob.glob(os.path.join(folder, f"*_{split}.csv")))
-    if not files:
-        raise LoadError(f"{folder} holds no *_{split}.csv files")
     out = []
-    for path in files:
+    for path in sorted(glob.glob(os.path.join(folder, f"*_{split}.csv"))):
         subject = os.path.basename(path)[:-len(f"_{split}.csv")]
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             for i, row in enumerate(csv.reader(f)):
@@ -228,15 +221,19 @@ def _normalize(s: str) -> str:
     return s.strip()
 
 
+def _filters(text: str) -> tuple[str | None, str | None]:
+    """The answers of lm-eval's two filters, normalized: strict-match's first "#### N" and flexible-extract's last
+    number (None: no match)."""
+    strict, flexible = STRICT.findall(text), FLEXIBLE.findall(text)
+    return (_normalize(strict[0]) if strict else None,
+            _normalize(next(g for g in flexible[-1] if g)) if flexible else None)   # the alternative that matched
+
+
 def extract_answer(text: str) -> str | None:
-    """The model's final answer as a plain number string ("1,000." -> "1000"), or None if it gives none."""
-    found = STRICT.findall(text)
-    if found:
-        return _normalize(found[0])
-    found = FLEXIBLE.findall(text)
-    if not found:
-        return None
-    return _normalize(next(g for g in found[-1] if g))   # the alternative that matched
+    """The model's final answer as a plain number string ("1,000." -> "1000"): strict-match, else flexible-extract;
+    None if it gives none."""
+    strict, flexible = _filters(text)
+    return flexible if strict is None else strict
 
 
 LM_EVAL_GSM8K = ("exact_match,strict-match", "exact_match,flexible-extract")
@@ -246,19 +243,16 @@ def lm_eval_filters(completion: str, gold_answer_text: str) -> dict:
     """lm-eval's two GSM8K scores of a completion, as it reports them: exact string match (after its regexes_to_ignore)
     of strict-match's first "#### N" (none: "[invalid]") and of flexible-extract's last number. The study's score,
     is_correct, takes strict-match, else flexible-extract, and compares them as numbers."""
-    strict, flexible, gold = STRICT.findall(completion), FLEXIBLE.findall(completion), _normalize(gold_answer_text)
-    return {"exact_match,strict-match": bool(strict) and _normalize(strict[0]) == gold,
-            "exact_match,flexible-extract": bool(flexible) and _normalize(next(g for g in flexible[-1] if g)) == gold}
+    gold = _normalize(gold_answer_text)
+    return {key: answer == gold for key, answer in zip(LM_EVAL_GSM8K, _filters(completion))}
 
 
 def is_correct(completion: str, gold_answer_text: str) -> bool:
     """lm-eval's exact match on the extracted answer, made numeric ("18.00" == "18"); the GRPO reward."""
     pred, gold = extract_answer(completion), _normalize(gold_answer_text)
-    if pred is None:
-        return False
     try:
         return float(pred) == float(gold)
-    except ValueError:  # a flexible-extract match with no digits, such as "..."
+    except (TypeError, ValueError):  # no answer (None), or a flexible-extract match with no digits such as "..."
         return pred == gold
 
 
@@ -470,11 +464,9 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint", help="LoRA checkpoint (.pt) to evaluate, merged into the base")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of gsm8k,truthfulqa,mmlu")
     p.add_argument("--data-dir", help="local data (gsm8k/, truthfulqa/mc_task.json, mmlu/); default: the HF hub")
-    p.add_argument("--out", help="output JSON; predictions go to the same name with .jsonl "
-                   "(default: results/<checkpoint or model name>.json)")
+    p.add_argument("--out", help="output JSON, the predictions beside it as .jsonl (default: results/<name>.json)")
     p.add_argument("--baseline", help="the base model's output JSON: adds forgetting and retention (Eq. 12)")
-    p.add_argument("--limit", type=COUNT, help="examples per task, 0 = full split (default: gsm8k 500, "
-                   "truthfulqa 200, mmlu 500)")
+    p.add_argument("--limit", type=COUNT, help=f"examples per task, 0 = full split (default: {DEFAULT_LIMITS})")
     for t in TASKS:
         p.add_argument(f"--limit-{t}", type=COUNT, help=f"examples of {t} (overrides --limit)")
     p.add_argument("--fewshot", type=COUNT, default=0, help="exemplars for GSM8K (first k of train) and MMLU "
@@ -484,9 +476,10 @@ def main(argv=None) -> dict:
     p.add_argument("--temperature", type=RATE, default=1.0, help="GSM8K pass@k: sampling temperature")
     p.add_argument("--seed", type=number(int), default=0, help="seed of the stratified MMLU subset and of the samples")
     p.add_argument("--batch-size", type=SIZE, default=64, help="prompts per generation / contexts per scoring batch")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                   choices=["float32", "bfloat16", "float16", "float64"], help="the base model's weights")
+    gpu = torch.cuda.is_available()
+    p.add_argument("--device", type=device, default="cuda" if gpu else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bfloat16" if gpu else "float32", help="the base model's weights",
+                   choices=["float32", "bfloat16", "float16", "float64"])
     args = p.parse_args(argv)
     args.device = distributed.init(args.device)    # under torchrun: each rank scores its share of every task
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
@@ -499,22 +492,20 @@ def main(argv=None) -> dict:
         os.path.basename(os.path.normpath(args.model))
     out_path = output_dir(args.out or os.path.join("results", f"{name}.json"))
     pred_path = os.path.splitext(out_path)[0] + ".jsonl"
-    baseline = None
-    if args.baseline:
-        text = _read(args.baseline, called="baseline ")
-        baseline = _need(_json(text, args.baseline), ("tasks",), f"--baseline {args.baseline}")
+    baseline = _need(_json(_read(args.baseline, called="baseline "), args.baseline), ("tasks",),
+                     f"--baseline {args.baseline}") if args.baseline else None
 
     # Data before the model: a missing file fails at once, not after minutes of loading weights.
-    data = {}
+    data, k = {}, args.fewshot   # k exemplars (GSM8K: train, MMLU: the subject's dev rows)
     if "gsm8k" in tasks:
-        shots = load_gsm8k("train", args.data_dir)[:args.fewshot] if args.fewshot else []
-        data["gsm8k"] = (load_gsm8k("test", args.data_dir)[:limits["gsm8k"] or None], shots)
+        data["gsm8k"] = load_gsm8k("test", args.data_dir)[:limits["gsm8k"] or None]
+        shots = load_gsm8k("train", args.data_dir)[:k] if k else []
     if "truthfulqa" in tasks:
-        data["truthfulqa"] = (load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None], None)
+        data["truthfulqa"] = load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None]
     if "mmlu" in tasks:
-        dev = ({s: list(rows) for s, rows in groupby(load_mmlu("dev", args.data_dir), lambda r: r["subject"])}
-               if args.fewshot else {})   # load_mmlu keeps each subject's rows together
-        data["mmlu"] = (stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed), dev)
+        data["mmlu"] = stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed)
+        dev = groupby(load_mmlu("dev", args.data_dir) if k else [], lambda r: r["subject"])   # rows by subject
+        dev = {s: list(rows) for s, rows in dev}
 
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     checkpoint = None
@@ -528,17 +519,14 @@ def main(argv=None) -> dict:
 
     with lora.merged(model):   # a no-op without a checkpoint
         for task in tasks:
-            t0 = time.time()
-            n = limits[task]
-            examples, extra = data[task]
-            mine, progress = distributed.share(examples), distributed.main_rank()
+            t0, n = time.time(), limits[task]
+            mine, progress = distributed.share(data[task]), distributed.main_rank()
             if task == "gsm8k":
-                _, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
-                                     args.samples, args.temperature, distributed.seed(args.seed))
-                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:",
-                            "fewshot": args.fewshot, "fewshot_from": "train, first k",
-                            "subset": f"test, first {n}" if n else "test, all", "decoding": "greedy",
-                            "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
+                recs = eval_gsm8k(model, tok, mine, shots, args.max_new_tokens, args.batch_size, progress,
+                                  args.samples, args.temperature, distributed.seed(args.seed))[1]
+                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": k,
+                            "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
+                            "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
                             "extraction": "score: strict-match, else flexible-extract (last number), numeric "
                                           "comparison; lm-eval's two filters beside it as exact_match,strict-match "
                                           "and exact_match,flexible-extract"}
@@ -547,31 +535,29 @@ def main(argv=None) -> dict:
                                              "seed": args.seed,
                                              "estimator": "1 - C(n-c, k) / C(n, k) (Chen et al. 2021)"}
             elif task == "truthfulqa":
-                _, recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)
+                recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)[1]
                 protocol = {"lm_eval_task": "truthfulqa_mc1, truthfulqa_mc2", "prompt": "6-shot QA preamble + "
                             "\n\nQ: {question}\nA:", "continuation": "' ' + choice", "fewshot": 0,
                             "subset": f"validation, first {n}" if n else "validation, all", "score": "mc1"}
             else:
-                _, recs = eval_mmlu(model, tok, mine, extra, args.fewshot, args.batch_size, progress)
+                recs = eval_mmlu(model, tok, mine, dev, k, args.batch_size, progress)[1]
                 protocol = {"lm_eval_task": "mmlu", "prompt": "subject header + question + A-D lines + Answer:",
-                            "continuation": "' A' .. ' D'", "fewshot": args.fewshot, "fewshot_from": "dev, first k",
-                            "subset": (f"test, {n} stratified by subject (proportional), seed {args.seed}"
-                                       if n else "test, all"), "subjects": len({ex["subject"] for ex in examples})}
+                            "continuation": "' A' .. ' D'", "fewshot": k, "fewshot_from": "dev, first k",
+                            "subset": f"test, {n} stratified by subject (proportional), seed {args.seed}" if n
+                            else "test, all", "subjects": len({ex["subject"] for ex in data[task]})}
             # every rank's records in item order (GSM8K and TruthfulQA ids are positions), then the task's summary
             recs = distributed.gather(recs)
             for i, r in enumerate(recs):
                 r["id"] = r["id"] if task == "mmlu" else i
-            res = summary(recs)
-            res["protocol"] = {"limit": n, **protocol}
-            res["seconds"] = round(time.time() - t0, 2)
-            result["tasks"][task] = res
+            result["tasks"][task] = {**summary(recs), "protocol": {"limit": n, **protocol},
+                                     "seconds": round(time.time() - t0, 2)}
             records += recs
 
     if baseline is not None:
-        base = {t: v["score"] for t, v in baseline.get("tasks", {}).items()}
+        base = {t: v["score"] for t, v in baseline["tasks"].items()}
         post = {t: v["score"] for t, v in result["tasks"].items()}
         result["forgetting"] = {"baseline": args.baseline, **forgetting(base, post)}
-        differ = [t for t in RETENTION_TASKS if t in base and t in post and
+        differ = [t for t in RETENTION_TASKS if t in result["forgetting"] and
                   baseline["tasks"][t].get("protocol") != result["tasks"][t]["protocol"]]
         if differ:
             result["forgetting"]["warning"] = f"protocol differs from the baseline's for {', '.join(differ)}"
@@ -581,7 +567,7 @@ def main(argv=None) -> dict:
     if distributed.main_rank():
         write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
         write_text(out_path, json.dumps(result, indent=2, default=str))
-        parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") +
+        parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if "mc2" in v else "") +
                  "".join(f" pass@{k} {p['score']:.3f}" for k, p in v.get("pass_at_k", {}).items()) + f" n={v['n']}"
                  for t, v in result["tasks"].items()]
         if "forgetting" in result:
