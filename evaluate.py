@@ -40,6 +40,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
+from functools import partial
 from itertools import groupby
 
 import numpy as np
@@ -268,13 +269,10 @@ def loglikelihoods(model, tok, requests, batch_size: int = 64, desc: str | None 
     always tok(context) and all continuations of one context share its tokens (and, in `score`, its KV cache)."""
     contexts, conts = [], []
     for context, choices in requests:
-        n_space = len(context) - len(context.rstrip(" "))
-        if n_space:
-            context, choices = context[:-n_space], [context[-n_space:] + c for c in choices]
-        ctx = tok.encode(context)
-        wholes = tok.encode_batch([context + c for c in choices])
-        contexts.append(ctx)
-        conts.append([w[len(ctx):] for w in wholes])
+        bare = context.rstrip(" ")
+        context, choices = bare, [context[len(bare):] + c for c in choices]
+        contexts.append(tok.encode(context))
+        conts.append([whole[len(contexts[-1]):] for whole in tok.encode_batch([context + c for c in choices])])
         if not all(conts[-1]):
             raise ValueError(f"a continuation of {context[-40:]!r} has no tokens of its own")
     return [[lp.double().sum().item() for lp in lps] for lps in score(model, contexts, conts, batch_size, desc)]
@@ -306,17 +304,16 @@ def ks(n: int) -> list[int]:
 
 def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True, samples=0,
                temperature=1.0, seed=0):
-    def complete(prompts, temperature, seed=0):
-        return generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=GSM8K_STOP,
-                        seed=seed, batch_size=batch_size, progress=progress)
+    complete = partial(generate, model, tok, max_new_tokens=max_new_tokens, stop=GSM8K_STOP, batch_size=batch_size,
+                       progress=progress)
     prompts = [gsm8k_prompt(ex["question"], fewshot) for ex in examples]
-    rollouts = complete(prompts, 0.0)
+    rollouts = complete(prompts, temperature=0.0, seed=0)
     records = [{"task": "gsm8k", "id": i, "prediction": extract_answer(r.text), "gold": _normalize(ex["answer"]),
                 "correct": is_correct(r.text, ex["answer"]), **lm_eval_filters(r.text, ex["answer"]),
                 "finish": r.finish, "completion": r.text}
                for i, (ex, r) in enumerate(zip(examples, rollouts))]
     if samples:    # pass@k: n completions per problem at temperature T (one seeded stream)
-        sampled = complete([p for p in prompts for _ in range(samples)], temperature, seed)
+        sampled = complete([p for p in prompts for _ in range(samples)], temperature=temperature, seed=seed)
         for i, (ex, rec) in enumerate(zip(examples, records)):
             rec.update(samples=samples, samples_correct=sum(is_correct(r.text, ex["answer"])
                                                             for r in sampled[i * samples:(i + 1) * samples]))
@@ -353,9 +350,8 @@ def mc2_score(lls: list[float], labels: list[int]) -> float:
 def eval_truthfulqa(model, tok, examples, batch_size=64, progress=True):
     # MC1 and MC2 share the context and most answers: score each distinct answer once.
     answers = [list(dict.fromkeys(ex["mc1"]["choices"] + ex["mc2"]["choices"])) for ex in examples]
-    lls = loglikelihoods(model, tok, [(truthfulqa_prompt(ex["question"]), [" " + a for a in ans])
-                                      for ex, ans in zip(examples, answers)],
-                         batch_size, desc="truthfulqa" if progress else None)
+    requests = [(truthfulqa_prompt(ex["question"]), [" " + a for a in ans]) for ex, ans in zip(examples, answers)]
+    lls = loglikelihoods(model, tok, requests, batch_size, desc="truthfulqa" if progress else None)
     records = []
     for i, (ex, ans, ll) in enumerate(zip(examples, answers, lls)):
         ll_of = dict(zip(ans, ll))
@@ -378,9 +374,9 @@ def mmlu_prompt(ex: dict, fewshot=()) -> str:
 
 
 def eval_mmlu(model, tok, examples, dev_by_subject=None, fewshot=0, batch_size=64, progress=True):
-    shots = {s: rows[:fewshot] for s, rows in (dev_by_subject or {}).items()}
-    lls = loglikelihoods(model, tok, [(mmlu_prompt(ex, shots.get(ex["subject"], ())), [" A", " B", " C", " D"])
-                                      for ex in examples], batch_size, desc="mmlu" if progress else None)
+    shots = dev_by_subject or {}
+    requests = [(mmlu_prompt(ex, shots.get(ex["subject"], [])[:fewshot]), [" A", " B", " C", " D"]) for ex in examples]
+    lls = loglikelihoods(model, tok, requests, batch_size, desc="mmlu" if progress else None)
     records = []
     for ex, ll in zip(examples, lls):
         best = max(range(4), key=ll.__getitem__)
@@ -416,19 +412,17 @@ def stderr(values) -> float:
 
 def summary(records: list[dict]) -> dict:
     """A task's result: its score (the mean per-item score), n and standard error (and MC2 for TruthfulQA)."""
-    scores = item_scores(records)
-    task = records[0]["task"] if records else "gsm8k"
-    out = {"score": float(scores[task].mean()) if records else 0.0, "stderr": stderr(scores.get(task, [])),
-           "n": len(records)}
-    if task == "truthfulqa" and records:
-        out.update(mc1=out["score"], mc2=float(scores["truthfulqa_mc2"].mean()),
-                   mc2_stderr=stderr(scores["truthfulqa_mc2"]))
-    for key in (k for k in LM_EVAL_GSM8K if k in scores):   # lm-eval's names, beside the study's score
-        out[key] = float(scores[key].mean())
-        out[key.replace("exact_match", "exact_match_stderr")] = stderr(scores[key])
-    passes = {key.split("@")[1]: v for key, v in scores.items() if key.startswith("gsm8k_pass@")}
-    if passes:
-        out["pass_at_k"] = {k: {"score": float(v.mean()), "stderr": stderr(v)} for k, v in passes.items()}
+    out = {"score": 0.0, "stderr": float("nan"), "n": len(records)}   # as they stay for a rank's empty share
+    for key, v in item_scores(records).items():   # the task's own score first
+        mean, se = float(v.mean()), stderr(v)
+        if key == records[0]["task"]:
+            out.update(score=mean, stderr=se)
+        elif key == "truthfulqa_mc2":
+            out.update(mc1=out["score"], mc2=mean, mc2_stderr=se)
+        elif key in LM_EVAL_GSM8K:   # lm-eval's names, beside the study's score
+            out.update({key: mean, key.replace("exact_match", "exact_match_stderr"): se})
+        elif key.startswith("gsm8k_pass@"):
+            out.setdefault("pass_at_k", {})[key.split("@")[1]] = {"score": mean, "stderr": se}
     return out
 
 
@@ -476,10 +470,9 @@ def main(argv=None) -> dict:
     p.add_argument("--temperature", type=RATE, default=1.0, help="GSM8K pass@k: sampling temperature")
     p.add_argument("--seed", type=number(int), default=0, help="seed of the stratified MMLU subset and of the samples")
     p.add_argument("--batch-size", type=SIZE, default=64, help="prompts per generation / contexts per scoring batch")
-    gpu = torch.cuda.is_available()
-    p.add_argument("--device", type=device, default="cuda" if gpu else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="bfloat16" if gpu else "float32", help="the base model's weights",
-                   choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   choices=["float32", "bfloat16", "float16", "float64"], help="the base model's weights")
     args = p.parse_args(argv)
     args.device = distributed.init(args.device)    # under torchrun: each rank scores its share of every task
     args.data_dir = resolve_data_dir(args.model, args.data_dir)
