@@ -489,15 +489,15 @@ def main(argv=None) -> dict:
                      f"--baseline {args.baseline}") if args.baseline else None
 
     # Data before the model: a missing file fails at once, not after minutes of loading weights.
-    data, k = {}, args.fewshot   # k exemplars (GSM8K: train, MMLU: the subject's dev rows)
+    data = {}
     if "gsm8k" in tasks:
         data["gsm8k"] = load_gsm8k("test", args.data_dir)[:limits["gsm8k"] or None]
-        shots = load_gsm8k("train", args.data_dir)[:k] if k else []
+        shots = load_gsm8k("train", args.data_dir)[:args.fewshot] if args.fewshot else []
     if "truthfulqa" in tasks:
         data["truthfulqa"] = load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None]
     if "mmlu" in tasks:
         data["mmlu"] = stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed)
-        dev = groupby(load_mmlu("dev", args.data_dir) if k else [], lambda r: r["subject"])   # rows by subject
+        dev = groupby(load_mmlu("dev", args.data_dir) if args.fewshot else [], lambda r: r["subject"])
         dev = {s: list(rows) for s, rows in dev}
 
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -512,13 +512,15 @@ def main(argv=None) -> dict:
 
     with lora.merged(model):   # a no-op without a checkpoint
         for task in tasks:
-            t0, n = time.time(), limits[task]
+            t0 = time.time()
+            n = limits[task]
             mine, progress = distributed.share(data[task]), distributed.main_rank()
             if task == "gsm8k":
                 recs = eval_gsm8k(model, tok, mine, shots, args.max_new_tokens, args.batch_size, progress,
                                   args.samples, args.temperature, distributed.seed(args.seed))[1]
-                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:", "fewshot": k,
-                            "fewshot_from": "train, first k", "subset": f"test, first {n}" if n else "test, all",
+                protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:",
+                            "fewshot": args.fewshot, "fewshot_from": "train, first k",
+                            "subset": f"test, first {n}" if n else "test, all",
                             "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
                             "extraction": "score: strict-match, else flexible-extract (last number), numeric "
                                           "comparison; lm-eval's two filters beside it as exact_match,strict-match "
@@ -533,9 +535,10 @@ def main(argv=None) -> dict:
                             "\n\nQ: {question}\nA:", "continuation": "' ' + choice", "fewshot": 0,
                             "subset": f"validation, first {n}" if n else "validation, all", "score": "mc1"}
             else:
-                recs = eval_mmlu(model, tok, mine, dev, k, args.batch_size, progress)[1]
+                recs = eval_mmlu(model, tok, mine, dev, args.fewshot, args.batch_size, progress)[1]
                 protocol = {"lm_eval_task": "mmlu", "prompt": "subject header + question + A-D lines + Answer:",
-                            "continuation": "' A' .. ' D'", "fewshot": k, "fewshot_from": "dev, first k",
+                            "continuation": "' A' .. ' D'", "fewshot": args.fewshot,
+                            "fewshot_from": "dev, first k",
                             "subset": f"test, {n} stratified by subject (proportional), seed {args.seed}" if n
                             else "test, all", "subjects": len({ex["subject"] for ex in data[task]})}
             # every rank's records in item order (GSM8K and TruthfulQA ids are positions), then the task's summary
