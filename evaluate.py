@@ -297,11 +297,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def ks(n: int) -> list[int]:
-    """The k of pass@k reported for n samples: 1, 2, 4, .. up to n."""
-    return [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
-
-
 def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True, samples=0,
                temperature=1.0, seed=0):
     complete = partial(generate, model, tok, max_new_tokens=max_new_tokens, stop=GSM8K_STOP, batch_size=batch_size,
@@ -399,7 +394,7 @@ def item_scores(records: list[dict]) -> dict:
             out["truthfulqa_mc2"].append(r["mc2"])
         for key in (k for k in LM_EVAL_GSM8K if k in r):
             out[key].append(float(r[key]))
-        for k in ks(r.get("samples", 0)):       # gsm8k with --samples: each problem's pass@k estimate
+        for k in (2 ** i for i in range(r.get("samples", 0).bit_length())):   # --samples n: k = 1, 2, 4, .. <= n
             out[f"gsm8k_pass@{k}"].append(pass_at_k(r["samples"], r["samples_correct"], k))
     return {t: np.array(v) for t, v in out.items()}
 
