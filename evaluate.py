@@ -40,6 +40,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
+from functools import partial
 from itertools import groupby
 
 import numpy as np
@@ -93,11 +94,9 @@ def download(task: str, root: str):
                 datasets.load_dataset("openai/gsm8k", "main", split=split).to_json(os.path.join(tmp, f"{split}.jsonl"))
         elif task == "truthfulqa":
             rows = datasets.load_dataset("truthfulqa/truthful_qa", "multiple_choice", split="validation")
-            def v0(targets):   # {"choices": [...], "labels": [...]} -> {choice: label}
-                return dict(zip(targets["choices"], targets["labels"]))
-            with open(os.path.join(tmp, "mc_task.json"), "w", encoding="utf-8") as f:
-                json.dump([{"question": r["question"], "mc1_targets": v0(r["mc1_targets"]),
-                            "mc2_targets": v0(r["mc2_targets"])} for r in rows], f)
+            with open(os.path.join(tmp, "mc_task.json"), "w", encoding="utf-8") as f:   # v0: {choice: label}
+                json.dump([{"question": r["question"], **{t: dict(zip(r[t]["choices"], r[t]["labels"]))
+                                                          for t in ("mc1_targets", "mc2_targets")}} for r in rows], f)
         else:
             for split in ("dev", "test"):
                 os.makedirs(os.path.join(tmp, split))
@@ -114,11 +113,9 @@ def download(task: str, root: str):
 
 
 def _need(row, fields, where: str):
-    if not isinstance(row, dict):
-        raise LoadError(f"{where} is not a JSON object")
-    for f in fields:
-        if f not in row:
-            raise LoadError(f"{where} has no field {f!r}")
+    missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+    if missing:
+        raise LoadError(f"{where} has no field {missing[0]!r}")
     return row
 
 
@@ -173,11 +170,8 @@ def load_truthfulqa(data_dir: str | None = None, name: str = "mc_task.json") -> 
 def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
     """MMLU `split` (test or dev) as [{id, subject, question, choices (4), answer (0-3)}], sorted by subject."""
     folder = task_path(data_dir, "mmlu", split)
-    files = sorted(glob.glob(os.path.join(folder, f"*_{split}.csv")))
-    if not files:
-        raise LoadError(f"{folder} holds no *_{split}.csv files")
     out = []
-    for path in files:
+    for path in sorted(glob.glob(os.path.join(folder, f"*_{split}.csv"))):
         subject = os.path.basename(path)[:-len(f"_{split}.csv")]
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             for i, row in enumerate(csv.reader(f)):
@@ -228,15 +222,19 @@ def _normalize(s: str) -> str:
     return s.strip()
 
 
+def _filters(text: str) -> tuple[str | None, str | None]:
+    """The answers of lm-eval's two filters, normalized: strict-match's first "#### N" and flexible-extract's last
+    number (None: no match)."""
+    strict, flexible = STRICT.findall(text), FLEXIBLE.findall(text)
+    return (_normalize(strict[0]) if strict else None,
+            _normalize(next(g for g in flexible[-1] if g)) if flexible else None)   # the alternative that matched
+
+
 def extract_answer(text: str) -> str | None:
-    """The model's final answer as a plain number string ("1,000." -> "1000"), or None if it gives none."""
-    found = STRICT.findall(text)
-    if found:
-        return _normalize(found[0])
-    found = FLEXIBLE.findall(text)
-    if not found:
-        return None
-    return _normalize(next(g for g in found[-1] if g))   # the alternative that matched
+    """The model's final answer as a plain number string ("1,000." -> "1000"): strict-match, else flexible-extract;
+    None if it gives none."""
+    strict, flexible = _filters(text)
+    return flexible if strict is None else strict
 
 
 LM_EVAL_GSM8K = ("exact_match,strict-match", "exact_match,flexible-extract")
@@ -246,19 +244,16 @@ def lm_eval_filters(completion: str, gold_answer_text: str) -> dict:
     """lm-eval's two GSM8K scores of a completion, as it reports them: exact string match (after its regexes_to_ignore)
     of strict-match's first "#### N" (none: "[invalid]") and of flexible-extract's last number. The study's score,
     is_correct, takes strict-match, else flexible-extract, and compares them as numbers."""
-    strict, flexible, gold = STRICT.findall(completion), FLEXIBLE.findall(completion), _normalize(gold_answer_text)
-    return {"exact_match,strict-match": bool(strict) and _normalize(strict[0]) == gold,
-            "exact_match,flexible-extract": bool(flexible) and _normalize(next(g for g in flexible[-1] if g)) == gold}
+    gold = _normalize(gold_answer_text)
+    return {key: answer == gold for key, answer in zip(LM_EVAL_GSM8K, _filters(completion))}
 
 
 def is_correct(completion: str, gold_answer_text: str) -> bool:
     """lm-eval's exact match on the extracted answer, made numeric ("18.00" == "18"); the GRPO reward."""
     pred, gold = extract_answer(completion), _normalize(gold_answer_text)
-    if pred is None:
-        return False
     try:
         return float(pred) == float(gold)
-    except ValueError:  # a flexible-extract match with no digits, such as "..."
+    except (TypeError, ValueError):  # no answer (None), or a flexible-extract match with no digits such as "..."
         return pred == gold
 
 
@@ -274,13 +269,10 @@ def loglikelihoods(model, tok, requests, batch_size: int = 64, desc: str | None 
     always tok(context) and all continuations of one context share its tokens (and, in `score`, its KV cache)."""
     contexts, conts = [], []
     for context, choices in requests:
-        n_space = len(context) - len(context.rstrip(" "))
-        if n_space:
-            context, choices = context[:-n_space], [context[-n_space:] + c for c in choices]
-        ctx = tok.encode(context)
-        wholes = tok.encode_batch([context + c for c in choices])
-        contexts.append(ctx)
-        conts.append([w[len(ctx):] for w in wholes])
+        bare = context.rstrip(" ")
+        context, choices = bare, [context[len(bare):] + c for c in choices]
+        contexts.append(tok.encode(context))
+        conts.append([whole[len(contexts[-1]):] for whole in tok.encode_batch([context + c for c in choices])])
         if not all(conts[-1]):
             raise ValueError(f"a continuation of {context[-40:]!r} has no tokens of its own")
     return [[lp.double().sum().item() for lp in lps] for lps in score(model, contexts, conts, batch_size, desc)]
@@ -305,24 +297,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def ks(n: int) -> list[int]:
-    """The k of pass@k reported for n samples: 1, 2, 4, .. up to n."""
-    return [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
-
-
 def eval_gsm8k(model, tok, examples, fewshot=(), max_new_tokens=256, batch_size=64, progress=True, samples=0,
                temperature=1.0, seed=0):
-    def complete(prompts, temperature, seed=0):
-        return generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=GSM8K_STOP,
-                        seed=seed, batch_size=batch_size, progress=progress)
+    complete = partial(generate, model, tok, max_new_tokens=max_new_tokens, stop=GSM8K_STOP, batch_size=batch_size,
+                       progress=progress)
     prompts = [gsm8k_prompt(ex["question"], fewshot) for ex in examples]
-    rollouts = complete(prompts, 0.0)
+    rollouts = complete(prompts, temperature=0.0, seed=0)
     records = [{"task": "gsm8k", "id": i, "prediction": extract_answer(r.text), "gold": _normalize(ex["answer"]),
                 "correct": is_correct(r.text, ex["answer"]), **lm_eval_filters(r.text, ex["answer"]),
                 "finish": r.finish, "completion": r.text}
                for i, (ex, r) in enumerate(zip(examples, rollouts))]
     if samples:    # pass@k: n completions per problem at temperature T (one seeded stream)
-        sampled = complete([p for p in prompts for _ in range(samples)], temperature, seed)
+        sampled = complete([p for p in prompts for _ in range(samples)], temperature=temperature, seed=seed)
         for i, (ex, rec) in enumerate(zip(examples, records)):
             rec.update(samples=samples, samples_correct=sum(is_correct(r.text, ex["answer"])
                                                             for r in sampled[i * samples:(i + 1) * samples]))
@@ -359,9 +345,8 @@ def mc2_score(lls: list[float], labels: list[int]) -> float:
 def eval_truthfulqa(model, tok, examples, batch_size=64, progress=True):
     # MC1 and MC2 share the context and most answers: score each distinct answer once.
     answers = [list(dict.fromkeys(ex["mc1"]["choices"] + ex["mc2"]["choices"])) for ex in examples]
-    lls = loglikelihoods(model, tok, [(truthfulqa_prompt(ex["question"]), [" " + a for a in ans])
-                                      for ex, ans in zip(examples, answers)],
-                         batch_size, desc="truthfulqa" if progress else None)
+    requests = [(truthfulqa_prompt(ex["question"]), [" " + a for a in ans]) for ex, ans in zip(examples, answers)]
+    lls = loglikelihoods(model, tok, requests, batch_size, desc="truthfulqa" if progress else None)
     records = []
     for i, (ex, ans, ll) in enumerate(zip(examples, answers, lls)):
         ll_of = dict(zip(ans, ll))
@@ -384,9 +369,9 @@ def mmlu_prompt(ex: dict, fewshot=()) -> str:
 
 
 def eval_mmlu(model, tok, examples, dev_by_subject=None, fewshot=0, batch_size=64, progress=True):
-    shots = {s: rows[:fewshot] for s, rows in (dev_by_subject or {}).items()}
-    lls = loglikelihoods(model, tok, [(mmlu_prompt(ex, shots.get(ex["subject"], ())), [" A", " B", " C", " D"])
-                                      for ex in examples], batch_size, desc="mmlu" if progress else None)
+    shots = dev_by_subject or {}
+    requests = [(mmlu_prompt(ex, shots.get(ex["subject"], [])[:fewshot]), [" A", " B", " C", " D"]) for ex in examples]
+    lls = loglikelihoods(model, tok, requests, batch_size, desc="mmlu" if progress else None)
     records = []
     for ex, ll in zip(examples, lls):
         best = max(range(4), key=ll.__getitem__)
@@ -409,7 +394,7 @@ def item_scores(records: list[dict]) -> dict:
             out["truthfulqa_mc2"].append(r["mc2"])
         for key in (k for k in LM_EVAL_GSM8K if k in r):
             out[key].append(float(r[key]))
-        for k in ks(r.get("samples", 0)):       # gsm8k with --samples: each problem's pass@k estimate
+        for k in (2 ** i for i in range(r.get("samples", 0).bit_length())):   # --samples n: k = 1, 2, 4, .. <= n
             out[f"gsm8k_pass@{k}"].append(pass_at_k(r["samples"], r["samples_correct"], k))
     return {t: np.array(v) for t, v in out.items()}
 
@@ -422,19 +407,17 @@ def stderr(values) -> float:
 
 def summary(records: list[dict]) -> dict:
     """A task's result: its score (the mean per-item score), n and standard error (and MC2 for TruthfulQA)."""
-    scores = item_scores(records)
-    task = records[0]["task"] if records else "gsm8k"
-    out = {"score": float(scores[task].mean()) if records else 0.0, "stderr": stderr(scores.get(task, [])),
-           "n": len(records)}
-    if task == "truthfulqa" and records:
-        out.update(mc1=out["score"], mc2=float(scores["truthfulqa_mc2"].mean()),
-                   mc2_stderr=stderr(scores["truthfulqa_mc2"]))
-    for key in (k for k in LM_EVAL_GSM8K if k in scores):   # lm-eval's names, beside the study's score
-        out[key] = float(scores[key].mean())
-        out[key.replace("exact_match", "exact_match_stderr")] = stderr(scores[key])
-    passes = {key.split("@")[1]: v for key, v in scores.items() if key.startswith("gsm8k_pass@")}
-    if passes:
-        out["pass_at_k"] = {k: {"score": float(v.mean()), "stderr": stderr(v)} for k, v in passes.items()}
+    out = {"score": 0.0, "stderr": float("nan"), "n": len(records)}   # as they stay for a rank's empty share
+    for key, v in item_scores(records).items():   # the task's own score first
+        mean, se = float(v.mean()), stderr(v)
+        if key == records[0]["task"]:
+            out.update(score=mean, stderr=se)
+        elif key == "truthfulqa_mc2":
+            out.update(mc1=out["score"], mc2=mean, mc2_stderr=se)
+        elif key in LM_EVAL_GSM8K:   # lm-eval's names, beside the study's score
+            out.update({key: mean, key.replace("exact_match", "exact_match_stderr"): se})
+        elif key.startswith("gsm8k_pass@"):
+            out.setdefault("pass_at_k", {})[key.split("@")[1]] = {"score": mean, "stderr": se}
     return out
 
 
@@ -470,11 +453,9 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint", help="LoRA checkpoint (.pt) to evaluate, merged into the base")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of gsm8k,truthfulqa,mmlu")
     p.add_argument("--data-dir", help="local data (gsm8k/, truthfulqa/mc_task.json, mmlu/); default: the HF hub")
-    p.add_argument("--out", help="output JSON; predictions go to the same name with .jsonl "
-                   "(default: results/<checkpoint or model name>.json)")
+    p.add_argument("--out", help="output JSON, the predictions beside it as .jsonl (default: results/<name>.json)")
     p.add_argument("--baseline", help="the base model's output JSON: adds forgetting and retention (Eq. 12)")
-    p.add_argument("--limit", type=COUNT, help="examples per task, 0 = full split (default: gsm8k 500, "
-                   "truthfulqa 200, mmlu 500)")
+    p.add_argument("--limit", type=COUNT, help=f"examples per task, 0 = full split (default: {DEFAULT_LIMITS})")
     for t in TASKS:
         p.add_argument(f"--limit-{t}", type=COUNT, help=f"examples of {t} (overrides --limit)")
     p.add_argument("--fewshot", type=COUNT, default=0, help="exemplars for GSM8K (first k of train) and MMLU "
@@ -499,22 +480,20 @@ def main(argv=None) -> dict:
         os.path.basename(os.path.normpath(args.model))
     out_path = output_dir(args.out or os.path.join("results", f"{name}.json"))
     pred_path = os.path.splitext(out_path)[0] + ".jsonl"
-    baseline = None
-    if args.baseline:
-        text = _read(args.baseline, called="baseline ")
-        baseline = _need(_json(text, args.baseline), ("tasks",), f"--baseline {args.baseline}")
+    baseline = _need(_json(_read(args.baseline, called="baseline "), args.baseline), ("tasks",),
+                     f"--baseline {args.baseline}") if args.baseline else None
 
     # Data before the model: a missing file fails at once, not after minutes of loading weights.
     data = {}
     if "gsm8k" in tasks:
+        data["gsm8k"] = load_gsm8k("test", args.data_dir)[:limits["gsm8k"] or None]
         shots = load_gsm8k("train", args.data_dir)[:args.fewshot] if args.fewshot else []
-        data["gsm8k"] = (load_gsm8k("test", args.data_dir)[:limits["gsm8k"] or None], shots)
     if "truthfulqa" in tasks:
-        data["truthfulqa"] = (load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None], None)
+        data["truthfulqa"] = load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None]
     if "mmlu" in tasks:
-        dev = ({s: list(rows) for s, rows in groupby(load_mmlu("dev", args.data_dir), lambda r: r["subject"])}
-               if args.fewshot else {})   # load_mmlu keeps each subject's rows together
-        data["mmlu"] = (stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed), dev)
+        data["mmlu"] = stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed)
+        dev = groupby(load_mmlu("dev", args.data_dir) if args.fewshot else [], lambda r: r["subject"])
+        dev = {s: list(rows) for s, rows in dev}
 
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     checkpoint = None
@@ -530,15 +509,14 @@ def main(argv=None) -> dict:
         for task in tasks:
             t0 = time.time()
             n = limits[task]
-            examples, extra = data[task]
-            mine, progress = distributed.share(examples), distributed.main_rank()
+            mine, progress = distributed.share(data[task]), distributed.main_rank()
             if task == "gsm8k":
-                _, recs = eval_gsm8k(model, tok, mine, extra, args.max_new_tokens, args.batch_size, progress,
-                                     args.samples, args.temperature, distributed.seed(args.seed))
+                recs = eval_gsm8k(model, tok, mine, shots, args.max_new_tokens, args.batch_size, progress,
+                                  args.samples, args.temperature, distributed.seed(args.seed))[1]
                 protocol = {"lm_eval_task": "gsm8k", "prompt": "Question: {question}\nAnswer:",
                             "fewshot": args.fewshot, "fewshot_from": "train, first k",
-                            "subset": f"test, first {n}" if n else "test, all", "decoding": "greedy",
-                            "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
+                            "subset": f"test, first {n}" if n else "test, all",
+                            "decoding": "greedy", "max_new_tokens": args.max_new_tokens, "stop": list(GSM8K_STOP),
                             "extraction": "score: strict-match, else flexible-extract (last number), numeric "
                                           "comparison; lm-eval's two filters beside it as exact_match,strict-match "
                                           "and exact_match,flexible-extract"}
@@ -547,31 +525,30 @@ def main(argv=None) -> dict:
                                              "seed": args.seed,
                                              "estimator": "1 - C(n-c, k) / C(n, k) (Chen et al. 2021)"}
             elif task == "truthfulqa":
-                _, recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)
+                recs = eval_truthfulqa(model, tok, mine, args.batch_size, progress)[1]
                 protocol = {"lm_eval_task": "truthfulqa_mc1, truthfulqa_mc2", "prompt": "6-shot QA preamble + "
                             "\n\nQ: {question}\nA:", "continuation": "' ' + choice", "fewshot": 0,
                             "subset": f"validation, first {n}" if n else "validation, all", "score": "mc1"}
             else:
-                _, recs = eval_mmlu(model, tok, mine, extra, args.fewshot, args.batch_size, progress)
+                recs = eval_mmlu(model, tok, mine, dev, args.fewshot, args.batch_size, progress)[1]
                 protocol = {"lm_eval_task": "mmlu", "prompt": "subject header + question + A-D lines + Answer:",
-                            "continuation": "' A' .. ' D'", "fewshot": args.fewshot, "fewshot_from": "dev, first k",
-                            "subset": (f"test, {n} stratified by subject (proportional), seed {args.seed}"
-                                       if n else "test, all"), "subjects": len({ex["subject"] for ex in examples})}
+                            "continuation": "' A' .. ' D'", "fewshot": args.fewshot,
+                            "fewshot_from": "dev, first k",
+                            "subset": f"test, {n} stratified by subject (proportional), seed {args.seed}" if n
+                            else "test, all", "subjects": len({ex["subject"] for ex in data[task]})}
             # every rank's records in item order (GSM8K and TruthfulQA ids are positions), then the task's summary
             recs = distributed.gather(recs)
             for i, r in enumerate(recs):
                 r["id"] = r["id"] if task == "mmlu" else i
-            res = summary(recs)
-            res["protocol"] = {"limit": n, **protocol}
-            res["seconds"] = round(time.time() - t0, 2)
-            result["tasks"][task] = res
+            result["tasks"][task] = {**summary(recs), "protocol": {"limit": n, **protocol},
+                                     "seconds": round(time.time() - t0, 2)}
             records += recs
 
     if baseline is not None:
-        base = {t: v["score"] for t, v in baseline.get("tasks", {}).items()}
+        base = {t: v["score"] for t, v in baseline["tasks"].items()}
         post = {t: v["score"] for t, v in result["tasks"].items()}
         result["forgetting"] = {"baseline": args.baseline, **forgetting(base, post)}
-        differ = [t for t in RETENTION_TASKS if t in base and t in post and
+        differ = [t for t in RETENTION_TASKS if t in result["forgetting"] and
                   baseline["tasks"][t].get("protocol") != result["tasks"][t]["protocol"]]
         if differ:
             result["forgetting"]["warning"] = f"protocol differs from the baseline's for {', '.join(differ)}"
@@ -581,7 +558,7 @@ def main(argv=None) -> dict:
     if distributed.main_rank():
         write_text(pred_path, "".join(json.dumps(r) + "\n" for r in records))
         write_text(out_path, json.dumps(result, indent=2, default=str))
-        parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if t == "truthfulqa" else "") +
+        parts = [f"{t} {v['score']:.3f}" + (f" (mc2 {v['mc2']:.3f})" if "mc2" in v else "") +
                  "".join(f" pass@{k} {p['score']:.3f}" for k, p in v.get("pass_at_k", {}).items()) + f" n={v['n']}"
                  for t, v in result["tasks"].items()]
         if "forgetting" in result:

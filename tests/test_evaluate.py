@@ -283,7 +283,9 @@ def test_pass_at_k_is_the_closed_form_and_the_share_of_k_subsets_with_a_correct_
     assert E.pass_at_k(5, 2, 1) == pytest.approx(0.4)
     assert E.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)        # 1 - C(3,2)/C(5,2)
     assert E.pass_at_k(5, 2, 4) == 1.0 and E.pass_at_k(5, 0, 4) == 0.0
-    assert E.ks(8) == [1, 2, 4, 8] and E.ks(6) == [1, 2, 4] and E.ks(0) == []
+    for n, reported in ((8, ["1", "2", "4", "8"]), (6, ["1", "2", "4"]), (0, [])):   # k = 1, 2, 4, .. up to n
+        s = E.summary([{"task": "gsm8k", "correct": True, "samples": n, "samples_correct": 1}])
+        assert list(s.get("pass_at_k", {})) == reported
     for n in range(1, 9):
         for c in range(n + 1):
             draws = [1] * c + [0] * (n - c)
