@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from study.stats import (_ranks, along, conditions, correlation, equivalence, frontier, holm, multiplicity,
-                         predictions, replicate_interval, studentized, t_quantile, t_two_sided, verdict)
+                         predictions, replicate_interval, state_sources, studentized, t_quantile, t_two_sided,
+                         verdict)
+from study.stages import stages
 from study.summary import mean_std
 
 
@@ -150,6 +152,14 @@ def test_equivalence_by_two_one_sided_tests():
     assert equivalence(iv, 0.005)[0] == "different"
     wide = {"estimate": 0.01, "std": 0.02, "df": 50, "ci90": [-0.024, 0.044], "ci95": [-0.03, 0.05]}
     assert equivalence(wide, 0.025)[0] == "undecided"
+    # "different" is |difference| > margin tested two-sided: p under 5% exactly when the 95% interval lies beyond
+    # the margin, as Holm's raw rule (p < 0.05) needs; a one-sided p would be half of it
+    h95, h90 = (t_quantile(level, 50) * 0.002 for level in (0.95, 0.90))
+    exact = {"estimate": 0.01, "std": 0.002, "df": 50,
+             "ci90": [0.01 - h90, 0.01 + h90], "ci95": [0.01 - h95, 0.01 + h95]}
+    beyond, p = equivalence(exact, 0.01 - h95 - 1e-5)
+    assert beyond == "different" and 0.045 < p < 0.05
+    assert equivalence(exact, 0.01 - h95 + 1e-5)[0] == "undecided"
 
 
 def test_holm_adjusts_known_p_values():
@@ -217,6 +227,26 @@ def test_predictions_are_decided_from_intervals_of_their_differences():
     assert p["P2"]["verdict"] == p["P3"]["verdict"] == p["P4 kl_base_policy_target"]["verdict"] == "contradicted"
 
 
+def test_state_sources_under_one_signal_are_paired_against_each_other():
+    """OPD's signal on learner, teacher and dataset states: the two others against the learner-states run, with
+    paired intervals of ΔGSM8K and ΔR; runs of another signal or teacher, or on the same states, are no contrast."""
+    rng = np.random.default_rng(5)
+    n = 800
+    base = {t: (rng.random(n) < p).astype(float)[None] for t, p in
+            (("gsm8k", 0.4), ("truthfulqa", 0.9), ("truthfulqa_mc2", 0.8), ("mmlu", 0.85))}
+    runs = {s.name: s for s in stages()}
+    scores = {"base": base, "opd_stress": run_scores(base, rng, gain=0.1), "opd_mild": run_scores(base, rng),
+              "opd_stress_on_teacher_states": run_scores(base, rng, gain=0.1),      # the same student
+              "opd_stress_on_data_states": run_scores(base, rng, gain=0.3),         # a better one
+              "sft_mild": run_scores(base, rng), "sft_stress": run_scores(base, rng, loss=0.1)}
+    c = state_sources(scores, [runs[k] for k in scores if k != "base"])
+    assert set(c) == {"opd_stress_on_teacher_states", "opd_stress_on_data_states"}
+    assert all(v["against"] == "opd_stress" for v in c.values())
+    same, better = c["opd_stress_on_teacher_states"], c["opd_stress_on_data_states"]
+    assert same["gsm8k"]["ci95"][0] < 0 < same["gsm8k"]["ci95"][1] and max(map(abs, same["gsm8k"]["ci90"])) < 0.05
+    assert better["gsm8k"]["ci95"][0] > 0.05 and better["retention"]["ci95"][0] <= 0 <= better["retention"]["ci95"][1]
+
+
 def test_the_papers_conditions_are_decided_from_intervals_too():
     rng = np.random.default_rng(1)
     n = 800
@@ -236,13 +266,16 @@ def test_the_papers_conditions_are_decided_from_intervals_too():
     assert conditions({"base": low})["C1"]["verdict"] == "contradicted"
 
 
-def test_mmd_difference_resamples_seeds_and_shared_replicates():
+def test_mmd_difference_resamples_seeds_and_shared_replicates_with_the_prompts_degrees_of_freedom():
     rng = np.random.default_rng(1)
     a = rng.normal(0.02, 0.002, (3, 200))
-    same = replicate_interval(a, a + rng.normal(0, 1e-5, (3, 200)), 0.0)
+    same = replicate_interval(a, a + rng.normal(0, 1e-5, (3, 200)), 0.0, 64)
     assert same["ci95"][0] < 0 < same["ci95"][1] and same["ci95"][1] - same["ci95"][0] < 1e-4
-    far = replicate_interval(a + 0.01, a, 0.01)
+    far = replicate_interval(a + 0.01, a, 0.01, 64)
     assert far["ci95"][0] > 0.009
+    # 200 replicates of 8 prompts, seeds in agreement: t with the 7 df of the prompts, not the 199 of the replicates
+    few = replicate_interval(np.repeat(a[:1], 3, 0), np.repeat(a[1:2], 3, 0), 0.001, 8)
+    assert few["df"] == pytest.approx(7) and few["ci95"][1] - 0.001 == pytest.approx(t_quantile(0.95, 7) * few["std"])
 
 
 def test_retention_along_a_curve_at_a_matched_accuracy():
