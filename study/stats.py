@@ -292,11 +292,13 @@ def predictions(scores: dict, measures: dict) -> dict:
                          ["gsm8k"])),
                      R_minus("opd_stress", "sft_stress", "R(OPD) - R(SFT stress)")]
     result = {k: {"claim": claims[k], "parts": v, "verdict": combined(v)} for k, v in out.items()}
+
     def tost(name, label, key, margin):   # run `name`'s drift on measure `key` against stress SFT's, by TOST
         q = part(f"{MEASURES[key]}({label}) - {MEASURES[key]}(SFT stress)",
                  drift_interval(measures, name, "sft_stress", key), 5)
         q["verdict"], q["p"] = equivalence(q["interval"], margin)
         return q
+
     if {"opd_stress", "sft_stress"} <= set(measures):
         retention = out["P3"][1]
         for key in measures["sft_stress"]:
