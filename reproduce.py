@@ -82,11 +82,9 @@ def parse_args(argv=None):
     args.profile = "quick" if args.quick else ("tiny" if args.model == "tiny" else "paper")
     args.out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.model)) +
                                         ("_quick" if args.quick else ""))
-    extra = {}
-    for item in args.extra:
-        script, _, flags = item.partition("=")
-        extra.setdefault(script, []).extend(shlex.split(flags))
-    args.extra = extra
+    extra, args.extra = args.extra, {}
+    for script, _, flags in (item.partition("=") for item in extra):
+        args.extra.setdefault(script, []).extend(shlex.split(flags))
     return args
 
 
@@ -99,9 +97,9 @@ def main(argv=None) -> dict:
     runs = run_stages(args, costs)
     if not distributed.main_rank():   # under torchrun (README: More GPUs) rank 0 writes the report
         return {}
-    if os.path.exists(previous):      # stages that another process sharing --out ran in the meantime
-        for kind, measured in summary.read_json(previous)["costs"].items():
-            costs[kind] = {**measured, **costs[kind]}
+    # the stages that another process sharing --out ran in the meantime
+    for kind, measured in summary.read_json(previous, {"costs": {}})["costs"].items():
+        costs[kind] = {**measured, **costs[kind]}
     result = summary.summarize(args, runs, costs)
     plots = report.plot(result, args.out)
     write_text(previous, json.dumps(result, indent=1))

@@ -7,8 +7,8 @@ import sys
 
 from cli import write_text
 from study.stages import FRONTIER, PROFILES, stages
-from study.stats import BOOTSTRAP, EQUIVALENCE, MEASURES, SIMILAR, TASK_KEYS, conditions, predictions
-from study.summary import read_log
+from study.stats import BOOTSTRAP, EQUIVALENCE, MEASURES, SIMILAR, TASK_KEYS, conditions, predictions, state_sources
+from study.summary import locality, read_log
 
 CURVE_LABELS = {"loss": "loss (nats per supervised token)", "reward": "mean exact-answer reward",
                 "accepted": "fraction of samples correct", "reverse_kl_sampled": "sampled reverse KL per token"}
@@ -27,14 +27,12 @@ PAPER = {
 def fmt(v: dict | None, digits: int = 3, signed: bool = False) -> str:
     if v is None:
         return "–"
-    s = f"{v['mean']:+.{digits}f}" if signed else f"{v['mean']:.{digits}f}"
-    return s + (f" ± {v['std']:.{digits}f}" if v["n"] > 1 else "")
+    return f"{v['mean']:{'+' if signed else ''}.{digits}f}" + (f" ± {v['std']:.{digits}f}" if v["n"] > 1 else "")
 
 
 def report(summary: dict, out_dir: str, plots: list[str]) -> str:
     """results.md: Table 2's layout with the paper's numbers in parentheses, then drift, locality, predictions."""
-    models = summary["models"]
-    n = summary["seeds"]
+    models, n = summary["models"], summary["seeds"]
     lines = [f"# The study on `{summary['model']}` ({summary['profile']} settings, {n} seed{'s' * (n > 1)})", "",
              "Written by `reproduce.py`; every number below is in results.json beside this file. "
              + ("Mean ± std over seeds (the base is evaluated once: greedy decoding and scoring are deterministic). "
@@ -69,9 +67,7 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
                          f"{fmt(d['centroid_l2'], 4)} | {fmt(d['sliced_wasserstein'], 4)} | {fmt(d['jaccard'], 4)} |")
     lines += intervals_tables(summary) + pass_table(summary) + grid_table(summary)
     lines += ["", "## State locality (logged by every trainer every --locality-every steps, 10 by default)", "",
-              "state NLL: the mean per-token NLL, under the frozen base policy, of the state tokens where the step "
-              "applied supervision (high = off-policy states). target NLL: the learner's NLL of its supervision "
-              "targets, over the first and the last tenth of the run.", "",
+              " ".join(line.strip() for line in locality.__doc__.split("\n")), "",
               "| run | state source | signal | state NLL under base | target NLL start | target NLL end |",
               "| --- | --- | --- | --- | --- | --- |"]
     for name, row in models.items():
@@ -149,17 +145,17 @@ def intervals_tables(summary: dict) -> list[str]:
     if summary["correlations"]:
         out += ["", "## Which drift measure tracks forgetting", "",
                 f"Correlation of each measure with the mean forgetting F across all trained runs and seeds "
-                f"({len(summary['points'])} points), 95% bootstrap intervals over the points; then Pearson's r resampled by "
-                "method (a method's seeds are one cluster), its range with each method left out, and the partial r on "
-                "the run's GSM8K accuracy (does the measure track forgetting beyond how far the target moved?), "
-                "resampled by method.", "",
-                "| measure | Pearson r | R² | Spearman ρ | r by method | leave one method out | partial r on GSM8K |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
+                f"({len(summary['points'])} points): Pearson's r with its 95% interval resampled by method (a method's "
+                "seeds are one cluster, not independent points), its range with each method left out, the partial r on "
+                "the run's GSM8K accuracy (does it track forgetting beyond how far the target moved?), resampled by "
+                "method; last, r and Spearman's ρ resampling the points as if independent (intervals too narrow).", "",
+                "| measure | Pearson r, by method | leave one method out | partial r on GSM8K | R² | r, points "
+                "independent | Spearman ρ, points independent |", "| --- |" + " --- |" * 6]
         for k, c in summary["correlations"].items():
             loo = list(c.get("leave_one_method_out", {}).values())
-            out.append(f"| {MEASURES[k]} | {ci(c['pearson'], 2)} | {c['pearson'].get('r2', float('nan')):.2f} | "
-                       f"{ci(c['spearman'], 2)} | {ci(c.get('pearson_by_method'), 2)} | "
-                       + (f"{min(loo):+.2f} to {max(loo):+.2f}" if loo else "–") + f" | {ci(c.get('partial'), 2)} |")
+            out.append(f"| {MEASURES[k]} | {ci(c.get('pearson_by_method'), 2)} | "
+                       + (f"{min(loo):+.2f} to {max(loo):+.2f}" if loo else "–") + f" | {ci(c.get('partial'), 2)} | "
+                       f"{c['pearson'].get('r2', float('nan')):.2f} | {ci(c['pearson'], 2)} | {ci(c['spearman'], 2)} |")
     fr = summary.get("frontier")
     if fr and fr["matched"]:
         labels = {n: summary["models"][n]["label"] for n in fr["curves"]}
@@ -181,17 +177,18 @@ def intervals_tables(summary: dict) -> list[str]:
 
 
 def pass_table(summary: dict) -> list[str]:
-    """GSM8K pass@k of every model, and its difference from the base's with a 95% interval (paired over problems)."""
+    """GSM8K pass@k of every model, by Chen et al. (2021)'s unbiased estimator (the greedy accuracy of Table 2 stays
+    the target score). A method that teaches new solutions raises pass@k at every k; one that sharpens what the base
+    could already sample raises pass@1 and not pass@k at the largest k. Δ: against the base, paired over problems,
+    with a 95% interval."""
     models = {k: v for k, v in summary["models"].items() if "pass_at_k" in v}
     if "base" not in models:
         return []
     ks = list(models["base"]["pass_at_k"])
     p = summary["pass_protocol"]
     out = ["", "## pass@k on GSM8K (evaluate.py --samples)", "",
-           f"From n = {p['samples']} samples per problem at temperature {p['temperature']} on the first {p['problems']} "
-           "test problems, by Chen et al. (2021)'s unbiased estimator; the greedy accuracy of Table 2 stays the target "
-           "score. A method that teaches new solutions raises pass@k at every k; one that sharpens what the base could "
-           "already sample raises pass@1 and not pass@k at the largest k. Δ: against the base, paired over problems.", "",
+           " ".join(line.strip() for line in pass_table.__doc__.split("\n")) + f" From n = {p['samples']} samples "
+           f"per problem at temperature {p['temperature']} on the first {p['problems']} test problems.", "",
            "| model | " + " | ".join(f"pass@{k}" for k in ks) + " | " + " | ".join(f"Δ pass@{k}" for k in (ks[0], ks[-1])) + " |",
            "| --- |" + " --- |" * (len(ks) + 2)]
     for row in models.values():
@@ -202,7 +199,8 @@ def pass_table(summary: dict) -> list[str]:
 
 
 def grid_table(summary: dict) -> list[str]:
-    """The paper's two axes: every trained run in its cell of state source x signal, with ΔGSM8K and R."""
+    """Every trained run in its cell, with its GSM8K gain over the base and its mean retention R (the intervals are
+    in the tables above); · = a cell no run fills."""
     runs = [(name, row) for name, row in summary["models"].items() if name != "base"]
     order = ["dataset", "learner", "teacher", "gold tokens", "own correct samples", "teacher continuation", "exact KL",
              "sampled KL", "exact-answer reward"]            # dense signals first, the sparse reward last
@@ -214,11 +212,19 @@ def grid_table(summary: dict) -> list[str]:
         return "<br>".join(f"{row['label']}: Δ {row['intervals']['gain_gsm8k']['estimate']:+.3f}, "
                            f"R {row['intervals']['retention']['estimate']:.3f}" if "intervals" in row else row["label"]
                            for _, row in runs if row["states"] == source and row["signal"] == signal) or "·"
-    return ["", "## The two axes: state source x signal", "",
-            "Every trained run in its cell, with its GSM8K gain over the base and its mean retention R (the intervals are "
-            "in the tables above); · = a cell no run fills.", "",
-            "| state source \\ signal | " + " | ".join(signals) + " |", "| --- |" + " --- |" * len(signals)] + \
-           [f"| {source} | " + " | ".join(cell(source, signal) for signal in signals) + " |" for source in sources]
+    out = ["", "## The two axes: state source x signal", "",
+           " ".join(line.strip() for line in grid_table.__doc__.split("\n")), "",
+           "| state source \\ signal | " + " | ".join(signals) + " |", "| --- |" + " --- |" * len(signals)]
+    out += [f"| {source} | " + " | ".join(cell(source, signal) for signal in signals) + " |" for source in sources]
+    if summary.get("state_sources"):
+        out += ["", " ".join(line.strip() for line in state_sources.__doc__.split("\n")).replace(
+                    "(runs: study.stages.Stage) ", ""), "",
+                "| run (states) | against (states) | Δ GSM8K | within ±b | Δ R | within ±b |", "| --- |" + " --- |" * 5]
+    for name, c in summary.get("state_sources", {}).items():
+        a, b = summary["models"][name], summary["models"][c["against"]]
+        out.append(f"| {a['label']} ({a['states']}) | {b['label']} ({b['states']}) | " + " | ".join(
+            f"{ci(c[k])} | {max(map(abs, c[k]['ci90'])):.3f}" for k in ("gsm8k", "retention")) + " |")
+    return out
 
 
 def cost_table(costs: dict) -> list[str]:
@@ -316,9 +322,9 @@ def plot(summary: dict, out_dir: str) -> list[str]:
         for name, marker in zip(runs, "osD^v<>pPX*h"):
             pts = [p for p in summary["points"] if p["run"] == name]
             ax.plot([p[key] for p in pts], [p["retention"] for p in pts], marker, alpha=0.8, label=summary["models"][name]["label"])
-        c = summary["correlations"][key]["pearson"]
-        ax.set_title(f"{MEASURES[key]}: Pearson r with F {c['estimate']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]",
-                     fontsize=9)
+        c = summary["correlations"][key]
+        ax.set_title(f"{MEASURES[key]}: Pearson r with F {ci(c.get('pearson_by_method', c['pearson']), 2)}"
+                     + (" (by method)" if "pearson_by_method" in c else ""), fontsize=9)
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xlabel(MEASURES[key] + (" (nats per token)" if key.startswith("kl") else ""))
         ax.set_ylabel("mean retention ratio (post / base)")

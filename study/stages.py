@@ -153,29 +153,31 @@ def command(script: str, argv: list, inputs: list) -> dict:
     return {"script": script, "argv": flags, "inputs": {p: sha256(p) if os.path.exists(p) else None for p in inputs}}
 
 
-def _record(out: str) -> str:
-    return os.path.splitext(out)[0] + ".command.json"
+def _beside(out: str, what: str) -> str:
+    """Where a stage's record `what` (command, cost) is kept, beside its output."""
+    return os.path.splitext(out)[0] + f".{what}.json"
+
+
+def read_json(path: str, missing=None):
+    """The JSON file at `path`; `missing` where there is none."""
+    if not os.path.exists(path):
+        return missing
+    with open(path) as f:
+        return json.load(f)
 
 
 def same_command(out: str, cmd: dict) -> bool:
     """Whether `out` exists and was written by command `cmd` (its record says so)."""
-    if not (os.path.exists(out) and os.path.exists(_record(out))):
-        return False
-    with open(_record(out)) as f:
-        return json.load(f) == cmd
+    return os.path.exists(out) and read_json(_beside(out, "command")) == cmd
 
 
 def record(out: str, cmd: dict):
     if distributed.main_rank():
-        write_text(output_dir(_record(out)), json.dumps(cmd, indent=1))
+        write_text(output_dir(_beside(out, "command")), json.dumps(cmd, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
 # Running the stages
-
-
-def _cost_path(out: str) -> str:
-    return os.path.splitext(out)[0] + ".cost.json"
 
 
 def _timed(costs: dict, key: str, fn, out: str, resumed: bool = False):
@@ -188,27 +190,19 @@ def _timed(costs: dict, key: str, fn, out: str, resumed: bool = False):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     fn()
-    earlier = _recorded_cost(out) if resumed else {}
+    earlier = read_json(_beside(out, "cost"), {}) if resumed else {}
     cost = {"seconds": round(time.perf_counter() - t0 + earlier.get("seconds", 0.0), 1)}
     if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        cost["peak_gpu_gib"] = round(max(peak, earlier.get("peak_gpu_gib", 0.0)), 2)
+        cost["peak_gpu_gib"] = round(max(torch.cuda.max_memory_allocated() / 2**30, earlier.get("peak_gpu_gib", 0)), 2)
     for k, v in cost.items():
         costs[k][key] = v
     if distributed.main_rank():
-        write_text(output_dir(_cost_path(out)), json.dumps(cost))
-
-
-def _recorded_cost(out: str) -> dict:
-    """The cost recorded beside a stage's output when it ran (none for a study from before the records)."""
-    if not os.path.exists(_cost_path(out)):
-        return {}
-    with open(_cost_path(out)) as f:
-        return json.load(f)
+        write_text(output_dir(_beside(out, "cost")), json.dumps(cost))
 
 
 def _reused_cost(costs: dict, key: str, out: str):
-    for k, v in _recorded_cost(out).items():
+    """The cost recorded beside a stage's output when it ran (none for a study from before the records)."""
+    for k, v in read_json(_beside(out, "cost"), {}).items():
         costs[k][key] = v
 
 
@@ -261,7 +255,7 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
     if same:
         status["argv"] = argv = argv + ["--resume"]
     else:   # another command's run, finished or not, and its snapshots make way for this one
-        stale = [p for p in [out, _cost_path(out)] + glob.glob(glob.escape(os.path.splitext(out)[0]) + "_at*.pt")
+        stale = [p for p in [out, _beside(out, "cost")] + glob.glob(glob.escape(os.path.splitext(out)[0]) + "_at*.pt")
                  if os.path.exists(p)]
         if stale:
             print(f"{out}: trained by another command or from other inputs; training it anew", flush=True)

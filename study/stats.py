@@ -60,18 +60,16 @@ def seed_interval(values, boot, estimate: float, items: int) -> dict:
     values, S, unreached = values[np.isfinite(values)], len(values), float(np.mean(~np.isfinite(boot)))
     v_item = float(np.nanvar(boot, ddof=1))
     v_seed = float(np.var(values, ddof=1)) / len(values) if S > 1 and len(values) > 1 else 0.0
+    out = {"estimate": estimate, "seeds": S, "unreached": unreached, "seeds_defined": len(values)}
     if S > 1 and len(values) < 2 or not np.isfinite(v_item):
-        return {"estimate": estimate, "ci95": [math.nan] * 2, "ci90": [math.nan] * 2, "std": math.nan,
-                "df": math.nan, "p": math.nan, "seeds": S, "unreached": unreached,
-                "seeds_defined": len(values)}
+        return {**out, "ci95": [math.nan] * 2, "ci90": [math.nan] * 2, "std": math.nan, "df": math.nan, "p": math.nan}
     var = v_item + v_seed
     df = var ** 2 / (v_item ** 2 / max(items - 1, 1) + (v_seed ** 2 / (len(values) - 1) if v_seed else 0)) if var \
         else float(max(items - 1, 1))   # no spread at all: the items alone, as when the seeds agree
     if v_seed and v_seed >= v_item:   # the seeds' part leads: their own S - 1 (Satterthwaite's df, larger, undercovers at S = 3)
         df = len(values) - 1
     se = math.sqrt(var)
-    out = {"estimate": estimate, "std": se, "df": df, "seeds": S, "unreached": unreached, "seeds_defined": len(values),
-           "p": t_two_sided(estimate / se, df) if se > 0 else float(estimate == 0)}
+    out.update(std=se, df=df, p=t_two_sided(estimate / se, df) if se > 0 else float(estimate == 0))
     for name, level in (("ci95", 0.95), ("ci90", 0.90)):
         half = t_quantile(level, max(1, int(min(df, 1001)))) * se
         out[name] = [estimate - half, estimate + half]
@@ -126,8 +124,7 @@ def studentized(scores: dict, statistic, resamples: int = BOOTSTRAP, seed: int =
 def verdict(interval: dict, direction: int = 1) -> str:
     """holds: the 95% interval excludes zero on the predicted side (direction +1: above, -1: below);
     contradicted: it excludes zero on the other side; undecided: it includes zero."""
-    lo, hi = (direction * x for x in interval["ci95"])
-    lo, hi = min(lo, hi), max(lo, hi)
+    lo, hi = sorted(direction * x for x in interval["ci95"])
     return "holds" if lo > 0 else "contradicted" if hi < 0 else "undecided"
 
 
@@ -153,13 +150,14 @@ def differences(scores: dict, name: str) -> dict:
     return out
 
 
-def replicate_interval(a: np.ndarray, b: np.ndarray, estimate: float, values=None) -> dict:
+def replicate_interval(a: np.ndarray, b: np.ndarray, estimate: float, prompts: int, values=None) -> dict:
     """Interval of mean(a) - mean(b) for per-seed bootstrap replicates a, b [seeds, B] of an MMD² (drift.py
-    resamples rollouts with the same draws for every model), built as `studentized`'s: the replicates' variance of
-    the mean over seeds is the item part, the spread of the per-seed differences `values` (default: of the
-    replicates' means) the seed part."""
+    resamples the prompts with the same draws for every model), built as `studentized`'s: the replicates' variance
+    of the mean over seeds is the item part, with the degrees of freedom of the `prompts` it resamples (not of the B
+    replicates: more replicates estimate that variance better, they add no prompts), the spread of the per-seed
+    differences `values` (default: of the replicates' means) the seed part."""
     values = a.mean(1) - b.mean(1) if values is None else values
-    return {**seed_interval(values, (a - b).mean(0), estimate, a.shape[1]), "resamples": a.shape[1]}
+    return {**seed_interval(values, (a - b).mean(0), estimate, prompts), "resamples": a.shape[1]}
 
 
 def drift_interval(measures: dict, a: str, b: str, key: str) -> dict:
@@ -167,9 +165,25 @@ def drift_interval(measures: dict, a: str, b: str, key: str) -> dict:
     if key.startswith("mmd2"):
         ra, rb = (np.array([d["replicates"] for d in measures[n][key]]) for n in (a, b))
         values = np.array([d["value"] for d in measures[a][key]]) - np.array([d["value"] for d in measures[b][key]])
-        return replicate_interval(ra, rb, float(values.mean()), values)
+        return replicate_interval(ra, rb, float(values.mean()), min(d["prompts"] for d in measures[a][key]), values)
     per_prompt = {n: {key: np.array([d["per_prompt"] for d in measures[n][key]])} for n in (a, b)}
     return studentized(per_prompt, lambda m: m[a][key] - m[b][key])
+
+
+def state_sources(scores: dict, runs: list) -> dict:
+    """Each run (runs: study.stages.Stage) against the first run of its signal and teacher on other states: ΔGSM8K
+    and ΔR, paired over items and seeds, with 95% intervals. An interval that includes zero does not show two runs
+    the same: *within ±b* is the narrowest margin two one-sided tests at 5% accept (b: the 90% interval's farther
+    end), so a difference up to b is not ruled out."""
+    out = {}
+    for r in runs:
+        first = next(f for f in runs if (f.signal, f.teacher) == (r.signal, r.teacher))
+        if r.states != first.states:
+            a, b = r.name, first.name
+            out[a] = {"against": b,
+                      "gsm8k": interval(scores, [a, b], lambda m: m[a]["gsm8k"] - m[b]["gsm8k"], ["gsm8k"]),
+                      "retention": interval(scores, [a, b], lambda m: eq12(m, a)[1] - eq12(m, b)[1], RETENTION_TASKS)}
+    return out
 
 
 def combined(parts: list[dict]) -> str:
@@ -193,14 +207,15 @@ def equivalence(iv: dict, margin: float) -> tuple[str, float]:
     """Two one-sided tests (TOST) of a difference against ±margin: *equivalent* when the 90% interval lies inside
     (both one-sided tests at 5%), *different* when the 95% interval lies wholly beyond the margin (so it excludes
     zero too), else *undecided*; with the p-value of the outcome (TOST's larger one-sided p for equivalent, the
-    test of |difference| > margin for different, the smaller of the two when undecided)."""
+    two-sided test of |difference| > margin for different: under 5% exactly when the 95% interval lies beyond the
+    margin, as Holm's raw rule needs; the smaller of the two when undecided)."""
     est, se, df = iv["estimate"], iv["std"], iv.get("df", math.inf)
     if not se >= 0:                   # no interval (NaN): nothing is decided
         return "undecided", math.nan
     if se == 0:
         return ("equivalent" if abs(est) < margin else "different"), 0.0
     p_same = max(one_sided((est + margin) / se, df), one_sided((margin - est) / se, df))
-    p_apart = min(one_sided((est - margin) / se, df), one_sided((-est - margin) / se, df))
+    p_apart = min(1.0, 2 * min(one_sided((est - margin) / se, df), one_sided((-est - margin) / se, df)))
     if -margin < iv["ci90"][0] and iv["ci90"][1] < margin:
         return "equivalent", p_same
     if iv["ci95"][0] > margin or iv["ci95"][1] < -margin:
@@ -210,11 +225,9 @@ def equivalence(iv: dict, margin: float) -> tuple[str, float]:
 
 def holm(p: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values: the k-th smallest times (m - k + 1), made monotone, capped at 1."""
-    order, out, running = np.argsort(p), [1.0] * len(p), 0.0
-    for k, i in enumerate(order):
-        running = max(running, min(1.0, (len(p) - k) * p[i]))
-        out[i] = running
-    return out
+    order = np.argsort(p)
+    adjusted = np.minimum(1.0, np.maximum.accumulate((len(p) - np.arange(len(p))) * np.asarray(p, float)[order]))
+    return adjusted[np.argsort(order)].tolist()
 
 
 def multiplicity(conditions: dict, predictions: dict, alpha: float = 0.05) -> dict:
@@ -279,22 +292,21 @@ def predictions(scores: dict, measures: dict) -> dict:
                          ["gsm8k"])),
                      R_minus("opd_stress", "sft_stress", "R(OPD) - R(SFT stress)")]
     result = {k: {"claim": claims[k], "parts": v, "verdict": combined(v)} for k, v in out.items()}
+
+    def tost(name, label, key, margin):   # run `name`'s drift on measure `key` against stress SFT's, by TOST
+        q = part(f"{MEASURES[key]}({label}) - {MEASURES[key]}(SFT stress)",
+                 drift_interval(measures, name, "sft_stress", key), 5)
+        q["verdict"], q["p"] = equivalence(q["interval"], margin)
+        return q
+
     if {"opd_stress", "sft_stress"} <= set(measures):
         retention = out["P3"][1]
         for key in measures["sft_stress"]:
-            d = drift_interval(measures, "opd_stress", "sft_stress", key)
-            scale = max(abs(np.mean([x["value"] for x in measures[n][key]])) for n in ("opd_stress", "sft_stress"))
             margin = SIMILAR * abs(np.mean([x["value"] for x in measures["sft_stress"][key]]))
-            drift = part(f"{MEASURES[key]}(OPD) - {MEASURES[key]}(SFT stress)", d, 5)
-            drift["verdict"], drift["p"] = equivalence(d, margin)
-            control = None
-            if key in measures.get("sft_mild", {}):
-                control = part(f"{MEASURES[key]}(SFT mild) - {MEASURES[key]}(SFT stress)",
-                               drift_interval(measures, "sft_mild", "sft_stress", key), 5)
-                control["verdict"], control["p"] = equivalence(control["interval"], margin)
+            drift = tost("opd_stress", "OPD", key, margin)
+            control = tost("sft_mild", "SFT mild", key, margin) if key in measures.get("sft_mild", {}) else None
             result[f"P4 {key}"] = {"claim": claims["P4"], "verdict": p4(drift["verdict"], retention["verdict"]),
                                    "similar": drift["verdict"] == "equivalent", "margin": margin, "control": control,
-                                   "half_width_over_drift": (d["ci95"][1] - d["ci95"][0]) / 2 / scale if scale else None,
                                    "parts": [drift, retention]}
     return result
 
@@ -312,19 +324,18 @@ def conditions(scores: dict) -> dict:
     def gain(name, label):
         return part(f"GSM8K({label}) - GSM8K(base)", [name], lambda m: m[name]["gsm8k"] - m["base"]["gsm8k"], ["gsm8k"])
 
-    retention = RETENTION_TASKS
     out = {"C1": [part("GSM8K(base) - 0.30", [], lambda m: m["base"]["gsm8k"] - 0.30, ["gsm8k"]),
                   part("0.60 - GSM8K(base)", [], lambda m: 0.60 - m["base"]["gsm8k"], ["gsm8k"])] +
                  [part(f"{t}(base) - 0.25", [], lambda m, t=t: m["base"][t] - 0.25, [t]) for t in ("truthfulqa", "mmlu")]}
     if "sft_mild" in scores:
         out["C2"] = [gain("sft_mild", "SFT mild"),
-                     part("R(SFT mild) - 0.98", ["sft_mild"], lambda m: eq12(m, "sft_mild")[1] - 0.98, retention)]
+                     part("R(SFT mild) - 0.98", ["sft_mild"], lambda m: eq12(m, "sft_mild")[1] - 0.98, RETENTION_TASKS)]
     if {"sft_mild", "sft_stress"} <= set(scores):
         pair = ["sft_mild", "sft_stress"]
         out["C3"] = [part("GSM8K(SFT mild) - GSM8K(SFT stress)", pair,
                           lambda m: m["sft_mild"]["gsm8k"] - m["sft_stress"]["gsm8k"], ["gsm8k"]),
                      part("R(SFT mild) - R(SFT stress)", pair,
-                          lambda m: eq12(m, "sft_mild")[1] - eq12(m, "sft_stress")[1], retention)]
+                          lambda m: eq12(m, "sft_mild")[1] - eq12(m, "sft_stress")[1], RETENTION_TASKS)]
         out["C3b"] = [part("GSM8K(base) - GSM8K(SFT stress)", ["sft_stress"],
                            lambda m: m["base"]["gsm8k"] - m["sft_stress"]["gsm8k"], ["gsm8k"])]
     if {"grpo", "opd_stress"} <= set(scores):
@@ -334,10 +345,8 @@ def conditions(scores: dict) -> dict:
 
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Ranks 0..n-1, ties sharing their mean rank (Spearman's convention)."""
-    r = np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
-    for v in np.unique(x)[np.unique(x, return_counts=True)[1] > 1]:
-        r[x == v] = r[x == v].mean()
-    return r
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts + 1) / 2)[inverse]   # a value's ranks run from cumsum - count to cumsum - 1
 
 
 def _partial(x, y, z):

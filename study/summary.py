@@ -11,14 +11,9 @@ import statistics
 import numpy as np
 
 import evaluate
-from study.stages import FRONTIER, stages
+from study.stages import FRONTIER, read_json, stages
 from study.stats import (MEASURES, TASK_KEYS, conditions, correlation, differences, frontier, interval,
-                         multiplicity, predictions)
-
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+                         multiplicity, predictions, state_sources)
 
 
 def read_log(path: str) -> list[dict]:
@@ -37,10 +32,10 @@ def mean_std(values: list) -> dict | None:
 
 
 def locality(log: list[dict]) -> dict:
-    """State locality over a run: the mean state NLL under the base, and the target NLL at start and end."""
-    def series(key):
-        return [r[key] for r in log if key in r]
-    state, target = series("state_nll_base"), series("target_nll")
+    """State NLL: the mean per-token NLL, under the frozen base policy, of the state tokens where the step applied
+    supervision (high = off-policy states). Target NLL: the learner's NLL of its supervision targets, over the first
+    and the last tenth of the run."""
+    state, target = ([r[key] for r in log if key in r] for key in ("state_nll_base", "target_nll"))
     tenth = max(1, len(target) // 10)
     return {"state_nll_base": statistics.fmean(state) if state else None,
             "target_nll_start": statistics.fmean(target[:tenth]) if target else None,
@@ -72,7 +67,10 @@ def drift_measures(drift_paths: list[dict]) -> dict:
         for feat, path in paths.items():
             d = read_json(path)
             if "replicates" in d.get("mmd2_bootstrap", {}):
-                out.setdefault(f"mmd2_{feat}", []).append({"value": d["mmd2"], "replicates": d["mmd2_bootstrap"]["replicates"]})
+                # the replicates resample the prompts: their count is the item part's
+                prompts = d["policy"]["rollouts"] // d["settings"]["samples_per_prompt"]
+                out.setdefault(f"mmd2_{feat}", []).append({"value": d["mmd2"], "prompts": prompts,
+                                                           "replicates": d["mmd2_bootstrap"]["replicates"]})
             for where, kl in d.get("policy_kl", {}).items():
                 for k in ("kl_base_policy", "kl_policy_base"):
                     out.setdefault(f"{k}_{where}", []).append({"value": kl[k], "per_prompt": kl["per_prompt"][k]})
@@ -106,8 +104,8 @@ def summarize(args, runs: dict, costs: dict) -> dict:
         for task in evaluate.TASKS:
             row[task] = mean_std([e["tasks"][task]["score"] for e in evals if task in e["tasks"]])
         row["truthfulqa_mc2"] = mean_std([e["tasks"]["truthfulqa"]["mc2"] for e in evals if "truthfulqa" in e["tasks"]])
-        row["forgetting"] = mean_std([e["forgetting"]["mean"]["forgetting"] for e in evals if "forgetting" in e])
-        row["retention"] = mean_std([e["forgetting"]["mean"]["retention"] for e in evals if "forgetting" in e])
+        for k in ("forgetting", "retention"):
+            row[k] = mean_std([e["forgetting"]["mean"][k] for e in evals if "forgetting" in e])
         for feat in args.features.split(","):
             drifts = [read_json(r["drift"][feat]) for r in per_seed if feat in r.get("drift", {})]
             row[f"drift_{feat}"] = {k: mean_std([d[k] for d in drifts]) for k in
@@ -137,6 +135,7 @@ def summarize(args, runs: dict, costs: dict) -> dict:
     summary["conditions"] = conditions(scores)
     summary["predictions"] = predictions(scores, measures)
     summary["multiplicity"] = multiplicity(summary["conditions"], summary["predictions"])
+    summary["state_sources"] = state_sources(scores, [s for s in stages() if s.name in scores])
     summary["correlations"] = {k: correlation([p[k] for p in points], [p["forgetting"] for p in points],
                                               groups=[p["run"] for p in points], control=[p["gsm8k"] for p in points])
                                for k in MEASURES if points and all(k in p for p in points)}
