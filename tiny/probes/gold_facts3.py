@@ -1,7 +1,7 @@
 """The third world's base probes (issue 37) on a validation split: accuracy, accuracy with the facts given, skill share,
 per-step arithmetic, pass@k with the facts given on the rare kinds, and the retention validation scores.
 
-    OMP_NUM_THREADS=1 python tiny/probes/gold_facts3.py --out tiny/probes/results/third/base.json
+    OMP_NUM_THREADS=1 python tiny/probes/gold_facts3.py --out tiny/probes/results/world3/base.json
     OMP_NUM_THREADS=1 python tiny/probes/gold_facts3.py --checkpoint ckpt/w3_mild/final.pt --baseline base.json --out mild.json
 
 Adapted from ../shared/probes/gold_facts.py (world 2's layout) to tiny/world3.py: the problem kinds come from

@@ -4,7 +4,7 @@
 #   nohup bash tiny/probes/third.sh > /tmp/w37/third.log 2>&1 &
 set -e
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-M=${M:-tiny/probes/third/model}; D=${D:-tiny/probes/third/data}; C=${C:-ckpt/w3}; R=${R:-tiny/probes/results/third}
+M=${M:-tiny/probes/third/model}; D=${D:-tiny/probes/third/data}; C=${C:-ckpt/w3}; R=${R:-tiny/probes/results/world3}
 mkdir -p $C $R
 probe() { python tiny/probes/gold_facts3.py --model $M --data-dir $D "$@"; }
 [ -f $R/base.json ] || (time probe --out $R/base.json)
