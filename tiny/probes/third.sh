@@ -15,3 +15,13 @@ if [ ! -f $C/mild_r16.done ]; then
   touch $C/mild_r16.done
 fi
 [ -f $R/mild_r16.json ] || (time probe --checkpoint $C/mild_r16.pt --baseline $R/base.json --out $R/mild_r16.json)
+# Q7 (bash tiny/probes/third.sh stress): stress SFT at seed 137 and its probe against the base
+if [ "$1" = stress ]; then
+  if [ ! -f $C/stress_r64.done ]; then
+    if [ -f $C/stress_r64.pt ]; then r=--resume; else r=; fi
+    time python train_sft.py --preset stress --batch-size 16 --seed 137 --model $M --data-dir $D --out $C/stress_r64.pt \
+      --locality-every 0 --eval-every 0 --save-every 100 --device cpu $r
+    touch $C/stress_r64.done
+  fi
+  [ -f $R/stress_r64.json ] || (time probe --checkpoint $C/stress_r64.pt --baseline $R/base.json --out $R/stress_r64.json)
+fi
