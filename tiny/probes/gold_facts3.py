@@ -164,11 +164,7 @@ out = {"model": args.model, "checkpoint": args.checkpoint, "data_dir": D, "split
                 "facts_given_greedy": round(sum(ok_given[i] for i in rare) / len(rare), 4),
                 f"facts_given_pass@{args.samples}": round(sum(pass_k) / len(rare), 4),
                 "gain_95": interval([pk - ok_given[i] for pk, i in zip(pass_k, rare)]),
-                "first_wrong_step_facts_given_by_kind": {k: dict(collections.Counter(
-           first_wrong(r["answer"], " " + "\n".join(l for l in deann(r["answer"]).split("\n") if parse_fact(l))
-                       + "\n" + g.text) for r, g, o, kk in zip(rows, given_out, ok_given, kinds) if not o and kk == k))
-           for k in sorted(set(kinds))},
-       "by_kind": {k: {"n": sum(kinds[i] == k for i in rare),
+                "by_kind": {k: {"n": sum(kinds[i] == k for i in rare),
                                 "facts_given_greedy": round(sum(ok_given[i] for i in rare if kinds[i] == k)
                                                             / sum(kinds[i] == k for i in rare), 3),
                                 f"facts_given_pass@{args.samples}": round(sum(pk for pk, i in zip(pass_k, rare)
