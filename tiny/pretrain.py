@@ -100,11 +100,15 @@ class PackedDocuments:
 
 
 def quick_eval(model, tok, data_dir: str, n: int, split: str = "test") -> dict:
-    """The study's three scores on the first n GSM8K/TruthfulQA items and n stratified MMLU rows."""
+    """The study's three scores on the first n GSM8K/TruthfulQA items and n stratified MMLU rows. With split
+    "validation", the retention tasks' validation items where the world has them (tiny/world3.py), else the test items."""
     model.eval()
     gsm8k, _ = eval_gsm8k(model, tok, load_gsm8k(split, data_dir)[:n], progress=False)
-    truthfulqa, _ = eval_truthfulqa(model, tok, load_truthfulqa(data_dir)[:n], progress=False)
-    mmlu, _ = eval_mmlu(model, tok, stratified_subset(load_mmlu("test", data_dir), n, seed=0), progress=False)
+    held = split == "validation" and os.path.exists(os.path.join(data_dir, "truthfulqa", "validation.json"))
+    items = load_truthfulqa(data_dir, "validation.json" if held else "mc_task.json")[:n]
+    truthfulqa, _ = eval_truthfulqa(model, tok, items, progress=False)
+    mmlu, _ = eval_mmlu(model, tok, stratified_subset(load_mmlu("validation" if held else "test", data_dir), n, seed=0),
+                        progress=False)
     return {"gsm8k": gsm8k["score"], "truthfulqa_mc1": truthfulqa["mc1"], "truthfulqa_mc2": truthfulqa["mc2"],
             "mmlu": mmlu["score"]}
 

@@ -245,10 +245,11 @@ def fact(person: dict, attr: str) -> str:
 N_KINDS = 17
 
 
-def problem(rng: random.Random, people: list, stated: bool = False):
-    """(question, answer, kind) or None when the drawn people do not fit the kind (the caller draws again)."""
+def problem(rng: random.Random, people: list, stated: bool = False, kind: int | None = None):
+    """(question, answer, kind) or None when the drawn people do not fit the kind (the caller draws again).
+    `kind` None draws one of the N_KINDS uniformly (world 2); tiny/world3.py draws its own."""
     r = rng.randint
-    kind = rng.randrange(N_KINDS)
+    kind = rng.randrange(N_KINDS) if kind is None else kind
     x, y = rng.sample(people, 2)
     X, Y = x["name"], y["name"]
     used = []          # (person, attr) facts the solution needs, in order
