@@ -30,8 +30,11 @@ def run(main, errors=(LoadError,)):
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         main()
-        if dist.is_initialized():   # under torchrun: leave the group before the interpreter's teardown, which gloo's
-            dist.destroy_process_group()   # threads sometimes met under load (an abort of a rank that had finished)
+        if dist.is_initialized():   # under torchrun, once every rank is done: leave without the interpreter's teardown,
+            dist.barrier()          # in which gloo's threads sometimes abort a finished rank under load ("terminate
+            sys.stdout.flush()      # called without an active exception"); every output is written and closed
+            sys.stderr.flush()
+            os._exit(0)
     except errors as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:
