@@ -17,8 +17,8 @@ each reports the median step, tokens/s (the batch's real tokens, padding exclude
 of the useful work, counted from the shapes (step_flops: per real token 4 x the base's projection parameters +
 6 x r x the adapters' (d_in + d_out) + causal attention, and 4 x hidden x vocab per scored token; about 12.7
 MFLOP a token at r 64), over the step time. peft is given the same FLOPs, though its lm_head also runs on the
-prompt positions. Then the machine's own fp32 torch.matmul rate at the step's shapes (matmul_rates), the
-practical limit. Threads: torch's default, as the trainers use (--threads to set); the load average is printed
+prompt positions. Then the machine's own fp32 torch.matmul rate at the step's shapes (matmul_rates; "step mix":
+the forward's products weighted by their FLOPs), the practical limit. Threads: torch's default, as the trainers use (--threads to set); the load average is printed
 before and after.
 
 SFT step = forward, backward and AdamW on a LoRA adapter (r 16, alpha 32, dropout 0.05, all seven projections)
@@ -300,27 +300,36 @@ def step_flops(cfg, rank: int, rows) -> int:
 
 def matmul_rates(cfg, rank: int, tokens: int, scored: int, min_s: float = 0.2) -> dict:
     """GFLOP/s of torch.matmul (fp32) at the step's shapes [m, k] x [k, n] (tokens: the padded batch; scored: its
-    answer tokens), each repeated for at least min_s s, the best of three such windows; "all": the shapes once each in
-    turn, total FLOPs over total time (a FLOP-weighted harmonic mean of the shapes' rates)."""
-    H, inter, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    answer tokens), each repeated for at least min_s s, the best of three such windows: the machine's limit, not a
+    busy moment's share of it. "step mix": the forward's products of one step at these rates, each shape weighted
+    by its FLOPs in the step (total FLOPs over the total time they would take); the backward's products are the
+    same sizes transposed, and "lora grad A" ([d_in, tokens] x [tokens, r], the adapters' weight gradients) shows
+    how the long inner dimension fares."""
+    H, inter, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    shapes = {"base q,o": (tokens, H, q), "base k,v": (tokens, H, kv), "base gate,up": (tokens, H, inter),
-              "base down": (tokens, inter, H), "lora A": (tokens, H, rank), "lora B (mlp)": (tokens, rank, inter),
-              "lora grad A": (H, tokens, rank), "lm_head": (scored, H, V)}
-    ops = {k: (torch.randn(m, kk), torch.randn(kk, n)) for k, (m, kk, n) in shapes.items()}
-
-    def rate(keys):
-        flops = sum(2 * shapes[k][0] * shapes[k][1] * shapes[k][2] for k in keys)
-        for k in keys:
-            torch.matmul(*ops[k])   # warm-up
-        reps, t0 = 0, time.perf_counter()
-        while reps < 3 or time.perf_counter() - t0 < min_s:
-            for k in keys:
-                torch.matmul(*ops[k])
-            reps += 1
-        return flops * reps / (time.perf_counter() - t0) / 1e9
-    # the best of three windows: the machine's limit, not the moment's share of a busy machine
-    return {**{k: max(rate([k]) for _ in range(3)) for k in shapes}, "all": max(rate(list(shapes)) for _ in range(3))}
+    assert q == H, "q_proj and o_proj share a shape only when heads x head_dim = hidden"
+    # name: ([m, k, n], times per step in the forward)
+    shapes = {"base q,o": ((tokens, H, q), 2 * L), "base k,v": ((tokens, H, kv), 2 * L),
+              "base gate,up": ((tokens, H, inter), 2 * L), "base down": ((tokens, inter, H), L),
+              "lora A": ((tokens, H, rank), 6 * L), "lora A (down)": ((tokens, inter, rank), L),
+              "lora B (q,o,down)": ((tokens, rank, H), 3 * L), "lora B (k,v)": ((tokens, rank, kv), 2 * L),
+              "lora B (gate,up)": ((tokens, rank, inter), 2 * L), "lm_head": ((scored, H, V), 1),
+              "lora grad A": ((H, tokens, rank), 0)}
+    rates = {}
+    for name, ((m, k, n), _) in shapes.items():
+        x, w = torch.randn(m, k), torch.randn(k, n)
+        best = 0.0
+        for _ in range(3):
+            torch.matmul(x, w)   # warm-up
+            reps, t0 = 0, time.perf_counter()
+            while reps < 3 or time.perf_counter() - t0 < min_s:
+                torch.matmul(x, w)
+                reps += 1
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+        rates[name] = best
+    flops = {name: 2 * m * k * n * count for name, ((m, k, n), count) in shapes.items()}
+    rates["step mix"] = sum(flops.values()) / sum(f / rates[name] for name, f in flops.items())
+    return rates
 
 
 def tiny_main(a):
@@ -363,17 +372,23 @@ def tiny_main(a):
                     t0 = time.perf_counter()
                     step()
                     times[k].append(time.perf_counter() - t0)
+        achieved = {}
         for (r, name), (_, rows) in sides.items():
             dt = statistics.median(times[(r, name)])
             tokens, flops = int(rows.attn.sum()), step_flops(cfg, r, rows)
+            achieved[(r, name)] = flops / dt / 1e9
             print(json.dumps({"rank": r, "step": name, "step_s": round(dt, 4), "tokens": tokens,
                               "tokens_per_s": round(tokens / dt), "mflop_per_token": round(flops / tokens / 1e6, 2),
                               "gflop_per_s": round(flops / dt / 1e9, 1)}), flush=True)
         if "matmul" not in skip:
+            rows = sides[(ranks[0], "sft")][1]
             for r in ranks:
                 rates = matmul_rates(cfg, r, rows.ids.numel(), int(rows.target.sum()))
-                print(json.dumps({"matmul_gflop_per_s": {k: round(v, 1) for k, v in rates.items()}, "rank": r,
+                print(json.dumps({"rank": r, "matmul_gflop_per_s": {k: round(v, 1) for k, v in rates.items()},
                                   "tokens": rows.ids.numel()}), flush=True)
+                print(f"# r {r}: " + ", ".join(f"{name} at {achieved[(rr, name)] / rates['step mix']:.0%}"
+                                               for rr, name in achieved if rr == r) + " of the step mix's matmul rate",
+                      flush=True)
     load1 = os.getloadavg()
     print(f"# load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; "
           f"{time.perf_counter() - t_start:.0f} s in all", flush=True)
