@@ -104,9 +104,15 @@ def clipped_loss(new, old, adv, weights, clip_eps: float, beta: float = 0.0, ref
     new: the learner's log-probs (differentiable); old: the sampler's; ref: the reference policy's, for β > 0."""
     ratio = torch.exp(new - old)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    if beta > 0:   # k3: an unbiased, always >= 0 estimator of KL(π_θ || π_ref) on π_θ's samples
-        per_token = per_token + beta * (torch.exp(ref - new) - (ref - new) - 1)
+    if beta > 0:
+        per_token = per_token + beta * k3(new, ref)
     return (per_token * weights).sum()
+
+
+def k3(new, ref):
+    """k3_t = π_ref/π_θ - log(π_ref/π_θ) - 1 per token: an unbiased, always >= 0 estimator of KL(π_θ || π_ref) on
+    π_θ's samples (new, ref: the two policies' log-probs of them)."""
+    return torch.exp(ref - new) - (ref - new) - 1
 
 
 def ratio_figures(figures: dict, new, old, adv, clip_eps: float, first: bool):
@@ -153,18 +159,19 @@ def learner_batches(args, rollouts, group, reward_fn):
     adv = advantages(grouped.flatten(), G, args.scale_rewards).view(-1, G)[mine].flatten()
     lengths = [len(r.tokens) for r in rollouts]
     n_total, tokens = distributed.total([len(rollouts), sum(lengths)])
-    weights = token_weights(lengths, args.loss_agg, args.max_new_tokens, int(n_total), int(tokens))
+    weights = torch.tensor(token_weights(lengths, args.loss_agg, args.max_new_tokens, int(n_total), int(tokens)))
     # Zero-advantage completions contribute exactly zero gradient unless the KL term acts on them.
     flat = (grouped[mine] == grouped[mine][:, :1]).all(1)
     keep = sorted((i for i in range(len(rollouts)) if args.beta > 0 or not flat[i // G]), key=lambda i: lengths[i])
     size = -(-len(keep) // args.grad_accum) if keep else 1   # similar lengths per micro-batch: less padding
     micro = []
     for part in (keep[j:j + size] for j in range(0, len(keep), size)):
-        per_token = lambda values: torch.tensor([v for i in part for v in [values[i]] * lengths[i]])   # noqa: E731
+        counts = torch.tensor([lengths[i] for i in part])   # a completion's advantage and weight, on each token
         micro.append(Micro(training.pad_rows([(rollouts[i].prompt_ids, None, rollouts[i].tokens) for i in part],
                                              args.device),
                            torch.tensor([lp for i in part for lp in rollouts[i].logprobs]).to(args.device),
-                           per_token(adv.tolist()).to(args.device), per_token(weights).to(args.device)))
+                           adv[part].repeat_interleave(counts).to(args.device),
+                           weights[part].repeat_interleave(counts).to(args.device)))
     figures = {"reward": [rewards], "accuracy": [torch.tensor([exact_answer_reward(r, group[i // G])
                                                                for i, r in enumerate(rollouts)])],
                "completion_len": [torch.tensor(lengths, dtype=torch.float32)],
@@ -202,8 +209,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
                     with torch.no_grad():   # π_ref: the base policy, the same weights with the adapter off
                         ref = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature,
                                                       policy=None)
-                    d = (ref - new).detach()
-                    figures.setdefault("kl", []).append(torch.exp(d) - d - 1)
+                    figures.setdefault("kl", []).append(k3(new.detach(), ref))
                 loss = clipped_loss(new, m.old, m.adv, m.weights, args.clip_eps, args.beta, ref)        # Eq. 6
                 loss.backward()
                 loss_sum += loss.item()

@@ -177,8 +177,8 @@ class Run:
     def __init__(self, args, meta: dict, teacher: str | None = None):
         self.args, self.meta = args, meta
         args.device = distributed.init(args.device)   # under torchrun: this rank's device
+        self.teacher = load_checkpoint(teacher) if teacher else None
         if teacher:   # --model and --data-dir default to what the teacher was trained on
-            self.teacher = load_checkpoint(teacher)
             args.model = args.model or self.teacher["meta"].get("base_model") or "Qwen/Qwen3-0.6B-Base"
             args.data_dir = args.data_dir or self.teacher["meta"].get("data_dir")
             meta["teacher_method"] = self.teacher["meta"].get("method")
