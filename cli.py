@@ -17,6 +17,7 @@ import sys
 import threading
 from contextlib import contextmanager
 
+import torch
 import torch.distributed as dist
 
 from model import LoadError
@@ -43,7 +44,7 @@ def run(main, errors=(LoadError,)):
         raise SystemExit(f"error: the disk is full ({e.filename or 'writing an output'}); files written before are "
                          "whole, a checkpoint is the previous one")
     except KeyboardInterrupt as e:
-        code = getattr(e, "code", 130)
+        code = 128 + (e.args[0] if e.args else signal.SIGINT)   # 130 for Ctrl-C, 143 for SIGTERM
         print(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): stopped at once; outputs and checkpoints are "
               "written whole, so none is left half-written", file=sys.stderr)
         raise SystemExit(code)
@@ -51,13 +52,9 @@ def run(main, errors=(LoadError,)):
         signal.signal(signal.SIGTERM, previous)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C (exit code 143)."""
-    code = 143
-
-
 def _raise_interrupt(signum, frame):
-    raise Terminated()
+    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C (exit code 143)."""
+    raise KeyboardInterrupt(signum)
 
 
 _requested = []   # the signals that asked a training loop to stop, inside stop_at_step_end()
@@ -139,17 +136,13 @@ def write_text(path: str, text: str):
 
 def device(text: str) -> str:
     """An argparse type: a device this torch has ("cuda" on a CPU-only build is a one-line error, not a traceback)."""
-    import torch
     try:
         dev = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ..)")
-    kind, count = dev.type, torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if kind == "cuda" and (dev.index or 0) >= count:
-        seen = f"{count} CUDA device{'s' if count > 1 else ''}" if count else "no CUDA device"
-        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees {seen}")
-    if kind not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
+    count = torch.cuda.device_count()
+    if dev.type not in ("cpu", "cuda") or dev.type == "cuda" and (dev.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) has cpu and {count} CUDA device(s)")
     return text
 
 

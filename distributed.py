@@ -27,9 +27,7 @@ def init(device: str) -> str:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.is_initialized() and device == "cuda":
-        return f"cuda:{torch.cuda.current_device()}"
-    return device
+    return f"cuda:{torch.cuda.current_device()}" if dist.is_initialized() and device == "cuda" else device
 
 
 def rank() -> int:
@@ -96,10 +94,8 @@ def sum_gradients(params: list):
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
-        offset += g.numel()
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
 
 
 def barrier():

@@ -20,7 +20,7 @@ from model import LoadError, load_model, resolve_model_dir
 def export_peft(model, out_dir: str, name: str = "default"):
     """adapter_config.json + adapter_model.safetensors in PEFT's layout, loadable with PeftModel.from_pretrained."""
     cfg = model.lora_configs[name]
-    os.makedirs(out_dir, exist_ok=True)
+    output_dir(os.path.join(out_dir, "adapter_model.safetensors"), "--peft")
     tensors = {f"base_model.model.model.{k}.weight": v.contiguous() for k, v in adapter_state(model, name).items()}
     replace_atomically(os.path.join(out_dir, "adapter_model.safetensors"), lambda f: f.write(save(tensors)))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -32,7 +32,7 @@ def export_peft(model, out_dir: str, name: str = "default"):
 
 def export_merged(model, model_dir: str, out_dir: str, name: str = "default"):
     """A full HF model directory (config, tokenizer files copied from model_dir) with the adapter merged in."""
-    os.makedirs(out_dir, exist_ok=True)
+    output_dir(os.path.join(out_dir, "model.safetensors"), "--merged")
     for f in os.listdir(model_dir):
         if f.endswith(".json") and not f.startswith("model.safetensors") or f.endswith(".txt"):
             shutil.copy(os.path.join(model_dir, f), out_dir)
@@ -68,10 +68,8 @@ def main(argv=None):
     model, _ = load_model(base, with_tokenizer=False)
     load_adapter(model, ckpt)
     if args.peft:
-        output_dir(os.path.join(args.peft, "adapter_model.safetensors"), "--peft")
         export_peft(model, args.peft)
         print(f"peft: {args.peft}")
     if args.merged:
-        output_dir(os.path.join(args.merged, "model.safetensors"), "--merged")
         export_merged(model, resolve_model_dir(base), args.merged)
         print(f"merged: {args.merged}")
