@@ -41,7 +41,6 @@ import shutil
 import time
 from collections import defaultdict
 from functools import partial
-from itertools import groupby
 
 import numpy as np
 import torch
@@ -132,9 +131,9 @@ def _nonempty(rows: list, path: str) -> list:
     return rows
 
 
-def _read(path: str, called: str = "") -> str:
+def _read(path: str) -> str:
     if not os.path.exists(path):
-        raise LoadError(f"{called}{path} does not exist")
+        raise LoadError(f"{path} does not exist")
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
 
@@ -158,13 +157,11 @@ def load_truthfulqa(data_dir: str | None = None, name: str = "mc_task.json") -> 
     rows = _json(_read(path), path)
     if not isinstance(rows, list):
         raise LoadError(f"{path} is not a JSON list of questions")
-    out = []
     for i, r in enumerate(rows):
         _need(r, ("question", "mc1_targets", "mc2_targets"), f"{path} entry {i}")
-        out.append({"question": r["question"], **{mc: {"choices": list(r[f"{mc}_targets"]),
-                                                       "labels": list(r[f"{mc}_targets"].values())}
-                                                  for mc in ("mc1", "mc2")}})
-    return _nonempty(out, path)
+    return _nonempty([{"question": r["question"], **{mc: {"choices": list(r[f"{mc}_targets"]),
+                                                         "labels": list(r[f"{mc}_targets"].values())}
+                                                    for mc in ("mc1", "mc2")}} for r in rows], path)
 
 
 def load_mmlu(split: str = "test", data_dir: str | None = None) -> list[dict]:
@@ -368,9 +365,10 @@ def mmlu_prompt(ex: dict, fewshot=()) -> str:
     return header + "".join(f"{body(s)} {'ABCD'[s['answer']]}\n\n" for s in fewshot) + body(ex)
 
 
-def eval_mmlu(model, tok, examples, dev_by_subject=None, fewshot=0, batch_size=64, progress=True):
-    shots = dev_by_subject or {}
-    requests = [(mmlu_prompt(ex, shots.get(ex["subject"], [])[:fewshot]), [" A", " B", " C", " D"]) for ex in examples]
+def eval_mmlu(model, tok, examples, dev=(), fewshot=0, batch_size=64, progress=True):
+    """dev: MMLU's dev rows, of which each subject's first `fewshot` are its exemplars."""
+    requests = [(mmlu_prompt(ex, [d for d in dev if d["subject"] == ex["subject"]][:fewshot]), [" A", " B", " C", " D"])
+                for ex in examples]
     lls = loglikelihoods(model, tok, requests, batch_size, desc="mmlu" if progress else None)
     records = []
     for ex, ll in zip(examples, lls):
@@ -480,8 +478,7 @@ def main(argv=None) -> dict:
         os.path.basename(os.path.normpath(args.model))
     out_path = output_dir(args.out or os.path.join("results", f"{name}.json"))
     pred_path = os.path.splitext(out_path)[0] + ".jsonl"
-    baseline = _need(_json(_read(args.baseline, called="baseline "), args.baseline), ("tasks",),
-                     f"--baseline {args.baseline}") if args.baseline else None
+    baseline = _need(_json(_read(args.baseline), args.baseline), ("tasks",), args.baseline) if args.baseline else None
 
     # Data before the model: a missing file fails at once, not after minutes of loading weights.
     data = {}
@@ -492,8 +489,7 @@ def main(argv=None) -> dict:
         data["truthfulqa"] = load_truthfulqa(args.data_dir)[:limits["truthfulqa"] or None]
     if "mmlu" in tasks:
         data["mmlu"] = stratified_subset(load_mmlu("test", args.data_dir), limits["mmlu"], args.seed)
-        dev = groupby(load_mmlu("dev", args.data_dir) if args.fewshot else [], lambda r: r["subject"])
-        dev = {s: list(rows) for s, rows in dev}
+        dev = load_mmlu("dev", args.data_dir) if args.fewshot else []
 
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     checkpoint = None

@@ -60,7 +60,7 @@ def main():
     runs = {
         "gsm8k": (len(gsm8k), lambda: E.eval_gsm8k(model, tok, gsm8k, (), args.max_new_tokens, bs, progress=False)),
         "truthfulqa": (len(tqa), lambda: E.eval_truthfulqa(model, tok, tqa, bs, progress=False)),
-        "mmlu": (len(mmlu), lambda: E.eval_mmlu(model, tok, mmlu, None, 0, bs, progress=False)),
+        "mmlu": (len(mmlu), lambda: E.eval_mmlu(model, tok, mmlu, (), 0, bs, progress=False)),
     }
     for task, (n, fn) in runs.items():
         fn()  # warm-up: kernels, allocator, CUDA graph capture, stop-string trigger table
