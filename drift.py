@@ -57,6 +57,7 @@ from tqdm import tqdm
 import generate
 import distributed
 import lora
+import training
 from evaluate import (DEFAULT_LIMITS, GSM8K_STOP, file_sha256, gsm8k_prompt, gsm8k_rollouts, load_gsm8k, load_mmlu,
                       load_truthfulqa, mmlu_prompt, resolve_data_dir, stratified_subset, truthfulqa_prompt)
 from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number, output_dir, run, write_text
@@ -88,25 +89,23 @@ def lexical_features(texts: list[str], dim: int = 4096) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hidden_features(model, sequences: list[list[int]], state_lengths: list[list[int]], batch_size: int = 16,
-                    starts: list[int] | None = None):
-    """[N, H] float32, one row per state: phi(s) = mean of the final-norm last-layer hidden states over s's tokens
-    from starts[r] on (default 0: all of them).
+def hidden_features(model, rollouts, state_lengths: list[list[int]], batch_size: int = 16):
+    """[N, H] float32, one row per state: phi(s) = mean of the final-norm last-layer hidden states over the tokens of
+    its generated part y_<t (state_lengths[r]: rollout r's t's), read after the prompt x.
 
-    sequences[r] holds rollout r's prompt + the tokens its last state needs; state_lengths[r] the token
-    counts of its states. The model is causal, so one forward over the whole sequence gives every prefix's
-    hidden states, and the mean over tokens a .. L - 1 is a difference of cumulative sums over L - a."""
+    The model is causal, so one forward over a whole rollout (prompt + tokens, left-padded) gives every prefix's
+    hidden states, and the mean over the generated tokens a .. a + t - 1 is a difference of cumulative sums over t."""
     device = next(model.parameters()).device
     rows = []
-    for i in tqdm(range(0, len(sequences), batch_size), desc="hidden states", disable=len(sequences) <= batch_size):
-        seqs = sequences[i:i + batch_size]
-        ids, mask = generate.pad(seqs, device=device)
+    for i in tqdm(range(0, len(rollouts), batch_size), desc="hidden states", disable=len(rollouts) <= batch_size):
+        batch = rollouts[i:i + batch_size]
+        ids, mask = generate.pad([r["prompt_ids"] + r["tokens"] for r in batch], device=device)
         h = upcast(model(ids, mask, return_hidden=True)) * mask[..., None]
         csum = torch.nn.functional.pad(h.cumsum(1), (0, 0, 1, 0))   # [:, k]: the first k tokens' sum; padding adds 0
-        for b, lengths in enumerate(state_lengths[i:i + batch_size]):
-            pad, a = ids.shape[1] - len(seqs[b]), starts[i + b] if starts else 0
-            L = torch.tensor(lengths, device=device)
-            rows.append(((csum[b, pad + L] - csum[b, pad + a]) / (L - a)[:, None]).cpu())
+        for b, (r, lengths) in enumerate(zip(batch, state_lengths[i:i + batch_size])):
+            a = ids.shape[1] - len(r["tokens"])   # the rollout's first token (left-padded: the row ends with it)
+            t = torch.tensor(lengths, device=device)
+            rows.append(((csum[b, a + t] - csum[b, a]) / t[:, None]).cpu())
     return torch.cat(rows)
 
 
@@ -218,23 +217,16 @@ def policy_kl(model, rollouts, reference, policy, batch_size: int = 16, chunk: i
     """[R, 2] float64: per rollout, the mean over its states s_t = (x, y_<t), t = 0 .. |y| - 1, of
     KL(π0(·|s_t) ‖ π(·|s_t)) and KL(π ‖ π0), exact over the vocabulary. π0 is adapter `reference` (None: the
     base, every adapter off: no second copy of the model) and π adapter `policy`. NaN for an empty rollout."""
-    device = next(model.parameters()).device
-    rows = []
+    out = []
     for i in range(0, len(rollouts), batch_size):
         batch = rollouts[i:i + batch_size]
-        ids, attn = generate.pad([r["prompt_ids"] + r["tokens"][:-1] for r in batch], device=device)
-        count = torch.tensor([len(r["tokens"]) for r in batch], device=device)
-        # right-aligned: the last |y| positions predict y_0 .. y_{|y|-1}
-        states = torch.arange(ids.shape[1], device=device) >= ids.shape[1] - count[:, None]
-        with lora.use_adapter(model, reference):
-            h0 = model(ids, attn, return_hidden=True)[states]
-        with lora.use_adapter(model, policy):
-            h = model(ids, attn, return_hidden=True)[states]
-        kl = torch.zeros(*states.shape, 2, dtype=torch.float64, device=device)
-        # π0 in the teacher's place: KL(π0‖π), KL(π‖π0)
-        kl[states] = one_step_kl(h, h0, model.lm_head, chunk).double()
-        rows.append((kl.sum(1) / count[:, None]).cpu())
-    return torch.cat(rows)
+        rows = training.pad_rows([(r["prompt_ids"], None, r["tokens"]) for r in batch], model.lm_head.weight.device)
+        h0, h = (training.scored_hidden(model, rows.ids, rows.attn, rows.target, p) for p in (reference, policy))
+        # π0 in the teacher's place: KL(π0‖π), KL(π‖π0) per state, summed into its rollout's row
+        kl = one_step_kl(h, h0, model.lm_head, chunk).double()
+        total = kl.new_zeros(len(batch), 2).index_add_(0, rows.target.nonzero()[:, 0], kl)
+        out.append((total / rows.target.sum(1, keepdim=True)).cpu())
+    return torch.cat(out)
 
 
 def per_prompt(values: torch.Tensor, rollouts) -> list[float]:
@@ -324,11 +316,8 @@ def embed(rollouts, lengths, args, model, tok):
     vocab = {w for text in texts for w in words(text)}
     if args.features == "lexical":
         return lexical_features(texts, args.hash_dim), vocab
-    seqs = [r["prompt_ids"] + r["tokens"] for r in rollouts]   # the last state is the whole rollout
-    starts = [len(r["prompt_ids"]) for r in rollouts]
-    ends = [[a + t for t in ls] for a, ls in zip(starts, lengths)]
     with lora.use_adapter(model, None):   # always the base model's space
-        return hidden_features(model, seqs, ends, args.batch_size, starts), vocab
+        return hidden_features(model, rollouts, lengths, args.batch_size), vocab
 
 
 # ----------------------------------------------------------------------------------------------

@@ -185,18 +185,21 @@ def test_lexical_features_are_deterministic_normalized_ngram_counts():
 # On a tiny random Qwen3
 
 
-def test_hidden_features_are_mean_pooled_prefix_states(tiny_dir):
+def test_hidden_features_are_mean_pooled_states_of_the_generated_part(tiny_dir):
     from model import load_model
     model, _ = load_model(tiny_dir)
-    seqs = [[5, 9, 12, 40, 7, 3], [8, 2, 100]]           # different lengths: one row is left-padded
-    lengths = [[2, 4, 6], [1, 3]]
-    X = drift.hidden_features(model, seqs, lengths)
-    direct = [model(torch.tensor([s[:L]]), return_hidden=True)[0].mean(0) for s, ls in zip(seqs, lengths) for L in ls]
+    seqs, starts = [[5, 9, 12, 40, 7, 3], [8, 2, 100]], [2, 1]   # different lengths: one row is left-padded
+    rollouts = [{"prompt_ids": s[:a], "tokens": s[a:]} for s, a in zip(seqs, starts)]
+    lengths = [[1, 4], [1, 2]]
+    X = drift.hidden_features(model, rollouts, lengths)
+    # pooled over y_<t, the tokens after the prompt, with the prompt in context
+    direct = [model(torch.tensor([s[:a + t]]), return_hidden=True)[0][a:].mean(0)
+              for s, a, ls in zip(seqs, starts, lengths) for t in ls]
     assert torch.allclose(X, torch.stack(direct), atol=1e-5)
-    # pooled from token `start` on (the generated part after a prompt), the prompt still in context
-    X = drift.hidden_features(model, seqs, [[3, 6], [2, 3]], starts=[2, 1])
-    direct = [model(torch.tensor([s[:L]]), return_hidden=True)[0][a:].mean(0)
-              for s, a, ls in zip(seqs, [2, 1], [[3, 6], [2, 3]]) for L in ls]
+    # without a prompt, the state's every token
+    X = drift.hidden_features(model, [{"prompt_ids": [], "tokens": s} for s in seqs], [[2, 4, 6], [1, 3]])
+    direct = [model(torch.tensor([s[:t]]), return_hidden=True)[0].mean(0) for s, ls in zip(seqs, [[2, 4, 6], [1, 3]])
+              for t in ls]
     assert torch.allclose(X, torch.stack(direct), atol=1e-5)
 
 
