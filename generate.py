@@ -154,10 +154,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 256, temperature: 
                 # ones (the CUDA graph keeps its fixed batch).
                 keep = running.nonzero().flatten()
                 alive, token, positions, cache = alive[keep], token[keep], positions[keep], cache.select(keep)
-            if graph is None:
-                logits = model(token[:, None], cache=cache, positions=positions[:, None])[:, -1]
-            else:
-                logits = graph(token, positions)
+            logits = (model(token[:, None], cache=cache, positions=positions[:, None])[:, -1] if graph is None
+                      else graph(token, positions))
             positions = positions + 1
         result = []
         for prompt, row, lp, n, why in zip(batch, tokens.tolist(), logps.tolist(), length.tolist(), reason.tolist()):
