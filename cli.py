@@ -97,14 +97,12 @@ def number(kind=int, minimum=None, maximum=None, above=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
-        if above is not None and value <= above:
-            raise argparse.ArgumentTypeError(f"{text} must be greater than {above}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{text} is above {maximum}")
+        for failed, why in ((not math.isfinite(value), "is not a finite number"),
+                            (minimum is not None and value < minimum, f"is below {minimum}"),
+                            (above is not None and value <= above, f"must be greater than {above}"),
+                            (maximum is not None and value > maximum, f"is above {maximum}")):
+            if failed:
+                raise argparse.ArgumentTypeError(f"{text} {why}")
         return value
     return parse
 

@@ -54,7 +54,6 @@ import zlib
 import torch
 from tqdm import tqdm
 
-import generate
 import distributed
 import lora
 import training
@@ -93,20 +92,19 @@ def hidden_features(model, rollouts, state_lengths: list[list[int]], batch_size:
     """[N, H] float32, one row per state: phi(s) = mean of the final-norm last-layer hidden states over the tokens of
     its generated part y_<t (state_lengths[r]: rollout r's t's), read after the prompt x.
 
-    The model is causal, so one forward over a whole rollout (prompt + tokens, left-padded) gives every prefix's
+    The model is causal, so one forward over a whole rollout (prompt + tokens, right-padded) gives every prefix's
     hidden states, and the mean over the generated tokens a .. a + t - 1 is a difference of cumulative sums over t."""
     device = next(model.parameters()).device
-    rows = []
+    features = []
     for i in tqdm(range(0, len(rollouts), batch_size), desc="hidden states", disable=len(rollouts) <= batch_size):
         batch = rollouts[i:i + batch_size]
-        ids, mask = generate.pad([r["prompt_ids"] + r["tokens"] for r in batch], device=device)
-        h = upcast(model(ids, mask, return_hidden=True)) * mask[..., None]
-        csum = torch.nn.functional.pad(h.cumsum(1), (0, 0, 1, 0))   # [:, k]: the first k tokens' sum; padding adds 0
+        rows = training.pad_rows([(r["prompt_ids"], None, r["tokens"]) for r in batch], device)
+        h = upcast(model(rows.ids, rows.attn, return_hidden=True))
+        csum = torch.nn.functional.pad(h.cumsum(1), (0, 0, 1, 0))   # [:, k]: the first k tokens' sum (right padding)
         for b, (r, lengths) in enumerate(zip(batch, state_lengths[i:i + batch_size])):
-            a = ids.shape[1] - len(r["tokens"])   # the rollout's first token (left-padded: the row ends with it)
-            t = torch.tensor(lengths, device=device)
-            rows.append(((csum[b, a + t] - csum[b, a]) / t[:, None]).cpu())
-    return torch.cat(rows)
+            a, t = len(r["prompt_ids"]), torch.tensor(lengths, device=device)   # y_<t: tokens a .. a + t - 1
+            features.append(((csum[b, a + t] - csum[b, a]) / t[:, None]).cpu())
+    return torch.cat(features)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -266,9 +266,7 @@ def loglikelihoods(model, tok, requests, batch_size: int = 64, desc: str | None 
     always tok(context) and all continuations of one context share its tokens (and, in `score`, its KV cache)."""
     contexts, conts = [], []
     for context, choices in requests:
-        bare = context.rstrip(" ")
-        context, choices = bare, [context[len(bare):] + c for c in choices]
-        contexts.append(tok.encode(context))
+        contexts.append(tok.encode(context.rstrip(" ")))   # the context's trailing spaces begin every continuation
         conts.append([whole[len(contexts[-1]):] for whole in tok.encode_batch([context + c for c in choices])])
         if not all(conts[-1]):
             raise ValueError(f"a continuation of {context[-40:]!r} has no tokens of its own")

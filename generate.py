@@ -78,9 +78,7 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, generator)
     if temperature == 0:
         token = logits.argmax(-1)
     else:
-        filtered = logp
-        if top_k:
-            filtered = filtered.masked_fill(filtered < filtered.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
+        filtered = logp.masked_fill(logp < logp.topk(top_k, dim=-1).values[:, -1:], float("-inf")) if top_k else logp
         if top_p < 1.0:
             sorted_logp, order = filtered.sort(dim=-1, descending=True)
             p = sorted_logp.softmax(-1)
