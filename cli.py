@@ -138,9 +138,12 @@ def device(text: str) -> str:
         dev = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ..)")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda are supported")
     count = torch.cuda.device_count()
-    if dev.type not in ("cpu", "cuda") or dev.type == "cuda" and (dev.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) has cpu and {count} CUDA device(s)")
+    if dev.type == "cuda" and (dev.index or 0) >= count:
+        seen = f"{count} CUDA device{'s' if count > 1 else ''}" if count else "no CUDA device"
+        raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees {seen}")
     return text
 
 
