@@ -34,11 +34,20 @@ A step has two halves, and they are functions below; then its loss, where each s
      adapter dropout defaults to 0, as GRPO's (the ratio is taken against the dropout-free sampler).
 Losses are summed over supervised tokens (states, for kl) and divided by their count in the optimizer step.
 
-Teacher and student are ONE base model with two LoRA adapters, "teacher" (frozen, no dropout, from --teacher) and
-"default" (the student: fresh, or --init); switching is a flag per layer, never a second copy of the base.
-The loop is main()'s, the run's bookkeeping (flags, checkpoints, --resume, logging) training.Run's;
-`python train_opd.py --teacher X.pt` needs nothing else, because --model and --data-dir default to what the
-teacher's checkpoint records.
+The teacher (--teacher, training.Run loads it; a training.Policy) is either of two things:
+- an adapter checkpoint of the student's base (the paper's: a stress-SFT run). Teacher and student are then ONE base
+  model with two LoRA adapters, "teacher" (frozen, no dropout) and "default" (the student: fresh, or --init);
+  switching is a flag per layer, never a second copy of the base. `python train_opd.py --teacher X.pt` needs
+  nothing else: --model and --data-dir default to what the checkpoint records.
+- a model of its own, as the field distils (a larger Qwen3 into a smaller one): `--model S --teacher T`, with T in
+  any form --model takes. It must share S's tokenizer (the same token at every id, the same ids for the train
+  text), else one line stops the run before anything is written; cross-tokenizer distillation (GOLD) is not
+  supported. It is frozen, in the student's --dtype, and keeps its own output layer. Both output layers are cut to
+  the ids the tokenizer defines (Qwen3 pads its embedding past them), so the signals run over the ids both define
+  and padded rows never get probability (the student's adapter is trained and exported for its whole head, which
+  no adapter changes). Its continuations stop at either model's EOS; the student's rollouts at the student's. A LoRA run on another base is first exported
+  (`python lora.py export --merged DIR`).
+The checkpoint records the teacher (kind, path or hub id, sha256 or revision); --resume refuses another.
 
 Logged per step (JSONL, training.py): loss; supervised tokens; response length; sample/learn seconds; tokens/s
 (sampled plus trained tokens over the step's wall time). With state locality (every --locality-every steps):
@@ -85,7 +94,8 @@ def parse_args(argv=None):
     p = training.parser(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--teacher", required=True,
-                   help="the teacher's LoRA checkpoint (.pt); its metadata names the base model and data")
+                   help="an adapter checkpoint (.pt) of the student's base (its metadata names the base and data), "
+                        "or a model (HF directory, hub id, tiny) with the student's tokenizer (then --model is needed)")
     p.add_argument("--states", choices=["student", "teacher", "data"], default="student",
                    help="state source: the student's rollouts, the teacher's rollouts, or the gold solutions")
     p.add_argument("--signal", choices=["continuation", "kl", "sampled-kl"], default="continuation",
@@ -134,12 +144,13 @@ class Trajectory:
     logprobs: list | None = None     # the sampler's log-probs of y (None for the gold solutions)
 
 
-def collect_states(args, model, tok, prompts: list, gold: list | None, seed: int) -> list:
-    """--states: the student's rollouts of `prompts`, the teacher's rollouts, or their `gold` solutions."""
+def collect_states(args, model, tok, teacher, prompts: list, gold: list | None, seed: int) -> list:
+    """--states: the student's rollouts of `prompts` (they stop at its EOS), the teacher's, or the `gold` solutions."""
     if args.states == "data":
         return [Trajectory(x, y) for x, y in gold]                                           # SFT's states
-    rollouts = gsm8k_rollouts(model, tok, prompts, "default" if args.states == "student" else "teacher",
-                              args.max_new_tokens, args.temperature, seed, args.sample_batch_size)
+    sampler, tok, policy = (model, tok, "default") if args.states == "student" else teacher
+    rollouts = gsm8k_rollouts(sampler, tok, prompts, policy, args.max_new_tokens, args.temperature, seed,
+                              args.sample_batch_size)
     return [Trajectory(x, r.tokens, r.logprobs) for x, r in zip(prompts, rollouts)]
 
 
@@ -158,14 +169,14 @@ class Supervision:
     advantage: torch.Tensor | None = None    # sampled-kl: A_t, per target
 
 
-def continuation_signal(args, model, tok, trajectories, seed: int) -> Supervision:
+def continuation_signal(args, model, teacher, trajectories, seed: int) -> Supervision:
     """The paper's signal: at --cuts random cut points t of each trajectory the teacher writes
     --continuation-tokens tokens c from the state (x, y_<t); they are the targets, (x, y_<t) the states."""
     rng = random.Random(seed)
     cuts = [(tr, t) for tr in trajectories
             for t in sorted(rng.sample(range(len(tr.response)), min(args.cuts, len(tr.response))))]
-    continuations = gsm8k_rollouts(model, tok, [tr.prompt + tr.response[:t] for tr, t in cuts], "teacher",
-                                   args.continuation_tokens, args.teacher_temperature,
+    continuations = gsm8k_rollouts(teacher.model, teacher.tok, [tr.prompt + tr.response[:t] for tr, t in cuts],
+                                   teacher.adapter, args.continuation_tokens, args.teacher_temperature,
                                    distributed.seed(seed, "continuations"), args.sample_batch_size)
     rows = training.pad_rows([(tr.prompt, tr.response[:t], c.tokens) for (tr, t), c in zip(cuts, continuations)],
                              args.device)
@@ -178,57 +189,61 @@ def continuation_loss(model, rows, normalizer: float):
     return -logp.sum() / normalizer                                                             # Eq. 7
 
 
-def kl_signal(args, model, tok, trajectories, seed: int) -> Supervision:
+def kl_signal(args, model, teacher, trajectories, seed: int) -> Supervision:
     """Every state (x, y_<t) supervises the distribution of position t: the targets are all of y, and the states
     are their own prefixes (the last token of y ends the trajectory without forming a state)."""
     rows = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
     return Supervision(rows, sampled_tokens(args, trajectories))
 
 
-def _kl(h_student, h_teacher, lm_head):
+def _kl(h_student, h_teacher, head_student, head_teacher):
     dtype = torch.promote_types(h_student.dtype, torch.float32)   # bf16 -> float32; float64 stays
-    logp_s, logp_t = (lm_head(h).log_softmax(-1, dtype=dtype) for h in (h_student, h_teacher))
+    logp_s, logp_t = (head(h).log_softmax(-1, dtype=dtype) for h, head in ((h_student, head_student),
+                                                                            (h_teacher, head_teacher)))
     forward = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
     reverse = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
     return torch.stack([forward, reverse], dim=-1)
 
 
-def one_step_kl(h_student, h_teacher, lm_head, chunk: int = 1024):
+def one_step_kl(h_student, h_teacher, lm_head, chunk: int = 1024, teacher_head=None):
     """Per state [N, 2]: KL(π_T||π_S) and KL(π_S||π_T) of the next-token distributions that the final hidden states
-    give, exact over the vocabulary. Over row chunks, each recomputed in backward: memory O(chunk x vocabulary),
-    not O(states x vocabulary). (drift.py takes the policy KLs with it, the base in the teacher's place.)"""
+    give through their output layers (the teacher's: `teacher_head`, else the student's lm_head), exact over the
+    vocabulary. Over row chunks, each recomputed in backward: memory O(chunk x vocabulary), not O(states x
+    vocabulary). (drift.py takes the policy KLs with it, the base in the teacher's place.)"""
     parts = [torch.utils.checkpoint.checkpoint(_kl, h_student[i:i + chunk], h_teacher[i:i + chunk], lm_head,
-                                               use_reentrant=False) for i in range(0, len(h_student), chunk)]
+                                               teacher_head or lm_head, use_reentrant=False)
+             for i in range(0, len(h_student), chunk)]
     return torch.cat(parts) if parts else h_student.new_zeros(0, 2)
 
 
-def divergences(model, rows, chunk: int):
+def divergences(model, teacher, rows, chunk: int):
     """one_step_kl at every supervised state of the rows: the student as it is (in training: differentiable, with
     its adapter dropout), the teacher frozen."""
     h_student = training.scored_hidden(model, rows.ids, rows.attn, rows.target)
     with torch.no_grad():
-        h_teacher = training.scored_hidden(model, rows.ids, rows.attn, rows.target, policy="teacher")
-    return one_step_kl(h_student, h_teacher, model.lm_head, chunk)
+        h_teacher = training.scored_hidden(teacher.model, rows.ids, rows.attn, rows.target, teacher.adapter)
+    return one_step_kl(h_student, h_teacher, model.lm_head, chunk, teacher.model.lm_head)
 
 
-def kl_loss(model, rows, normalizer: float, direction: str, chunk: int):
+def kl_loss(model, teacher, rows, normalizer: float, direction: str, chunk: int):
     """Σ_t KL(π_T(·|s_t) || π_S(·|s_t)) (direction reverse: KL(π_S || π_T)), exact, / the step's states."""
-    kl = divergences(model, rows, chunk)
+    kl = divergences(model, teacher, rows, chunk)
     return kl[:, 0 if direction == "forward" else 1].sum() / normalizer
 
 
-def sampled_kl_signal(args, model, tok, trajectories, seed: int) -> Supervision:
+def sampled_kl_signal(args, model, teacher, trajectories, seed: int) -> Supervision:
     """Teacher and student score the student's sampled tokens, each by one no-dropout forward, at the sampler's
     temperature: equal policies give exactly zero. The sampler's own log-probs (merged weights) are π_old of the
     ratio only. A_t = -Σ_{k≥t} γ^(k-t) (log π_S - log π_T)_k along each trajectory."""
     rows = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
     with torch.no_grad():
-        student, teacher = (training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature, policy)
-                            for policy in ("default", "teacher"))
+        student = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)
+        reverse_kl = student - training.token_logprobs(teacher.model, rows.ids, rows.attn, rows.target,
+                                                       args.temperature, teacher.adapter)
     grid = torch.zeros(rows.target.shape, dtype=student.dtype, device=student.device)
-    grid[rows.target] = student - teacher
+    grid[rows.target] = reverse_kl
     sampler = torch.tensor([lp for tr in trajectories for lp in tr.logprobs], device=student.device)
-    return Supervision(rows, sampled_tokens(args, trajectories), sampler, student - teacher,
+    return Supervision(rows, sampled_tokens(args, trajectories), sampler, reverse_kl,
                        sampled_kl_advantage(grid, args.discount)[rows.target])
 
 
@@ -256,9 +271,9 @@ def sampled_tokens(args, trajectories) -> int:
 
 
 @torch.no_grad()
-def divergence_figures(args, model, micro: list) -> dict:
+def divergence_figures(args, model, teacher, micro: list) -> dict:
     """kl_forward and kl_reverse, exact, at the supervised states, of the student without dropout."""
-    kl = [divergences(model, sup.rows, args.logit_chunk) for sup in micro]
+    kl = [divergences(model, teacher, sup.rows, args.logit_chunk) for sup in micro]
     return {"kl_forward": [d[:, 0] for d in kl], "kl_reverse": [d[:, 1] for d in kl]}
 
 
@@ -275,9 +290,9 @@ def by_position(micro: list, width: int = 32) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    meta = {"method": "opd", "teacher": args.teacher, "signal": args.signal, "states": args.states}
-    run = training.Run(args, meta, teacher=args.teacher)   # the teacher: adapter "teacher", frozen
-    model, tok, optimizer = run.model, run.tok, run.optimizer
+    meta = {"method": "opd", "signal": args.signal, "states": args.states}
+    run = training.Run(args, meta, teacher=args.teacher)   # the teacher, frozen: adapter "teacher" or its own model
+    model, tok, teacher, optimizer = run.model, run.tok, run.teacher, run.optimizer
     gold = training.gold_solutions(tok, run.examples, args.max_len) if args.states == "data" else None
     with run.start([len(p) for p in run.prompts]):   # inside, Ctrl-C and SIGTERM end the step, then the run
         while run.going():
@@ -287,10 +302,10 @@ def main(argv=None):
                 if not batch:      # under torchrun, a micro-batch smaller than the number of ranks
                     continue
                 seed = distributed.seed(args.seed, "opd", run.step, k)
-                trajectories = collect_states(args, model, tok, [run.prompts[i] for i in batch],
+                trajectories = collect_states(args, model, tok, teacher, [run.prompts[i] for i in batch],
                                               gold and [gold[i] for i in batch], seed)             # the state source
                 responses += [len(tr.response) for tr in trajectories]
-                micro.append(SIGNALS[args.signal](args, model, tok, trajectories, seed))   # the teacher's signal
+                micro.append(SIGNALS[args.signal](args, model, teacher, trajectories, seed))   # the teacher's signal
             sampled = time.perf_counter()
             supervised, response_tokens, n_responses, tokens = distributed.total(
                 [sum(int(s.rows.target.sum()) for s in micro), sum(responses), len(responses),
@@ -298,7 +313,7 @@ def main(argv=None):
             normalizer = max(1, supervised)
             figures = run.locality([s.rows for s in micro])
             if figures:   # at the same steps: how far the student is from its teacher where it is trained
-                figures.update(divergence_figures(args, model, micro))
+                figures.update(divergence_figures(args, model, teacher, micro))
             if args.signal == "sampled-kl":
                 figures["reverse_kl_sampled"] = [s.reverse_kl for s in micro]
             model.train()
@@ -307,7 +322,7 @@ def main(argv=None):
                 if args.signal == "continuation":
                     loss = continuation_loss(model, sup.rows, normalizer)                                  # Eq. 7
                 elif args.signal == "kl":
-                    loss = kl_loss(model, sup.rows, normalizer, args.kl, args.logit_chunk)      # Σ_t KL, exact
+                    loss = kl_loss(model, teacher, sup.rows, normalizer, args.kl, args.logit_chunk)   # Σ_t KL, exact
                 else:   # sampled-kl: GRPO's clipped loss (Eq. 6), A_t = -(log π_S - log π_T), one update per batch
                     rows = sup.rows
                     new = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)

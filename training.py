@@ -51,11 +51,11 @@ import torch.nn.functional as F
 import cli
 import distributed
 from cli import COUNT, NONNEGATIVE, PROBABILITY, RATE, SIZE, number, output_dir
-from evaluate import eval_gsm8k, gsm8k_prompt, load_gsm8k, resolve_data_dir
+from evaluate import eval_gsm8k, file_sha256, gsm8k_prompt, load_gsm8k, resolve_data_dir
 from generate import pad
 from lora import (ALL_TARGETS, LoraConfig, add_lora, load_adapter, load_checkpoint, lora_parameters, merged,
                   save_checkpoint, use_adapter)
-from model import LoadError, load_model, upcast
+from model import BUNDLED, LoadError, load_model, load_tokenizer, resolve_model_dir, upcast
 
 
 class NonFiniteLoss(RuntimeError):
@@ -165,24 +165,82 @@ def snapshot_path(out: str, step: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# OPD's teacher: an adapter of the student's base, or a model of its own that shares the student's tokenizer
+
+
+class Policy(NamedTuple):
+    """A policy to sample from or score with: a module, its tokenizer, and the adapter that makes the module this
+    policy (None: its weights as they are)."""
+    model: torch.nn.Module
+    tok: object
+    adapter: str | None
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two --model values name one model (a bundled name or local directory by its real path, else a hub id)."""
+    return len({os.path.realpath(BUNDLED.get(m, m)) if m in BUNDLED or os.path.isdir(m) else m for m in (a, b)}) == 1
+
+
+def shared_tokenizer(student: str, teacher: str, examples: list[dict]):
+    """The teacher's tokenizer, once shown to be the student's: the same token at every id of the student's vocabulary,
+    and the same ids for a fixed sample of the train text. Its EOS ids are both models' (a teacher's continuation
+    stops at either; the student's rollouts stop at the student's). Anything else is a one-line LoadError."""
+    s, t = (load_tokenizer(resolve_model_dir(m)) for m in (student, teacher))
+    vocab = t.tok.get_vocab(with_added_tokens=True)
+    texts = [ex["question"] + " " + ex["answer"] for ex in examples[:64]]
+    wrong = next((f"{token!r} is id {i} in the student's and {vocab.get(token)} in the teacher's"
+                  for token, i in s.tok.get_vocab(with_added_tokens=True).items() if vocab.get(token) != i), None)
+    if not wrong and s.encode_batch(texts) != t.encode_batch(texts):
+        wrong = "they encode the train text differently"
+    if wrong:
+        raise LoadError(f"--teacher {teacher} does not share the tokenizer of --model {student} ({wrong}); "
+                        "distillation across tokenizers is not supported")
+    t.eos_ids = sorted(set(s.eos_ids) | set(t.eos_ids))
+    return t
+
+
+def teacher_record(teacher: str, adapter: bool) -> dict:
+    """What the checkpoint records of the teacher (a --resume with another one is refused): its kind, its path or hub
+    id, and the sha256 of its file (an adapter), of its weight files (a local model), or the hub revision."""
+    if adapter:
+        return {"kind": "adapter", "path": teacher, "sha256": file_sha256(teacher)}
+    where = resolve_model_dir(teacher)
+    if teacher not in BUNDLED and not os.path.isdir(teacher):   # a hub id: the snapshot directory is the revision
+        return {"kind": "model", "path": teacher, "revision": os.path.basename(os.path.normpath(where))}
+    files = sorted(f for f in os.listdir(where) if f.endswith(".safetensors"))
+    digest = hashlib.sha256("".join(file_sha256(os.path.join(where, f)) for f in files).encode()).hexdigest()
+    return {"kind": "model", "path": teacher, "sha256": digest}
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
 
 
 class Run:
     """One training run's bookkeeping. Its fields name themselves: args, model, tok, optimizer, params (the trained
     adapter's), examples (GSM8K train, the first --limit), prompts (their prompt ids), step, total (the planned
-    steps), saved (the step of the last checkpoint on disk, None before the first), teacher (the --teacher
-    checkpoint, loaded as adapter "teacher"). meta["method"] names the run (sft, grpo, opd)."""
+    steps), saved (the step of the last checkpoint on disk, None before the first), teacher (OPD's --teacher, a
+    Policy). meta["method"] names the run (sft, grpo, opd)."""
 
     def __init__(self, args, meta: dict, teacher: str | None = None):
         self.args, self.meta = args, meta
         args.device = distributed.init(args.device)   # under torchrun: this rank's device
-        self.teacher = load_checkpoint(teacher) if teacher else None
-        if teacher:   # --model and --data-dir default to what the teacher was trained on
-            args.model = args.model or self.teacher["meta"].get("base_model") or "Qwen/Qwen3-0.6B-Base"
-            args.data_dir = args.data_dir or self.teacher["meta"].get("data_dir")
-            meta["teacher_method"] = self.teacher["meta"].get("method")
+        adapter = load_checkpoint(teacher) if teacher and os.path.isfile(teacher) else None   # else a model
+        if adapter:   # --model and --data-dir default to what the teacher was trained on
+            base = adapter["meta"].get("base_model") or "Qwen/Qwen3-0.6B-Base"
+            if args.model and not same_model(args.model, base):
+                raise LoadError(f"--teacher {teacher} is an adapter of {base}, not of --model {args.model}: export it "
+                                f"as a model (python lora.py export --merged DIR) and pass that directory")
+            args.model, args.data_dir = args.model or base, args.data_dir or adapter["meta"].get("data_dir")
+            meta["teacher_method"] = adapter["meta"].get("method")
+        elif teacher and not args.model:
+            raise LoadError(f"--teacher {teacher} is a model, not a checkpoint of this project: name the student "
+                            "with --model")
         args.data_dir = resolve_data_dir(args.model, args.data_dir)
+        self.examples = load_gsm8k("train", args.data_dir)[:args.limit or None]
+        if teacher:   # its tokenizer checked against the student's before anything is written
+            teacher_tok = None if adapter else shared_tokenizer(args.model, teacher, self.examples)
+            meta["teacher"] = teacher_record(teacher, adapter is not None)
         args.out = output_dir(args.out or f"ckpt/{meta['method']}.pt")
         args.log = output_dir(args.log or os.path.splitext(args.out)[0] + ".jsonl", "--log")
         self.resumed = self._resumable() if args.resume else None
@@ -204,14 +262,21 @@ class Run:
         else:
             add_lora(self.model, LoraConfig(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)),
                      dtype=adapter_dtype)
-        if teacher:
-            load_adapter(self.model, self.teacher, name="teacher", dropout=0.0)   # frozen: no dropout either
+        self.teacher = None   # OPD's: a Policy, the student's base under adapter "teacher" or a model of its own
+        if adapter:
+            load_adapter(self.model, adapter, name="teacher", dropout=0.0)   # frozen: no dropout either
+            self.teacher = Policy(self.model, self.tok, "teacher")
+        elif teacher:   # frozen, in the student's dtype, with its own output layer
+            model, _ = load_model(teacher, device=args.device, dtype=dtype, with_tokenizer=False)
+            model.requires_grad_(False)
+            for m in (self.model, model):   # both cut to the ids the tokenizer defines: padded rows get no probability
+                m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight[:self.tok.vocab_size], requires_grad=False)
+            self.teacher = Policy(model, teacher_tok, None)
         self.model.gradient_checkpointing = args.grad_checkpointing
         self.params = lora_parameters(self.model)
         cuda = args.device.startswith("cuda")
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay,
                                            **({"fused": True} if cuda else {}))
-        self.examples = load_gsm8k("train", args.data_dir)[:args.limit or None]
         digest = hashlib.sha256(json.dumps(self.examples, sort_keys=True).encode()).hexdigest()[:16]
         if self.resumed and self.resumed["meta"].get("data_sha256") != digest:
             raise LoadError(f"--resume: the training examples are not those of the run in {args.out} "
@@ -234,6 +299,8 @@ class Run:
         if "rng" in ts:
             raise LoadError(f"--resume: {args.out} was written by an earlier version (saved random states), which "
                             "this one cannot continue to the bit; start the run anew")
+        if ckpt["meta"].get("teacher") != self.meta.get("teacher"):
+            raise LoadError(f"--resume: the teacher is not the run's ({ckpt['meta'].get('teacher')}); resume with it")
         changed = [k for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and k in before and before[k] != v]
         if changed:
             k = changed[0]

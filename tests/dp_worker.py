@@ -63,13 +63,14 @@ def opd_step(model, tok, signal, prompts=5):
         trajectories.append(train_opd.Trajectory(torch.randint(3, 900, (4,), generator=gen).tolist(),
                                                  torch.randint(3, 900, (n,), generator=gen).tolist(),
                                                  (-torch.rand(n, generator=gen)).tolist()))
-    sup = train_opd.SIGNALS[args.signal](args, model, tok, distributed.share(trajectories), seed=0)
+    teacher = training.Policy(model, tok, "teacher")
+    sup = train_opd.SIGNALS[args.signal](args, model, teacher, distributed.share(trajectories), seed=0)
     rows = sup.rows
     normalizer = distributed.total([int(rows.target.sum())])[0]
     if args.signal == "continuation":
         loss = train_opd.continuation_loss(model, rows, normalizer)
     elif args.signal == "kl":
-        loss = train_opd.kl_loss(model, rows, normalizer, args.kl, args.logit_chunk)
+        loss = train_opd.kl_loss(model, teacher, rows, normalizer, args.kl, args.logit_chunk)
     else:
         new = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)
         loss = train_grpo.clipped_loss(new, sup.logprobs, sup.advantage, 1.0 / normalizer, args.clip_eps)

@@ -87,8 +87,10 @@ def kl_on_student_states(model, tok, n=8, seed=1234):
     examples = [{"question": f"Sam has {i} pens and gets {i + 2} more. How many pens?", "answer": "#### 0"}
                 for i in range(n)]
     prompts = [x for x, _ in training.gold_solutions(tok, examples, 1024)]
-    sup = train_opd.kl_signal(args, model, tok, train_opd.collect_states(args, model, tok, prompts, None, seed), seed)
-    return train_opd.divergences(model, sup.rows, 1024)[:, 0].mean().item()
+    teacher = training.Policy(model, tok, "teacher")
+    trajectories = train_opd.collect_states(args, model, tok, teacher, prompts, None, seed)
+    sup = train_opd.kl_signal(args, model, teacher, trajectories, seed)
+    return train_opd.divergences(model, teacher, sup.rows, 1024)[:, 0].mean().item()
 
 
 def direct_kl(model, trajectories, reverse=False):
@@ -116,7 +118,8 @@ def test_cli_needs_only_the_teacher(world, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = lora.load_checkpoint(out)
-    assert ckpt["meta"]["method"] == "opd" and ckpt["meta"]["teacher"] == world.teacher
+    assert ckpt["meta"]["method"] == "opd" and ckpt["meta"]["teacher"] == {
+        "kind": "adapter", "path": world.teacher, "sha256": evaluate.file_sha256(world.teacher)}
     assert ckpt["meta"]["base_model"] == world.model_dir and ckpt["meta"]["data_dir"] == world.data_dir
     model, _ = load_model(world.model_dir)
     lora.load_adapter(model, out)                                   # loadable on the teacher's base
@@ -181,7 +184,7 @@ def test_data_states_are_the_gold_solutions(world):
     model, tok = teacher_and_student(world)
     examples = [{"question": "Tom has 2 apples and buys 5 more. How many apples?", "answer": "2 + 5 = 7\n#### 7"}]
     gold = training.gold_solutions(tok, examples, 1024)
-    [tr] = train_opd.collect_states(opd_args(states="data"), model, tok, [gold[0][0]], gold, seed=0)
+    [tr] = train_opd.collect_states(opd_args(states="data"), model, tok, None, [gold[0][0]], gold, seed=0)
     assert tok.decode(tr.response[:-1]) == " 2 + 5 = 7\n#### 7" and tr.response[-1] == tok.eos_ids[0]
     assert tok.decode(tr.prompt) == "Question: Tom has 2 apples and buys 5 more. How many apples?\nAnswer:"
 
@@ -204,14 +207,15 @@ def test_exact_kl_matches_a_direct_computation(world, direction):
     trajectories = [train_opd.Trajectory([3, 40, 41, 42], [50, 51, 52, 53, 54, 1]),
                     train_opd.Trajectory([3, 60], [70, 71, 1])]
     args = opd_args(signal="kl", kl=direction, logit_chunk=4)   # chunks split rows across the batch
-    sup = train_opd.kl_signal(args, model, tok, trajectories, seed=0)
+    teacher = training.Policy(model, tok, "teacher")
+    sup = train_opd.kl_signal(args, model, teacher, trajectories, seed=0)
     assert int(sup.rows.target.sum()) == 9 and int(sup.rows.state.sum()) == 9 - 2
     model.train()
-    loss = train_opd.kl_loss(model, sup.rows, 9, direction, args.logit_chunk)
+    loss = train_opd.kl_loss(model, teacher, sup.rows, 9, direction, args.logit_chunk)
     reference = direct_kl(model, trajectories, reverse=direction == "reverse")
     other = direct_kl(model, trajectories, reverse=direction == "forward")
     assert loss.item() == pytest.approx(reference.mean().item(), rel=1e-4, abs=1e-6)
-    logged = train_opd.divergence_figures(args, model, [sup])["kl_forward" if direction == "forward" else "kl_reverse"]
+    logged = train_opd.divergence_figures(args, model, teacher, [sup])["kl_forward" if direction == "forward" else "kl_reverse"]
     assert logged[0].shape == (9,) and logged[0].mean().item() == pytest.approx(reference.mean().item(), rel=1e-4)
     assert abs(reference.mean() - other.mean()) > 1e-3          # the two directions are different objectives
     loss.backward()
