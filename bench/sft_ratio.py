@@ -10,8 +10,9 @@ preset's schedule). Then they take turns, one optimizer step each, on the same b
 for both before each step: same allocator, threads and moment of a shared machine. Each side's step is its
 trainer's loop body (pad_rows, the loss, backward, the step's figures over ranks, clip, schedule, AdamW), with state
 locality as each checkout's trainer measures it by default (e989b11: at every step, in the training forward; now
-every --locality-every 10 steps). Prints each side's median step, their ratio, and the largest relative difference
-of their losses (fp32: issue 40 asks for 1e-5 over ten steps).
+every --locality-every 10 steps); neither writes its log line. Prints each side's median step (the first left out:
+it warms up), their ratio, and the largest relative difference of their losses (fp32: issue 40 asks for 1e-5
+over ten steps).
 """
 import argparse
 import importlib
