@@ -198,7 +198,7 @@ def pass_table(summary: dict) -> list[str]:
     test problems."""
     models = {k: v for k, v in summary["models"].items() if "pass_at_k" in v}
     if "base" not in models:
-        return []
+        return ["", "## pass@k on GSM8K", "", "Not run: `reproduce.py --variants` runs it."]
     ks = list(models["base"]["pass_at_k"])
     out = ["", "## pass@k on GSM8K (evaluate.py --samples)", "",
            paragraph(pass_table, **summary["pass_protocol"]), "",
@@ -229,7 +229,7 @@ def grid_table(summary: dict) -> list[str]:
            paragraph(grid_table), "",
            "| state source \\ signal | " + " | ".join(signals) + " |", "| --- |" + " --- |" * len(signals)]
     out += [f"| {source} | " + " | ".join(cell(source, signal) for signal in signals) + " |" for source in sources]
-    if summary.get("state_sources"):
+    if summary.get("state_sources"):      # the variants' runs on teacher and dataset states (reproduce.py --variants)
         out += ["", paragraph(state_sources).replace("(runs: study.stages.Stage) ", ""), "",
                 "| run (states) | against (states) | Δ GSM8K | within ±b | Δ R | within ±b |", "| --- |" + " --- |" * 5]
     for name, c in summary.get("state_sources", {}).items():
