@@ -76,7 +76,7 @@ def main(argv=None):
     # paid anyway: state locality is logged every step).
     tokens = f"--max-new-tokens {args.max_new_tokens}"
     study = reproduce.main(["--model", model_dir, "--data-dir", data, "--out", os.path.join(work, "study"),
-                            "--device", device, "--extra", f"train_sft.py=--max-steps {args.steps} --save-every 0",
+                            "--device", device, "--variants", "--jobs", "1", "--extra", f"train_sft.py=--max-steps {args.steps} --save-every 0",
                             "--extra", f"train_grpo.py={steps} --beta 1e-6", "--extra", f"train_opd.py={steps}",
                             "--extra", f"evaluate.py=--limit {args.eval_n} {tokens}",
                             "--extra", f"drift.py=--prompts {args.drift_prompts} --bootstrap 50 {tokens}"])

@@ -7,7 +7,7 @@ import sys
 
 from cli import write_text
 from study.stages import FRONTIER, PROFILES, stages
-from study.stats import BOOTSTRAP, EQUIVALENCE, MEASURES, SIMILAR, TASK_KEYS, conditions, predictions, state_sources
+from study.stats import BOOTSTRAP, MEASURES, SIMILAR, TASK_KEYS, conditions, predictions, state_sources
 from study.summary import locality, read_log
 
 CURVE_LABELS = {"loss": "loss (nats per supervised token)", "reward": "mean exact-answer reward",
@@ -30,15 +30,32 @@ def fmt(v: dict | None, digits: int = 3, signed: bool = False) -> str:
     return f"{v['mean']:{'+' if signed else ''}.{digits}f}" + (f" ± {v['std']:.{digits}f}" if v["n"] > 1 else "")
 
 
+def paragraph(fn, i: int = 0, **values) -> str:
+    """Paragraph i of fn's docstring on one line, its {fields} filled from `values`: results.md's prose is the
+    docstring of the code that computes or renders what it explains."""
+    return " ".join(line.strip() for line in fn.__doc__.split("\n\n")[i].split("\n")).format(**values)
+
+
 def report(summary: dict, out_dir: str, plots: list[str]) -> str:
-    """results.md: Table 2's layout with the paper's numbers in parentheses, then drift, locality, predictions."""
+    """results.md: Table 2's layout with the paper's numbers in parentheses, then drift, locality, predictions.
+
+    Written by `reproduce.py`; every number below is in results.json beside this file. {seeds}The paper's numbers
+    (Qwen3-0.6B-Base on the real tasks) are in parentheses where it gives them; on another model or world, compare
+    directions and gaps, not levels. Settings (study/stages.py PROFILES[{profile}]): {settings}.
+
+    F = base − post and R = post / base per retention task, averaged over TruthfulQA (MC1) and MMLU (Eq. 12). MMD² is
+    the unbiased RBF-kernel estimate between the model's rollout states and the base model's (drift.py). The paper's
+    drift figures are quoted from its text, which calls them MMD without saying whether squared; its KL-OPD GSM8K
+    figure (0.040) too.
+
+    Multiplicity: this report decides {tests} verdicts (each distinct difference of C1-C4 and P1-P4 once, P4's drift
+    test once per measure). Beside each raw verdict (its own interval, 5%) is {method}'s, from the same t-tests'
+    p-values adjusted over all {tests}: a verdict whose adjusted p is not under {alpha} becomes undecided."""
     models, n = summary["models"], summary["seeds"]
+    seeds = "Mean ± std over seeds (the base is evaluated once: greedy decoding and scoring are deterministic). "
     lines = [f"# The study on `{summary['model']}` ({summary['profile']} settings, {n} seed{'s' * (n > 1)})", "",
-             "Written by `reproduce.py`; every number below is in results.json beside this file. "
-             + ("Mean ± std over seeds (the base is evaluated once: greedy decoding and scoring are deterministic). "
-                if n > 1 else "") + "The paper's numbers (Qwen3-0.6B-Base on the real tasks) are in parentheses where it gives them; on "
-             "another model or world, compare directions and gaps, not levels. "
-             f"Settings (study/stages.py PROFILES[{summary['profile']!r}]): {PROFILES[summary['profile']]['settings']}.",
+             paragraph(report, 1, seeds=seeds if n > 1 else "", profile=repr(summary["profile"]),
+                       settings=PROFILES[summary["profile"]]["settings"]),
              "", "## Table 2: target accuracy, retention, drift", "",
              "| model | GSM8K | TruthfulQA MC1 | MMLU | mean forgetting F | mean retention R | MMD² (lexical) | MMD² (hidden) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -53,10 +70,7 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
         lines.append(f"| {label} | {cell(name, row['gsm8k'], 'gsm8k')} | {cell(name, row['truthfulqa'], 'truthfulqa')} | "
                      f"{cell(name, row['mmlu'], 'mmlu')} | {cell(name, row.get('forgetting'), signed=True)} | "
                      f"{cell(name, row.get('retention'))} | {cell(name, lex, 'mmd2', 5)} | {cell(name, hid, digits=4)} |")
-    lines += ["", "F = base − post and R = post / base per retention task, averaged over TruthfulQA (MC1) and MMLU "
-              "(Eq. 12). MMD² is the unbiased RBF-kernel estimate between the model's rollout states and the base "
-              "model's (drift.py). The paper's drift figures are quoted from its text, which calls them MMD without saying "
-              "whether squared; its KL-OPD GSM8K figure (0.040) too.", "",
+    lines += ["", paragraph(report, 2), "",
               "## Drift in detail", "",
               "| model | features | MMD² | bootstrap std | centroid L2 | sliced Wasserstein | Jaccard |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -67,22 +81,14 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
                          f"{fmt(d['centroid_l2'], 4)} | {fmt(d['sliced_wasserstein'], 4)} | {fmt(d['jaccard'], 4)} |")
     lines += intervals_tables(summary) + pass_table(summary) + grid_table(summary)
     lines += ["", "## State locality (logged by every trainer every --locality-every steps, 10 by default)", "",
-              " ".join(line.strip() for line in locality.__doc__.split("\n")), "",
+              paragraph(locality), "",
               "| run | state source | signal | state NLL under base | target NLL start | target NLL end |",
               "| --- | --- | --- | --- | --- | --- |"]
-    for name, row in models.items():
-        if "locality" in row:
-            loc = row["locality"]
-            lines.append(f"| {row['label']} | {row['states']} | {row['signal']} | {fmt(loc['state_nll_base'])} | "
-                         f"{fmt(loc['target_nll_start'])} | {fmt(loc['target_nll_end'])} |")
-    mult = summary.get("multiplicity")
+    lines += ["| " + " | ".join([row["label"], row["states"], row["signal"], *map(fmt, row["locality"].values())])
+              + " |" for row in models.values() if "locality" in row]   # state NLL under base, target NLL start, end
     lines += ["", "## The paper's conditions: is this the paper's experiment?", "",
-              " ".join(line.strip() for line in conditions.__doc__.split("\n")), ""]
-    if mult:
-        lines += [f"Multiplicity: this report decides {mult['tests']} verdicts (each distinct difference of C1-C4 and "
-                  f"P1-P4 once, P4's drift test once per measure). Beside each raw verdict (its own interval, 5%) is "
-                  f"{mult['method']}'s, from the same t-tests' p-values adjusted over all {mult['tests']}: a verdict "
-                  f"whose adjusted p is not under {mult['alpha']} becomes undecided.", ""]
+              paragraph(conditions), ""]
+    lines += [paragraph(report, 3, **summary["multiplicity"]), ""]
 
     def parts(decision):   # each difference with its interval, the verdict read from it, its p raw and Holm-adjusted
         return "; ".join(f"{q['difference']} {ci(q['interval'], q['digits'])} {q['verdict']}" +
@@ -94,8 +100,8 @@ def report(summary: dict, out_dir: str, plots: list[str]) -> str:
     for key, c in summary.get("conditions", {}).items():
         lines.append(f"- **{key}**: **{c['verdict']}**{holm(c)} ({parts(c)})")
     lines += ["", "## The paper's predictions, decided from intervals", "",
-              predictions.__doc__.split("\n\n")[1].strip().replace("\n    ", " "),
-              "", f"P4's margin, {SIMILAR} x stress SFT's drift: {EQUIVALENCE}.", ""]
+              paragraph(predictions, 1),
+              "", paragraph(predictions, 2, similar=SIMILAR), ""]
     for key, p in summary["predictions"].items():
         extra = ""
         if "margin" in p:
@@ -119,15 +125,33 @@ def ci(iv: dict | None, digits: int = 3, signed: bool = True) -> str:
 
 
 def intervals_tables(summary: dict) -> list[str]:
-    """results.md's tables of differences from the base, policy KLs, correlations and retention at matched gain."""
+    """results.md's tables of differences from the base, policy KLs, correlations and retention at matched gain.
+
+    Paired over the same items; t-intervals over seeds with the items' variance added (study.stats.studentized: SE² =
+    the item bootstrap's variance ({bootstrap} resamples) + the per-seed values' variance / S, t with S - 1 degrees of
+    freedom when the seeds' part leads, else Satterthwaite's). The base's standard errors (lm-evaluation-harness's
+    sample std / √n): {stderr}.
+
+    KL(π0‖π) at the base's own rollout states (RL's Razor's quantity), KL(π‖π0) at the post-trained policy's; target:
+    the GSM8K drift prompts, retention: TruthfulQA and MMLU contexts.
+
+    Correlation of each measure with the mean forgetting F across all trained runs and seeds ({points} points):
+    Pearson's r with its 95% interval resampled by method (a method's seeds are one cluster, not independent points),
+    its range with each method left out, the partial r on the run's GSM8K accuracy (does it track forgetting beyond
+    how far the target moved?), resampled by method; last, r and Spearman's ρ resampling the points as if independent
+    (intervals too narrow).
+
+    Each method's mean retention R where its trajectory (base, {fractions} and all of its steps) first reaches a GSM8K
+    gain over the base ({base:.3f}), linear between points, and its difference from the first method in the list that
+    reaches the same gain, paired over items and seeds; 95% intervals. *Unreached*: the share of item resamples in
+    which the curve never reaches the gain (they carry no R); *seeds*: how many seeds' own curves reach it (one of
+    several: no interval). † marks a gain the method reaches between the base and its first snapshot: there R is one
+    straight segment from the base, not a measured point."""
     models = {k: v for k, v in summary["models"].items() if "intervals" in v}
     base = summary["models"]["base"]
     out = ["", "## Differences from the base, with 95% intervals", "",
-           f"Paired over the same items; t-intervals over seeds with the items' variance added (study.stats.studentized: "
-           f"SE² = the item bootstrap's variance ({BOOTSTRAP} resamples) + the per-seed values' variance / S, t with S - 1 "
-           "degrees of freedom when the seeds' part leads, else Satterthwaite's). "
-           "The base's standard errors (lm-evaluation-harness's sample std / √n): " +
-           ", ".join(f"{t} {base[t]['mean']:.3f} ± {v:.3f}" for t, v in base["stderr"].items()) + ".", "",
+           paragraph(intervals_tables, 1, bootstrap=BOOTSTRAP, stderr=", ".join(
+               f"{t} {base[t]['mean']:.3f} ± {v:.3f}" for t, v in base["stderr"].items())), "",
            "| model | Δ GSM8K | Δ TruthfulQA MC1 | Δ TruthfulQA MC2 | Δ MMLU | mean forgetting F | mean retention R |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in models.values():
@@ -137,18 +161,13 @@ def intervals_tables(summary: dict) -> list[str]:
     kls = [k for k in MEASURES if k.startswith("kl") and any(k in r.get("measures", {}) for r in models.values())]
     if kls:
         out += ["", "## Policy KL (drift.py): per token, exact over the vocabulary, mean over states and prompts", "",
-                "KL(π0‖π) at the base's own rollout states (RL's Razor's quantity), KL(π‖π0) at the post-trained "
-                "policy's; target: the GSM8K drift prompts, retention: TruthfulQA and MMLU contexts.", "",
+                paragraph(intervals_tables, 2), "",
                 "| model | " + " | ".join(MEASURES[k] for k in kls) + " |", "| --- |" + " --- |" * len(kls)]
         for row in models.values():
             out.append(f"| {row['label']} | " + " | ".join(fmt(row["measures"].get(k), 4) for k in kls) + " |")
     if summary["correlations"]:
         out += ["", "## Which drift measure tracks forgetting", "",
-                f"Correlation of each measure with the mean forgetting F across all trained runs and seeds "
-                f"({len(summary['points'])} points): Pearson's r with its 95% interval resampled by method (a method's "
-                "seeds are one cluster, not independent points), its range with each method left out, the partial r on "
-                "the run's GSM8K accuracy (does it track forgetting beyond how far the target moved?), resampled by "
-                "method; last, r and Spearman's ρ resampling the points as if independent (intervals too narrow).", "",
+                paragraph(intervals_tables, 3, points=len(summary["points"])), "",
                 "| measure | Pearson r, by method | leave one method out | partial r on GSM8K | R² | r, points "
                 "independent | Spearman ρ, points independent |", "| --- |" + " --- |" * 6]
         for k, c in summary["correlations"].items():
@@ -160,13 +179,8 @@ def intervals_tables(summary: dict) -> list[str]:
     if fr and fr["matched"]:
         labels = {n: summary["models"][n]["label"] for n in fr["curves"]}
         out += ["", "## Retention at matched target gain (--frontier)", "",
-                f"Each method's mean retention R where its trajectory (base, {', '.join(f'{f:g}' for f in FRONTIER)} and "
-                f"all of its steps) first reaches a GSM8K gain over the base ({fr['base_gsm8k']:.3f}), linear between "
-                "points, and its difference from the first method in the list that reaches the same gain, paired over "
-                "items and seeds; 95% intervals. *Unreached*: the share of item resamples in which the curve never reaches "
-                "the gain (they carry no R); *seeds*: how many seeds' own curves reach it (one of several: no interval). "
-                "† marks a gain the method reaches between the base and its first snapshot: there R is one straight "
-                "segment from the base, not a measured point.", "",
+                paragraph(intervals_tables, 4, fractions=", ".join(f"{f:g}" for f in FRONTIER), base=fr["base_gsm8k"]),
+                "",
                 "| gain | method | R | difference | against | unreached | seeds |", "| --- |" + " --- |" * 6]
         for gain, cells in fr["matched"].items():
             for n, c in cells.items():
@@ -180,15 +194,14 @@ def pass_table(summary: dict) -> list[str]:
     """GSM8K pass@k of every model, by Chen et al. (2021)'s unbiased estimator (the greedy accuracy of Table 2 stays
     the target score). A method that teaches new solutions raises pass@k at every k; one that sharpens what the base
     could already sample raises pass@1 and not pass@k at the largest k. Δ: against the base, paired over problems,
-    with a 95% interval."""
+    with a 95% interval. From n = {samples} samples per problem at temperature {temperature} on the first {problems}
+    test problems."""
     models = {k: v for k, v in summary["models"].items() if "pass_at_k" in v}
     if "base" not in models:
-        return []
+        return ["", "## pass@k on GSM8K", "", "Not run: `reproduce.py --variants` runs it."]
     ks = list(models["base"]["pass_at_k"])
-    p = summary["pass_protocol"]
     out = ["", "## pass@k on GSM8K (evaluate.py --samples)", "",
-           " ".join(line.strip() for line in pass_table.__doc__.split("\n")) + f" From n = {p['samples']} samples "
-           f"per problem at temperature {p['temperature']} on the first {p['problems']} test problems.", "",
+           paragraph(pass_table, **summary["pass_protocol"]), "",
            "| model | " + " | ".join(f"pass@{k}" for k in ks) + " | " + " | ".join(f"Δ pass@{k}" for k in (ks[0], ks[-1])) + " |",
            "| --- |" + " --- |" * (len(ks) + 2)]
     for row in models.values():
@@ -213,12 +226,11 @@ def grid_table(summary: dict) -> list[str]:
                            f"R {row['intervals']['retention']['estimate']:.3f}" if "intervals" in row else row["label"]
                            for _, row in runs if row["states"] == source and row["signal"] == signal) or "·"
     out = ["", "## The two axes: state source x signal", "",
-           " ".join(line.strip() for line in grid_table.__doc__.split("\n")), "",
+           paragraph(grid_table), "",
            "| state source \\ signal | " + " | ".join(signals) + " |", "| --- |" + " --- |" * len(signals)]
     out += [f"| {source} | " + " | ".join(cell(source, signal) for signal in signals) + " |" for source in sources]
-    if summary.get("state_sources"):
-        out += ["", " ".join(line.strip() for line in state_sources.__doc__.split("\n")).replace(
-                    "(runs: study.stages.Stage) ", ""), "",
+    if summary.get("state_sources"):      # the variants' runs on teacher and dataset states (reproduce.py --variants)
+        out += ["", paragraph(state_sources).replace("(runs: study.stages.Stage) ", ""), "",
                 "| run (states) | against (states) | Δ GSM8K | within ±b | Δ R | within ±b |", "| --- |" + " --- |" * 5]
     for name, c in summary.get("state_sources", {}).items():
         a, b = summary["models"][name], summary["models"][c["against"]]

@@ -1,5 +1,6 @@
 """The study's stages: the trained runs, the settings they run with, and running every stage (train, evaluate,
-pass@k, drift, the --frontier snapshots' evaluations) as a call of the script that owns it, timed.
+pass@k, drift, the --frontier snapshots' evaluations) as a call of the script that owns it, timed: each once the
+stages it reads are done, --jobs of them side by side in single-threaded worker processes (run_stages, schedule).
 
 A stage's output is reused only when the same command made it from the same inputs. Each stage writes beside its
 output (`<output name>.command.json`) the script and flags it ran with and the sha256 of every checkpoint it read:
@@ -11,11 +12,14 @@ peak GPU memory) is recorded beside its output too (`<output name>.cost.json`), 
 """
 import glob
 import json
+import multiprocessing
 import os
 import shlex
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import lru_cache, partial
 
 import torch
 
@@ -35,6 +39,8 @@ SCRIPTS = {"train_sft.py": train_sft, "train_grpo.py": train_grpo, "train_opd.py
 # --frontier: the fractions of every run kept (train_*.py --snapshots) and evaluated: six, the first at 1/16, so that
 # a matched gain rests on measured points rather than on one straight segment from the base
 FRONTIER = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
+# the paper's five runs with the base (reproduce.py runs them; --variants adds the other runs and pass@k)
+CORE = ("sft_mild", "sft_stress", "grpo", "opd_stress")
 
 
 @dataclass
@@ -119,7 +125,7 @@ PROFILES = {
         },
         "evaluate": ["--limit", "12", "--max-new-tokens", "32"],
         "drift": ["--prompts", "4", "--samples-per-prompt", "2", "--max-new-tokens", "24", "--bootstrap", "20",
-                  "--state-stride", "4"],
+                  "--state-stride", "4", "--retention-prompts", "4", "--retention-tokens", "8"],
         "passk": ["--limit", "4", "--samples", "2", "--max-new-tokens", "16"],
     },
 }
@@ -129,16 +135,15 @@ PROFILES = {
 # A stage's command, recorded beside its output: what decides whether the output is reused
 
 
-_sha256 = {}
-
-
 def sha256(path: str) -> str:
     """evaluate.file_sha256, once per version of a file: a study reads every checkpoint several times."""
     st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
-    if key not in _sha256:
-        _sha256[key] = evaluate.file_sha256(path)
-    return _sha256[key]
+    return _sha256(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=None)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    return evaluate.file_sha256(path)
 
 
 def command(script: str, argv: list, inputs: list) -> dict:
@@ -180,43 +185,46 @@ def record(out: str, cmd: dict):
 # Running the stages
 
 
-def _timed(costs: dict, key: str, fn, out: str, resumed: bool = False):
-    """Run a stage, recording its wall seconds and, on CUDA, its peak GPU memory (what the real run costs), in
-    `costs` and beside its output (`<output name>.cost.json`), where a later process that reuses the stage finds
-    them: a study spread over processes or sessions reports every stage's cost. A resumed run adds its seconds to
-    those its earlier invocations recorded (an invocation killed mid-run records none)."""
-    cuda = torch.cuda.is_available()
+def _timed(args, script: str, argv: list, out: str, resumed: bool = False):
+    """Run a stage, script's main(argv) (in this process with --jobs 1, else in a worker process of run_stages),
+    recording its wall seconds and, on CUDA with --jobs 1, its peak GPU memory (what the real run costs) beside its
+    output (`<output name>.cost.json`), where the study reads them (_cost) whether it ran the stage or reuses it: a
+    study spread over processes or sessions reports every stage's cost. A resumed run adds its seconds to those its
+    earlier invocations recorded (an invocation killed mid-run records none)."""
+    cuda = torch.cuda.is_available() and args.jobs == 1
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    fn()
+    if args.jobs == 1:
+        SCRIPTS[script].main(argv)
+    else:
+        args.workers.submit(SCRIPTS[script].main, argv).result()
     earlier = read_json(_beside(out, "cost"), {}) if resumed else {}
     cost = {"seconds": round(time.perf_counter() - t0 + earlier.get("seconds", 0.0), 1)}
     if cuda:
         cost["peak_gpu_gib"] = round(max(torch.cuda.max_memory_allocated() / 2**30, earlier.get("peak_gpu_gib", 0)), 2)
-    for k, v in cost.items():
-        costs[k][key] = v
     if distributed.main_rank():
         write_text(output_dir(_beside(out, "cost")), json.dumps(cost))
 
 
-def _reused_cost(costs: dict, key: str, out: str):
-    """The cost recorded beside a stage's output when it ran (none for a study from before the records)."""
+def _cost(costs: dict, key: str, out: str):
+    """Into `costs`: the cost recorded beside a stage's output when it ran (none for a study from before the
+    records)."""
     for k, v in read_json(_beside(out, "cost"), {}).items():
         costs[k][key] = v
 
 
-def run_script(costs: dict, key: str, script: str, argv: list, out: str, inputs=()) -> str:
+def run_script(args, costs: dict, key: str, script: str, argv: list, out: str, inputs=()) -> str:
     """script's main(argv), which writes `out`, unless the same command made `out` from the same inputs."""
     cmd = command(script, argv, list(inputs))
     if same_command(out, cmd):
         print(f"reused {key}: {out} (the same command and inputs)", flush=True)
-        _reused_cost(costs, key, out)
-        return out
-    again = " (its output was made by another command or from other inputs)" if os.path.exists(out) else ""
-    print(f"\n== {key}: python {script} {shlex.join(argv)}{again}", flush=True)
-    _timed(costs, key, lambda: SCRIPTS[script].main(argv), out)
-    record(out, cmd)
+    else:
+        again = " (its output was made by another command or from other inputs)" if os.path.exists(out) else ""
+        print(f"\n== {key}: python {script} {shlex.join(argv)}{again}", flush=True)
+        _timed(args, script, argv, out)
+        record(out, cmd)
+    _cost(costs, key, out)
     return out
 
 
@@ -250,7 +258,7 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
     status["argv"] = argv
     if same and _finished(out):
         print(f"reused train/{stage.name}_s{seed}: {out} (the same command and inputs)", flush=True)
-        _reused_cost(costs, f"train/{stage.name}_s{seed}", out)
+        _cost(costs, f"train/{stage.name}_s{seed}", out)
         return status
     if same:
         status["argv"] = argv = argv + ["--resume"]
@@ -266,16 +274,16 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
         record(out, cmd)           # before training: an interrupted run resumes under this record
     print(f"\n== train/{stage.name}_s{seed}: python {stage.script} {shlex.join(argv)}", flush=True)
     try:
-        _timed(costs, f"train/{stage.name}_s{seed}", lambda: SCRIPTS[stage.script].main(argv), out, resumed=same)
+        _timed(args, stage.script, argv, out, resumed=same)
+        _cost(costs, f"train/{stage.name}_s{seed}", out)
     except NonFiniteLoss as e:  # a collapse is a result: report it, go on with the other runs
         print(f"{stage.name}: {e}", file=sys.stderr)
         status["failed"] = str(e)
-        return status
     except SystemExit as e:     # Ctrl-C or SIGTERM: the trainer checkpointed its last step
         if e.code in (130, 143):
             print(f"{stage.name} (seed {seed}) stopped: the same reproduce.py command resumes it", file=sys.stderr)
         raise
-    if not _finished(out):  # e.g. --stop-after among the extra flags: nothing to evaluate yet
+    if "failed" not in status and not _finished(out):  # e.g. --stop-after in the extra flags: nothing to evaluate yet
         status["failed"] = "stopped before its last step; rerun reproduce.py to resume it"
     return status
 
@@ -292,7 +300,7 @@ def evaluate_model(args, name: str, checkpoint: str | None, costs: dict, kind: s
     argv += (["--checkpoint", checkpoint] if checkpoint else []) + (["--baseline", base_json] if baseline else [])
     argv += args.extra.get("evaluate.py", [])
     inputs = ([checkpoint] if checkpoint else []) + ([base_json] if baseline else [])
-    return run_script(costs, f"{'evaluate' if kind == 'frontier' else kind}/{name}", "evaluate.py", argv, out, inputs)
+    return run_script(args, costs, f"{kind.replace('frontier', 'evaluate')}/{name}", "evaluate.py", argv, out, inputs)
 
 
 def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
@@ -310,22 +318,25 @@ def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
     return out
 
 
-def measure_drift(args, name: str, checkpoint: str, features: str, costs: dict) -> str:
-    out = os.path.join(args.out, "drift", f"{name}_{features}.json")
-    argv = ["--model", args.model, "--checkpoint", checkpoint, "--out", out, "--features", features, "--device",
-            args.device, "--cache-dir", os.path.join(args.out, "rollouts")] + PROFILES[args.profile]["drift"]
-    if features != args.features.split(",")[0]:
-        argv.append("--no-policy-kl")     # the policy KLs do not depend on the features: measured in the first run
-    argv += _data_flag(args) + args.extra.get("drift.py", [])
-    return run_script(costs, f"drift/{name}_{features}", "drift.py", argv, out, [checkpoint])
+def measure_drift(args, name: str, checkpoint: str, costs: dict) -> dict:
+    """{features: output} of drift.py against the base with each of --features, one after another: the later ones
+    read the first one's rollouts (cached under --out/rollouts) and leave the policy KLs, which do not depend on the
+    features, to it."""
+    paths = {}
+    for features in args.features.split(","):
+        out = os.path.join(args.out, "drift", f"{name}_{features}.json")
+        argv = ["--model", args.model, "--checkpoint", checkpoint, "--out", out, "--features", features, "--device",
+                args.device, "--cache-dir", os.path.join(args.out, "rollouts")] + PROFILES[args.profile]["drift"]
+        argv += (["--no-policy-kl"] if paths else []) + _data_flag(args) + args.extra.get("drift.py", [])
+        paths[features] = run_script(args, costs, f"drift/{name}_{features}", "drift.py", argv, out, [checkpoint])
+    return paths
 
 
 def check_only(args, only: set):
     """--only names known runs, and each OPD run among them has its teacher: in --only too, or already trained."""
-    names = [s.name for s in stages()]
-    unknown = sorted(only - set(names))
+    unknown = sorted(only - {s.name for s in stages()})
     if unknown:
-        raise LoadError(f"--only: no run named {', '.join(unknown)} (the runs: {', '.join(names)})")
+        raise LoadError(f"--only: no run named {', '.join(unknown)} (the runs: {', '.join(s.name for s in stages())})")
     for s in stages():
         if s.name in only and s.teacher and s.teacher not in only and not all(
                 _finished(ckpt_path(args, s.teacher, seed)) for seed in range(args.seeds)):
@@ -333,30 +344,63 @@ def check_only(args, only: set):
                             f"add {s.teacher} to --only")
 
 
+def schedule(tasks: dict, jobs: int) -> dict:
+    """Run tasks {key: (the keys of the tasks it reads, fn)}, each once those it reads are done, up to `jobs` at a time
+    (with 1, one after another in this thread), the first given first among the ready ones; a task is skipped when
+    one it reads came to nothing (None). Returns {key: what its fn returned}."""
+    done, running = {}, {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while len(done) < len(tasks):
+            for key, (reads, fn) in tasks.items():
+                if key in done or key in running.values() or not all(r in done for r in reads):
+                    continue
+                if any(done[r] is None for r in reads):
+                    done[key] = None
+                elif jobs == 1:
+                    done[key] = fn()
+                elif len(running) < jobs:
+                    running[pool.submit(fn)] = key
+            for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                done[running.pop(future)] = future.result()
+    return done
+
+
 def run_stages(args, costs: dict) -> dict:
-    """The base's evaluations, then every trained run of seeds --first-seed.. with its evaluations, drift and
-    snapshots. Returns {run: [status per seed]}."""
-    only = set(args.only.split(",")) if args.only else None
-    if only:
-        check_only(args, only)
-    evaluate_model(args, "base", None, costs)
-    evaluate_model(args, "base", None, costs, "passk")
-    runs = {}
+    """The base's evaluations, then every trained run of seeds --first-seed.. (the paper's five, the variants beside
+    them with --variants, or --only's) with its evaluations, drift and snapshots: each stage a task that starts once
+    the checkpoints and evaluations it reads are there, --jobs at a time, trainings first (an OPD run after its
+    teacher). Returns {run: [status per seed]}."""
+    names = args.only.split(",") if args.only else [s.name for s in stages() if args.variants or s.name in CORE]
+    check_only(args, set(names))
+    statuses, first, later = {}, {}, {}    # the base's evaluations and the trainings first
+
+    def trained(s, seed):   # train() as a task: its status kept; the checkpoint, or None when it did not train
+        status = statuses[s.name, seed] = {**train(args, s, seed, costs), "seed": seed}
+        return None if "failed" in status else status["checkpoint"]
+
+    first["eval", "base"] = [], partial(evaluate_model, args, "base", None, costs)
+    if args.variants:
+        first["passk", "base"] = [], partial(evaluate_model, args, "base", None, costs, "passk")
     for seed in range(args.first_seed, args.seeds):
-        for s in stages():
-            if only and s.name not in only:
-                continue
-            if s.teacher and any("failed" in r for r in runs.get(s.teacher, []) if r["seed"] == seed):
-                continue  # its teacher did not train
-            status = train(args, s, seed, costs)
-            status["seed"] = seed
-            name = f"{s.name}_s{seed}"
-            if "failed" not in status:
-                status["eval"] = evaluate_model(args, name, status["checkpoint"], costs)
-                status["passk"] = evaluate_model(args, name, status["checkpoint"], costs, "passk")
-                status["drift"] = {f: measure_drift(args, name, status["checkpoint"], f, costs)
-                                   for f in args.features.split(",")}
-                if args.frontier:
-                    status["snapshots"] = snapshots(args, name, status["checkpoint"], costs)
-            runs.setdefault(s.name, []).append(status)
+        for s in (s for s in stages() if s.name in names):
+            model, ckpt = f"{s.name}_s{seed}", ckpt_path(args, s.name, seed)
+            teacher = [("train", f"{s.teacher}_s{seed}")] if s.teacher in names else []
+            first["train", model] = teacher, partial(trained, s, seed)
+            reads = [("train", model)]        # its evaluations, drift and snapshots wait for its training
+            later["eval", model] = reads + [("eval", "base")], partial(evaluate_model, args, model, ckpt, costs)
+            if args.variants:
+                later["passk", model] = reads, partial(evaluate_model, args, model, ckpt, costs, "passk")
+            later["drift", model] = reads, partial(measure_drift, args, model, ckpt, costs)
+            if args.frontier:
+                later["snapshots", model] = reads, partial(snapshots, args, model, ckpt, costs)
+    # --jobs > 1: the scripts run in --jobs worker processes on one CPU thread each, one stage at a time (_timed)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, spawn, initializer=torch.set_num_threads, initargs=(1,)) as args.workers:
+        done = schedule({**first, **later}, args.jobs)
+    runs = {name: [] for name in names}
+    for (name, seed), status in sorted(statuses.items(), key=lambda item: item[0][1]):   # seed by seed
+        model = f"{name}_s{seed}"
+        if "failed" not in status:    # what its tasks returned, where the summary reads it
+            status.update({k: done[k, model] for k in ("eval", "passk", "drift", "snapshots") if (k, model) in done})
+        runs[name].append(status)
     return runs

@@ -17,10 +17,7 @@ import numpy as np
 from evaluate import RETENTION_TASKS
 
 BOOTSTRAP = 2000          # resamples of every interval's item part
-SIMILAR = 0.25            # P4's equivalence margin, a fraction of stress SFT's drift on the measure (see EQUIVALENCE)
-EQUIVALENCE = ("a quarter of stress SFT's own drift on the measure: a difference that small is a quarter of the "
-               "effect the paper sets it against (stress SFT moved that far from the base), so 'similar drift' means "
-               "the two runs' drifts agree to within 25%, fixed before the study's numbers were read")
+SIMILAR = 0.25            # P4's equivalence margin, a fraction of stress SFT's drift on the measure (see predictions)
 TASK_KEYS = ("gsm8k", "truthfulqa", "truthfulqa_mc2", "mmlu")
 # the drift measures set against forgetting: MMD² of rollout states, and the policy KLs on target / retention prompts
 MEASURES = {"mmd2_lexical": "MMD² lexical", "mmd2_hidden": "MMD² hidden",
@@ -270,31 +267,34 @@ def predictions(scores: dict, measures: dict) -> dict:
     the drifts are *equivalent* when the 90% interval of their difference lies inside ±margin, *different* when
     the 95% interval lies wholly beyond it (which contradicts P4 for that measure), else undecided. Mild SFT
     against stress SFT is the control beside it: a measure that tracks forgetting should call those two
-    different."""
-    part = decided
+    different.
+
+    P4's margin, {similar} x stress SFT's drift: a quarter of stress SFT's own drift on the measure: a difference that
+    small is a quarter of the effect the paper sets it against (stress SFT moved that far from the base), so 'similar
+    drift' means the two runs' drifts agree to within 25%, fixed before the study's numbers were read."""
 
     def R_minus(a, b, text):
-        return part(text, interval(scores, [a, b], lambda m: eq12(m, a)[1] - eq12(m, b)[1], RETENTION_TASKS))
+        return decided(text, interval(scores, [a, b], lambda m: eq12(m, a)[1] - eq12(m, b)[1], RETENTION_TASKS))
 
     claims = {"P1": "stress SFT forgets, mild SFT does not", "P2": "the on-policy runs retain more than stress SFT",
               "P3": "the OPD student beats its degraded teacher", "P4": "similar drift can come with different retention"}
     out = {}
     if {"sft_mild", "sft_stress"} <= set(scores):
-        out["P1"] = [part("F(SFT stress)", interval(scores, ["sft_stress"], lambda m: eq12(m, "sft_stress")[0],
+        out["P1"] = [decided("F(SFT stress)", interval(scores, ["sft_stress"], lambda m: eq12(m, "sft_stress")[0],
                                                     RETENTION_TASKS)),
                      R_minus("sft_mild", "sft_stress", "R(SFT mild) - R(SFT stress)")]
     if {"grpo", "opd_stress", "sft_stress"} <= set(scores):
         out["P2"] = [R_minus("grpo", "sft_stress", "R(GRPO) - R(SFT stress)"),
                      R_minus("opd_stress", "sft_stress", "R(OPD) - R(SFT stress)")]
     if {"opd_stress", "sft_stress"} <= set(scores):
-        out["P3"] = [part("GSM8K(OPD) - GSM8K(SFT stress)", interval(
+        out["P3"] = [decided("GSM8K(OPD) - GSM8K(SFT stress)", interval(
                          scores, ["opd_stress", "sft_stress"], lambda m: m["opd_stress"]["gsm8k"] - m["sft_stress"]["gsm8k"],
                          ["gsm8k"])),
                      R_minus("opd_stress", "sft_stress", "R(OPD) - R(SFT stress)")]
     result = {k: {"claim": claims[k], "parts": v, "verdict": combined(v)} for k, v in out.items()}
 
     def tost(name, label, key, margin):   # run `name`'s drift on measure `key` against stress SFT's, by TOST
-        q = part(f"{MEASURES[key]}({label}) - {MEASURES[key]}(SFT stress)",
+        q = decided(f"{MEASURES[key]}({label}) - {MEASURES[key]}(SFT stress)",
                  drift_interval(measures, name, "sft_stress", key), 5)
         q["verdict"], q["p"] = equivalence(q["interval"], margin)
         return q

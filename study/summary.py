@@ -91,15 +91,15 @@ def summarize(args, runs: dict, costs: dict) -> dict:
                                  "stderr": {t: v["stderr"] for t, v in base["tasks"].items()}}
     scores, measures, points = {"base": seed_scores([base_path])}, {}, []
     base_pass = os.path.join(args.out, "eval", "base_passk.json")
-    passes = {"base": pass_scores([base_pass])} if os.path.exists(base_pass) else {}
+    passes = {"base": pass_scores([base_pass])} if args.variants else {}     # pass@k: reproduce.py --variants
     if passes:
         summary["models"]["base"]["pass_at_k"] = pass_at_k([base_pass])
         gsm8k = read_json(base_pass)["tasks"]["gsm8k"]
         summary["pass_protocol"] = {**gsm8k["protocol"]["pass_at_k"], "problems": gsm8k["n"]}
-    for stage in stages():
-        per_seed = [r for r in runs.get(stage.name, []) if "failed" not in r]
+    for stage in (s for s in stages() if s.name in runs):   # the runs this study did (reproduce.py --variants, --only)
+        per_seed = [r for r in runs[stage.name] if "failed" not in r]
         row = {"label": stage.label, "states": stage.states, "signal": stage.signal,
-               "runs": runs.get(stage.name, []), "failed": [r["failed"] for r in runs.get(stage.name, []) if "failed" in r]}
+               "runs": runs[stage.name], "failed": [r["failed"] for r in runs[stage.name] if "failed" in r]}
         evals = [read_json(r["eval"]) for r in per_seed if "eval" in r]
         for task in evaluate.TASKS:
             row[task] = mean_std([e["tasks"][task]["score"] for e in evals if task in e["tasks"]])

@@ -1,5 +1,6 @@
-"""reproduce.py: a shortened study on the bundled tiny world writes Table 2, reuses finished stages and resumes
-an interrupted run (the statistics it reports: tests/test_study.py)."""
+"""reproduce.py: a shortened study on the bundled tiny world writes Table 2 (the paper's five runs by default, the
+variants and pass@k with --variants), gives the same numbers with its stages side by side (--jobs), reuses finished
+stages and resumes an interrupted run (the statistics it reports: tests/test_study.py)."""
 import argparse
 import json
 import os
@@ -16,17 +17,25 @@ from study.summary import read_log as read_jsonl
 from study.summary import read_log
 
 
-@pytest.fixture(scope="module")
-def quick_study(tmp_path_factory):
-    """The whole study, shortened (--quick), on the bundled tiny world."""
-    out = str(tmp_path_factory.mktemp("study"))
+QUICK = ["--model", "tiny", "--quick", "--device", "cpu"]
+WHOLE = QUICK + ["--variants", "--frontier", "--jobs", "2"]
+
+
+def one_thread(argv):
+    """reproduce.main on one CPU thread (the CI machine has two cores; --jobs 2's workers have one each)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)   # the CI machine has two cores
+    torch.set_num_threads(1)
     try:
-        summary = reproduce.main(["--model", "tiny", "--quick", "--frontier", "--out", out, "--device", "cpu"])
+        return reproduce.main(argv)
     finally:
         torch.set_num_threads(n)
-    return out, summary
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """The whole study with every variant, shortened (--quick), two stages at a time, on the bundled tiny world."""
+    out = str(tmp_path_factory.mktemp("study"))
+    return out, one_thread(WHOLE + ["--out", out])
 
 
 def test_quick_study_writes_table_2_with_every_model(quick_study):
@@ -73,19 +82,34 @@ def test_quick_study_writes_table_2_with_every_model(quick_study):
     assert "--model" not in argv and "--data-dir" not in argv and "--teacher" in argv
 
 
+def test_the_default_study_is_the_papers_five_runs_and_two_jobs_give_the_same_numbers_as_one(tmp_path):
+    one, two = (one_thread(QUICK + ["--jobs", jobs, "--out", str(tmp_path / jobs)]) for jobs in ("1", "2"))
+    assert list(one["models"]) == ["base", "sft_mild", "sft_stress", "grpo", "opd_stress"]
+    # every condition and prediction needs only these runs; pass@k and the state-source contrasts need --variants
+    assert set(one["conditions"]) == {"C1", "C2", "C3", "C3b", "C4"}
+    assert {"P1", "P2", "P3"} <= set(one["predictions"]) and any(k.startswith("P4 ") for k in one["predictions"])
+    assert "pass_at_k" not in one["models"]["base"] and not one["state_sources"]
+    assert not any(f.endswith("_passk.json") for f in os.listdir(tmp_path / "1" / "eval"))
+    with open(tmp_path / "2" / "results.md") as f:
+        assert "Not run: `reproduce.py --variants` runs it." in f.read()
+    for result in (one, two):
+        del result["costs"]           # the seconds differ; every other number is the same with --jobs 1 and 2
+    assert json.dumps(one).replace(str(tmp_path / "1"), "OUT") == json.dumps(two).replace(str(tmp_path / "2"), "OUT")
+
+
 def test_a_second_invocation_reuses_every_finished_stage(quick_study):
     out, first = quick_study
     ckpt = os.path.join(out, "ckpt", "grpo_s0.pt")
     mtime = os.path.getmtime(ckpt)
     os.remove(os.path.join(out, "results.json"))   # as if the first process had been killed before its report
-    again = reproduce.main(["--model", "tiny", "--quick", "--frontier", "--out", out, "--device", "cpu"])
+    again = reproduce.main(WHOLE + ["--out", out])
     assert again["costs"] == first["costs"] and os.path.getmtime(ckpt) == mtime   # nothing ran; costs as measured
     assert again["models"]["grpo"]["gsm8k"] == first["models"]["grpo"]["gsm8k"]
 
 
 def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
     out = str(tmp_path)
-    stop = ["--model", "tiny", "--quick", "--out", out, "--only", "sft_mild", "--features", "lexical",
+    stop = QUICK + ["--jobs", "1", "--out", out, "--only", "sft_mild", "--features", "lexical",
             "--extra", "train_sft.py=--max-steps 4 --stop-after 2 --save-every 1"]
     first = reproduce.main(stop)
     assert "stopped before its last step" in first["models"]["sft_mild"]["runs"][0]["failed"]
@@ -101,7 +125,7 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
 
 
 def test_a_changed_command_trains_anew_and_the_same_command_reuses(tmp_path, capsys):
-    base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
+    base = QUICK + ["--jobs", "1", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
     reproduce.main(base)
     ckpt, evaluation = (os.path.join(tmp_path, d, f) for d, f in (("ckpt", "sft_mild_s0.pt"), ("eval", "sft_mild_s0.json")))
     changed = base + ["--extra", "train_sft.py=--lr 3e-3"]
@@ -128,7 +152,7 @@ def test_a_stage_is_keyed_on_its_flags_and_the_checkpoints_it_reads(tmp_path):
 
 
 def test_two_processes_share_a_study_by_seeds_and_a_final_run_reports_both(tmp_path, monkeypatch):
-    base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
+    base = QUICK + ["--jobs", "1", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical"]
     train, other = stages.train, {}
 
     def concurrently(args, stage, seed, costs):   # the second process (seed 1 only) runs while the first trains
@@ -152,7 +176,7 @@ def test_two_processes_share_a_study_by_seeds_and_a_final_run_reports_both(tmp_p
 
 
 def test_only_refuses_unknown_runs_and_students_without_their_teacher(tmp_path):
-    base = ["--model", "tiny", "--quick", "--out", str(tmp_path), "--only"]
+    base = QUICK + ["--out", str(tmp_path), "--only"]
     with pytest.raises(LoadError, match="no run named sft"):
         reproduce.main(base + ["sft"])
     with pytest.raises(LoadError, match="opd_stress learns from sft_stress"):
