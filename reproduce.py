@@ -50,7 +50,8 @@ study/stats.py (the intervals, conditions, predictions, correlations, frontier) 
 Settings. With a real model every stage runs the scripts' defaults, which are the paper's protocol
 (evaluation on 500 GSM8K / 200 TruthfulQA / 500 MMLU items, the stress preset of 5 epochs at lr 5e-4 with
 LoRA r 64). With `--model tiny` the evaluation and drift protocols stay the same and the trained runs are set
-(study.stages.PROFILES["tiny"]) to the paper's data regime (its cost: README, tiny/README.md). `--quick` shrinks everything to a smoke run (CI runs it as a test).
+(study.stages.PROFILES["tiny"]) to the paper's data regime (its cost: README, tiny/README.md). `--quick` shrinks
+everything to a smoke run (CI runs it as a test).
 Explicit per-script flags can be appended with --extra SCRIPT="FLAGS" (they come last, so they override).
 """
 import argparse

@@ -44,9 +44,9 @@ The teacher (--teacher, training.Run loads it; a training.Policy) is either of t
   text), else one line stops the run before anything is written; cross-tokenizer distillation (GOLD) is not
   supported. It is frozen, in the student's --dtype, and keeps its own output layer. Both output layers are cut to
   the ids the tokenizer defines (Qwen3 pads its embedding past them), so the signals run over the ids both define
-  and padded rows never get probability (the student's adapter is trained and exported for its whole head, which
-  no adapter changes). Its continuations stop at either model's EOS; the student's rollouts at the student's. A LoRA run on another base is first exported
-  (`python lora.py export --merged DIR`).
+  and padded rows never get probability (the adapter is trained under the cut head and exported for the whole one,
+  which no adapter changes). Its continuations stop at either model's EOS; the student's rollouts at the student's.
+  A LoRA run on another base is first exported (`python lora.py export --merged DIR`).
 The checkpoint records the teacher (kind, path or hub id, sha256 or revision); --resume refuses another.
 
 Logged per step (JSONL, training.py): loss; supervised tokens; response length; sample/learn seconds; tokens/s

@@ -45,7 +45,8 @@ def memory(chunk: int):
         with open(os.path.join(ROOT, "configs", name)) as f:
             c = json.load(f)
         kv = c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
-        print(f"| {who} ({name}) | {parameters(c) / 1e9:.3f}B | {2 * parameters(c) / gib:.2f} GiB | {kv / 1024:.0f} KiB |")
+        n = parameters(c)
+        print(f"| {who} ({name}) | {n / 1e9:.3f}B | {2 * n / gib:.2f} GiB | {kv / 1024:.0f} KiB |")
     print(f"one float32 [{chunk} x {c['vocab_size']}] logit matrix (--logit-chunk {chunk}): "
           f"{chunk * c['vocab_size'] * 4 / gib:.2f} GiB")
 
@@ -95,7 +96,8 @@ def timing(args):
                 log = [json.loads(line) for line in f][1:] or [{}]   # the first step warms up
             med = {k: statistics.median(r.get(k, float("nan")) for r in log) for k in ("step_s", "sample_s", "learn_s")}
             peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if cuda else "-"
-            print(f"| {label} | {signal} | {med['step_s']:.2f} | {med['sample_s']:.2f} | {med['learn_s']:.2f} | {peak} |")
+            cells = " | ".join(f"{med[k]:.2f}" for k in ("step_s", "sample_s", "learn_s"))
+            print(f"| {label} | {signal} | {cells} | {peak} |")
     shutil.rmtree(work)
 
 

@@ -194,8 +194,9 @@ def test_refusals_are_one_line_before_anything_is_written(pair, tmp_path):
     shutil.copytree(teacher, other)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["Sam buys 12 pens; each costs $3."] * 20, trainers.BpeTrainer(
-        vocab_size=290, special_tokens=["<pad>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<pad>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Sam buys 12 pens; each costs $3."] * 20, trainer)
     tok.save(os.path.join(other, "tokenizer.json"))
     adapter = str(tmp_path / "adapter_of_teacher.pt")   # an adapter of another base than --model's
     t, _ = load_model(teacher)
