@@ -225,7 +225,8 @@ class Run:
     def __init__(self, args, meta: dict, teacher: str | None = None):
         self.args, self.meta = args, meta
         args.device = distributed.init(args.device)   # under torchrun: this rank's device
-        adapter = load_checkpoint(teacher) if teacher and os.path.isfile(teacher) else None   # else a model
+        is_adapter = teacher and (os.path.isfile(teacher) or teacher.endswith(".pt"))   # else a model
+        adapter = load_checkpoint(teacher) if is_adapter else None
         if adapter:   # --model and --data-dir default to what the teacher was trained on
             base = adapter["meta"].get("base_model") or "Qwen/Qwen3-0.6B-Base"
             if args.model and not same_model(args.model, base):

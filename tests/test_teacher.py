@@ -205,7 +205,8 @@ def test_refusals_are_one_line_before_anything_is_written(pair, tmp_path):
     out = tmp_path / "new" / "opd.pt"
     for flags, says in [(["--model", student, "--teacher", other], "does not share the tokenizer"),
                         (["--teacher", teacher], "name the student with --model"),
-                        (["--model", student, "--teacher", adapter], "is an adapter of")]:
+                        (["--model", student, "--teacher", adapter], "is an adapter of"),
+                        (["--teacher", str(tmp_path / "missing.pt")], "does not exist")]:
         r = cli(*flags, "--data-dir", data, "--out", str(out), "--max-steps", "1")
         assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert all(f in r.stderr for f in flags[1::2]) and not os.path.exists(out.parent)   # names both models
