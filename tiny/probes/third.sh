@@ -8,20 +8,15 @@ M=${M:-tiny/probes/third/model}; D=${D:-tiny/probes/third/data}; C=${C:-ckpt/w3}
 mkdir -p $C $R
 probe() { python tiny/probes/gold_facts3.py --model $M --data-dir $D "$@"; }
 [ -f $R/base.json ] || (time probe --out $R/base.json)
-if [ ! -f $C/mild_r16.done ]; then
-  if [ -f $C/mild_r16.pt ]; then r=--resume; else r=; fi
-  time python train_sft.py --preset mild --batch-size 8 --seed 137 --model $M --data-dir $D --out $C/mild_r16.pt \
-    --locality-every 0 --eval-every 0 --save-every 100 --device cpu $r
-  touch $C/mild_r16.done
-fi
-[ -f $R/mild_r16.json ] || (time probe --checkpoint $C/mild_r16.pt --baseline $R/base.json --out $R/mild_r16.json)
-# Q7 (bash tiny/probes/third.sh stress): stress SFT at seed 137 and its probe against the base
-if [ "$1" = stress ]; then
-  if [ ! -f $C/stress_r64.done ]; then
-    if [ -f $C/stress_r64.pt ]; then r=--resume; else r=; fi
-    time python train_sft.py --preset stress --batch-size 16 --seed 137 --model $M --data-dir $D --out $C/stress_r64.pt \
+sft() {   # sft NAME PRESET BATCH: train_sft.py at seed 137 (resumed if it was cut), then its probe against the base
+  if [ ! -f $C/$1.done ]; then
+    if [ -f $C/$1.pt ]; then r=--resume; else r=; fi
+    time python train_sft.py --preset $2 --batch-size $3 --seed 137 --model $M --data-dir $D --out $C/$1.pt \
       --locality-every 0 --eval-every 0 --save-every 100 --device cpu $r
-    touch $C/stress_r64.done
+    touch $C/$1.done
   fi
-  [ -f $R/stress_r64.json ] || (time probe --checkpoint $C/stress_r64.pt --baseline $R/base.json --out $R/stress_r64.json)
-fi
+  [ -f $R/$1.json ] || (time probe --checkpoint $C/$1.pt --baseline $R/base.json --out $R/$1.json)
+}
+sft mild_r16 mild 8                                  # Q6
+[ "$1" = stress ] && sft stress_r64 stress 16        # Q7 (bash tiny/probes/third.sh stress)
+exit 0
