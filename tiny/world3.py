@@ -126,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--test", type=int, default=1319, help="target-task test problems (GSM8K's count)")
     parser.add_argument("--rare-weights", default="0.03,0.03,0.08,0.08",
                         help="corpus weights of kinds 17-20 relative to 1 for each of kinds 0-16 (the splits: all 1)")
+    parser.add_argument("--split-rare-weight", type=float, default=1.0,
+                        help="weight of each rare kind in the target splits, relative to 1 for a common kind")
     parser.add_argument("--people", type=int, default=1600, help="people (world 2's count)")
     parser.add_argument("--stretch", type=float, default=2.0,
                         help="towns, animals, plants and rulers: this many times world 2's counts (more MMLU items)")
@@ -156,16 +158,20 @@ def main(argv=None):
     train_people, eval_people = people[:n_train], people[n_train:]   # the order is random already
 
     # Target task: every kind equally in every split; train on train people, validation and test on the others.
-    uniform = [1.0] * (N_KINDS + RARE_KINDS)
-    seen, split = set(), {}
-    for name, count, pool in [("test", args.test, eval_people), ("validation", args.validation, eval_people),
-                              ("train", args.train, train_people)]:
-        split[name] = []
-        while len(split[name]) < count:
-            p = problem3(rng, pool, uniform)
-            if p and p[0] not in seen:
-                seen.add(p[0])
-                split[name].append({"question": p[0], "answer": annotate(p[1]), "kind": p[2]})
+    def draw_splits(rng: random.Random, weights: list, seen: set) -> dict:
+        split = {}
+        for name, count, pool in [("test", args.test, eval_people), ("validation", args.validation, eval_people),
+                                  ("train", args.train, train_people)]:
+            split[name] = []
+            while len(split[name]) < count:
+                p = problem3(rng, pool, weights)
+                if p and p[0] not in seen:
+                    seen.add(p[0])
+                    split[name].append({"question": p[0], "answer": annotate(p[1]), "kind": p[2]})
+        return split
+
+    seen = set()
+    split = draw_splits(rng, [1.0] * (N_KINDS + RARE_KINDS), seen)
 
     # Retention: test, validation and drift's extra items, three disjoint slices of the held-out facts.
     eval_facts = [f for f in facts if f["eval"]]
@@ -207,12 +213,14 @@ def main(argv=None):
                 for n in rng.sample(NAMES, 2)]
 
     corpus_kinds = [0] * (N_KINDS + RARE_KINDS)
+    in_corpus = set()
 
     def worked(stated: bool) -> str:
         while True:
             p = problem3(rng, anonymous() if stated else people, corpus_weights, stated)
             if p and p[0] not in seen:
                 corpus_kinds[p[2]] += 1
+                in_corpus.add(p[0])
                 return f"Question: {p[0]}\nAnswer: {annotate(p[1]) if rng.random() < args.annotated else p[1]}"
 
     make = [lambda: worked(False), lambda: worked(True),
@@ -221,6 +229,14 @@ def main(argv=None):
             lambda: calculator_tape(rng)]
     shares = [float(x) for x in args.mix.split(",")]
     corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
+    tokenizer_texts = corpus + [r["question"] + r["answer"] for r in split["train"]]
+
+    # World 6: the rare kinds weighted in the splits. The splits above stay what keeps their problems out of the
+    # corpus and what the tokenizer reads, so the corpus, tokenizer and base are world 5's; the splits are redrawn
+    # from a stream of their own, apart from the corpus's problems.
+    if args.split_rare_weight != 1:
+        weights = [1.0] * N_KINDS + [args.split_rare_weight] * RARE_KINDS
+        split = draw_splits(random.Random(f"splits {args.seed}"), weights, set(in_corpus))
 
     for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "mmlu/validation", "mmlu/extra", "tokenizer"]:
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
@@ -242,7 +258,7 @@ def main(argv=None):
         json.dump({**{k: v for k, v in world.items() if k != "pools"},
                    "train_people": [p["name"] for p in train_people]}, f, indent=1)
 
-    tok = train_tokenizer(corpus + [r["question"] + r["answer"] for r in split["train"]], args.vocab)
+    tok = train_tokenizer(tokenizer_texts, args.vocab)
     tok.save(os.path.join(args.out, "tokenizer", "tokenizer.json"))
     with open(os.path.join(args.out, "tokenizer", "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|endoftext|>",

@@ -17,12 +17,13 @@ print(out if r["step"] == log[-1]["step"] else f"{os.path.splitext(out)[0]}_at{r
 PY
 }
 until [ -f $M/pretrain.json ]; do sleep 30; done   # written after the weights
+LR=${LR:-3e-4}; G=grpo; [ $LR = 3e-4 ] || G=grpo_lr$LR   # LR=1e-4: a calibration run beside the preset's
 if [ "$1" = grpo ]; then
-  [ -f $C/grpo.done ] || { time python train_grpo.py --model $M --data-dir $D --out $C/grpo.pt --seed 137 \
-    --max-steps 250 --batch-size 4 --grad-accum 2 --lr 3e-4 --save-every 50 --eval-every 25 --snapshots $SNAP \
-    --locality-every 0 --device cpu $( [ -f $C/grpo.pt ] && echo --resume ); touch $C/grpo.done; }
-  [ -f $R/grpo.json ] || python tiny/probes/gold_facts3.py --model $M --data-dir $D --checkpoint $(best $C/grpo.pt) \
-    --baseline $R/base.json --out $R/grpo.json
+  [ -f $C/$G.done ] || { time python train_grpo.py --model $M --data-dir $D --out $C/$G.pt --seed 137 \
+    --max-steps 250 --batch-size 4 --grad-accum 2 --lr $LR --save-every 50 --eval-every 25 --snapshots $SNAP \
+    --locality-every 0 --device cpu $( [ -f $C/$G.pt ] && echo --resume ); touch $C/$G.done; }
+  [ -f $R/$G.json ] || python tiny/probes/gold_facts3.py --model $M --data-dir $D --checkpoint $(best $C/$G.pt) \
+    --baseline $R/base.json --out $R/$G.json
 fi
 if [ "$1" = opd ]; then
   until [ -f $C/stress_r64.done ]; do sleep 30; done
