@@ -245,6 +245,12 @@ def test_predictions_are_decided_from_intervals_of_their_differences():
     assert [p[k]["verdict"] for k in ("P1", "P2", "P3", "P4 kl_base_policy_target")] == ["holds"] * 4
     assert p["P4 kl_base_policy_target"]["similar"]
     assert all(q["interval"]["ci95"][0] > 0 for k in ("P1", "P2", "P3") for q in p[k]["parts"])
+    # A teacher below the base on the target and an OPD run that only kept the base's answers: above its teacher,
+    # not above the base, so P3 is not decided (the second world's case).
+    teacher = dict(scores["sft_stress"], gsm8k=scores["sft_stress"]["gsm8k"] * (rng.random((3, n)) > 0.3))
+    null = dict(scores, sft_stress=teacher, opd_stress=run_scores(base, rng, loss=0.01))
+    p3 = predictions(null, {})["P3"]
+    assert [q["verdict"] for q in p3["parts"]] == ["holds", "undecided", "holds"] and p3["verdict"] == "undecided"
     c = conditions(scores)
     tests = multiplicity(c, p)["tests"]
     assert tests == len({q["difference"] for d in (*c.values(), p["P1"], p["P2"], p["P3"]) for q in d["parts"]}) + 1
