@@ -84,16 +84,16 @@ PROFILES = {
               "settings": "the scripts' defaults: the paper's where it gives them, our stated choice where not (README)"},
     "tiny": {
         # where the settings below come from (results.md says it)
-        "settings": "chosen on this world's validation split (tiny/probes/README.md: the SFT presets' probe P6, the "
-                    "GRPO and OPD step budgets where their validation curves level off); the test split is touched only "
-                    "by the study; the learning rates of GRPO and OPD and RFT's 1,000 problems are carried over from the first "
-                    "world, not re-tuned",
+        "settings": "chosen on this world's validation split (tiny/probes/README.md, world 6: the SFT presets' probes "
+                    "Q6 and Q7, GRPO's and OPD's budgets from their validation curves, Q8 and Q9); the test split is "
+                    "touched only by the study; OPD's learning rate and RFT's 1,000 problems are carried over from the "
+                    "first world, not re-tuned",
         # The SFT presets unchanged (mild: 1 epoch, lr 1e-4, r 16; stress: 5 epochs, lr 5e-4, r 64) over all 7,473
         # train problems, as in the paper (mild in batches of 8: 935 steps; stress in batches of 16: 2,340 steps).
         # RFT: the first 1,000 problems (125 steps of 8 prompts x 8 samples). GRPO: 250 steps of 8 prompts x 8
-        # samples at lr 3e-4; OPD and its variants: 250 steps of 8 prompts at lr 2e-4, the first multiple of 50 past
-        # both validation curves' transients (tiny/README.md). Every run logs greedy accuracy on the first 200
-        # validation problems about ten times (--eval-every).
+        # samples at lr 3e-4; OPD and its variants: 250 steps of 8 prompts at lr 2e-4, where both validation curves
+        # peak or level off (tiny/README.md). Every run logs greedy accuracy on the first 200 validation problems
+        # about ten times (--eval-every).
         "train": {
             "train_sft.py": ["--batch-size", "8", "--save-every", "100", "--eval-every", "100"],
             "sft_stress": ["--batch-size", "16", "--eval-every", "250"],
@@ -102,7 +102,7 @@ PROFILES = {
                               "--save-every", "50", "--eval-every", "25"],
             "train_opd.py": ["--max-steps", "250", "--lr", "2e-4", "--save-every", "50", "--eval-every", "25"],
         },
-        # every target and retention item (1,319 / 817 / 539: narrower intervals, about 20 s a model); 256 new tokens
+        # every target and retention item (1,319 / 2,000 / 904: narrower intervals); 256 new tokens
         "evaluate": ["--batch-size", "128", "--limit", "0"],
         # 64 prompts x 4 rollouts, a state every 16 tokens; the evaluations score every retention item (--limit 0), so
         # the policy KLs' retention contexts are only the data dir's extra ones

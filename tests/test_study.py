@@ -102,7 +102,7 @@ def synthetic_study(rng, seeds, n=500, gain=0.6, spread=0.2):
     """A base (one deterministic row) and a trained model's [seeds, n] answers on the same n items: item i's chance
     p_i ~ Beta(0.3, 0.3) (most items always right or always wrong, as in the study), and the model turns a fraction
     c_s ~ N(gain, spread) of every item's wrong chance right, c_s drawn per seed. The true difference is
-    gain x E[1 - p] = gain / 2; the seeds' spread of the mean (0.1) is stress SFT's MMLU spread in tiny/results
+    gain x E[1 - p] = gain / 2; the seeds' spread of the mean (0.1) is stress SFT's MMLU spread in tiny/results-world2
     (0.05) doubled, the item noise of the difference about 0.02, lm-eval's standard error at 500 items."""
     p = rng.beta(0.3, 0.3, n)
     c = np.clip(rng.normal(gain, spread, (seeds, 1)), 0, 1)
@@ -152,7 +152,7 @@ def test_studentized_interval_covers_where_the_seeds_lead_and_where_the_items_do
     """Both regimes, 1,500 three-seed studies each (about 25 s on one thread): the seeds leading (spread 0.2:
     per-seed std 0.083, t with S - 1 = 2 df) and the committed study's own regime, the items leading with a seed
     spread of about 0.02 (spread 0.03: per-seed std 0.018, Satterthwaite's df 39 in the median; 58 of Table 2's 60
-    intervals in tiny/results have Satterthwaite's df, 8.7 to 819).
+    intervals in tiny/results-world2 have Satterthwaite's df, 8.7 to 819).
 
     In each regime the 95% interval covers at least 94% (its level less the simulation's noise: the binomial std at
     1,500 studies is 0.56 points), and mean u lies within [0.44, 0.52]: a little conservative at most (the item x

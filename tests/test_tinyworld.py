@@ -14,8 +14,8 @@ from model import load_model
 from tiny import pretrain
 from tiny import world as tinyworld
 
-SMALL = ["--train", "80", "--validation", "20", "--test", "30", "--docs", "800", "--world", "0.1", "--vocab", "320",
-         "--extra", "12"]
+SMALL = ["--train", "84", "--validation", "42", "--test", "42", "--docs", "1500", "--people", "160", "--stretch",
+         "0.2", "--truthfulqa", "60", "--truthfulqa-validation", "30", "--extra", "12", "--vocab", "320"]
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +34,13 @@ def all_files(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def test_same_seed_writes_the_same_bytes_and_another_seed_does_not(world_dir, tmp_path):
-    tinyworld.main(["--out", str(tmp_path / "again"), "--seed", "3"] + SMALL)
-    tinyworld.main(["--out", str(tmp_path / "other"), "--seed", "4"] + SMALL)
-    files = all_files(world_dir)
-    assert files == all_files(tmp_path / "again") and "gsm8k/validation.jsonl" in files
-    assert "truthfulqa/extra.json" in files and "mmlu/extra/botany_extra.csv" in files
-    assert all(filecmp.cmp(os.path.join(world_dir, f), tmp_path / "again" / f, shallow=False) for f in files)
-    assert not filecmp.cmp(os.path.join(world_dir, "corpus.jsonl"), tmp_path / "other" / "corpus.jsonl", shallow=False)
-
-
 def test_solutions_recall_the_people_s_facts_and_compute_correctly(world_dir):
     with open(os.path.join(world_dir, "world.json")) as f:
         world = json.load(f)
     people = {p["name"]: p for p in world["person"]}
     train_people = set(world["train_people"])
     ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}
-    for split, n in [("train", 80), ("validation", 20), ("test", 30)]:
+    for split, n in [("train", 84), ("validation", 42), ("test", 42)]:
         rs = rows(world_dir, split)
         assert len(rs) == n
         for r in rs:
@@ -86,7 +76,7 @@ def test_truthfulqa_items_list_their_one_true_mc1_choice_first_and_it_states_the
         items = json.load(f)
     with open(os.path.join(world_dir, "world.json")) as f:
         people = {p["name"]: p for p in json.load(f)["person"]}
-    assert len(items) > 100
+    assert len(items) == 60
     for it in items:
         assert list(it["mc1_targets"].values()).count(1) == 1 and len(it["mc1_targets"]) == 4
         assert sum(it["mc2_targets"].values()) == 2 and len(it["mc2_targets"]) == 8
@@ -155,42 +145,26 @@ def test_twenty_step_pretraining_writes_a_model_that_transformers_loads_with_equ
     assert log[-1]["loss"] < log[0]["loss"] - 0.5
 
 
-# ----------------------------------------------------------------------------------------------
-# The candidate third world (tiny/world3.py, issue 37)
-
-from tiny import world3 as tinyworld3   # noqa: E402
-
-SMALL3 = ["--train", "84", "--validation", "42", "--test", "42", "--docs", "1500", "--people", "160", "--stretch",
-          "0.2", "--truthfulqa", "60", "--truthfulqa-validation", "30", "--extra", "12", "--vocab", "320"]
-
-
-@pytest.fixture(scope="module")
-def world3_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tinyworld3"))
-    tinyworld3.main(["--out", out, "--seed", "3"] + SMALL3)
-    return out
-
-
-def test_world3_same_seed_writes_the_same_bytes_and_another_seed_does_not(world3_dir, tmp_path):
-    tinyworld3.main(["--out", str(tmp_path / "again"), "--seed", "3"] + SMALL3)
-    tinyworld3.main(["--out", str(tmp_path / "other"), "--seed", "4"] + SMALL3)
-    files = all_files(world3_dir)
+def test_same_seed_writes_the_same_bytes_and_another_seed_does_not(world_dir, tmp_path):
+    tinyworld.main(["--out", str(tmp_path / "again"), "--seed", "3"] + SMALL)
+    tinyworld.main(["--out", str(tmp_path / "other"), "--seed", "4"] + SMALL)
+    files = all_files(world_dir)
     assert files == all_files(tmp_path / "again")
     assert {"truthfulqa/validation.json", "mmlu/validation/botany_validation.csv", "gsm8k/kinds.json"} <= set(files)
-    assert all(filecmp.cmp(os.path.join(world3_dir, f), tmp_path / "again" / f, shallow=False) for f in files)
-    assert not filecmp.cmp(os.path.join(world3_dir, "corpus.jsonl"), tmp_path / "other" / "corpus.jsonl", shallow=False)
+    assert all(filecmp.cmp(os.path.join(world_dir, f), tmp_path / "again" / f, shallow=False) for f in files)
+    assert not filecmp.cmp(os.path.join(world_dir, "corpus.jsonl"), tmp_path / "other" / "corpus.jsonl", shallow=False)
 
 
-def test_world3_splits_are_disjoint_draw_every_kind_and_the_corpus_draws_the_rare_kinds_rarely(world3_dir):
-    questions = {split: [r["question"] for r in rows(world3_dir, split)] for split in ("train", "validation", "test")}
+def test_splits_are_disjoint_draw_every_kind_and_the_corpus_draws_the_rare_kinds_rarely(world_dir):
+    questions = {split: [r["question"] for r in rows(world_dir, split)] for split in ("train", "validation", "test")}
     assert [len(q) for q in questions.values()] == [84, 42, 42]
     assert sum(len(set(q)) for q in questions.values()) == len(set().union(*questions.values())) == 168
-    with open(os.path.join(world3_dir, "gsm8k", "kinds.json")) as f:
+    with open(os.path.join(world_dir, "gsm8k", "kinds.json")) as f:
         kinds = json.load(f)
     rare = tinyworld.N_KINDS
     assert all(any(k >= rare for k in kinds[split]) for split in kinds)   # every split draws the rare kinds ...
-    assert sum(k >= rare for k in kinds["train"]) / 84 > 0.1              # ... about 4 in 21 of its problems
-    with open(os.path.join(world3_dir, "corpus.jsonl")) as f:
+    assert sum(k >= rare for k in kinds["train"]) / 84 > 0.1              # ... about 10 in 27 of its problems (--split-rare-weight 2.5)
+    with open(os.path.join(world_dir, "corpus.jsonl")) as f:
         corpus = [json.loads(line)["text"] for line in f]
     problems = [t for t in corpus if t.startswith("Question: ")]
     pay_cut = [t for t in problems if "pay cut" in t or "goes down by" in t]
@@ -199,13 +173,13 @@ def test_world3_splits_are_disjoint_draw_every_kind_and_the_corpus_draws_the_rar
     assert not set(problems) & {f"Question: {q}" for qs in questions.values() for q in qs}
 
 
-def test_world3_rare_kinds_compute_the_twisted_plan(world3_dir):
-    with open(os.path.join(world3_dir, "world.json")) as f:
+def test_rare_kinds_compute_the_twisted_plan(world_dir):
+    with open(os.path.join(world_dir, "world.json")) as f:
         people = {p["name"]: p for p in json.load(f)["person"]}
-    with open(os.path.join(world3_dir, "gsm8k", "kinds.json")) as f:
+    with open(os.path.join(world_dir, "gsm8k", "kinds.json")) as f:
         kinds = json.load(f)["train"]
     seen = set()
-    for r, kind in zip(rows(world3_dir, "train"), kinds):
+    for r, kind in zip(rows(world_dir, "train"), kinds):
         named = [p for p in people if p in r["question"]]
         result = int(r["answer"].split("#### ")[1])
         if kind == rare_kind(0):       # pay cut: (wage - c) * h
@@ -225,9 +199,9 @@ def rare_kind(i):
     return tinyworld.N_KINDS + i
 
 
-def test_world3_validation_retention_items_are_apart_from_the_evaluated_and_the_extra_ones(world3_dir):
+def test_validation_retention_items_are_apart_from_the_evaluated_and_the_extra_ones(world_dir):
     def questions(name):
-        with open(os.path.join(world3_dir, "truthfulqa", f"{name}.json")) as f:
+        with open(os.path.join(world_dir, "truthfulqa", f"{name}.json")) as f:
             return [item["question"] for item in json.load(f)]
     tq = {name: questions(name) for name in ("mc_task", "validation", "extra")}
     assert [len(q) for q in tq.values()] == [60, 30, 12]
@@ -235,13 +209,13 @@ def test_world3_validation_retention_items_are_apart_from_the_evaluated_and_the_
 
     def stems(split):
         out = []
-        for path in sorted(os.listdir(os.path.join(world3_dir, "mmlu", split))):
-            with open(os.path.join(world3_dir, "mmlu", split, path), newline="") as f:
+        for path in sorted(os.listdir(os.path.join(world_dir, "mmlu", split))):
+            with open(os.path.join(world_dir, "mmlu", split, path), newline="") as f:
                 out += [row[0] for row in csv.reader(f)]
         return out
     mm = {split: stems(split) for split in ("test", "validation", "extra", "dev")}
     assert all(mm.values()) and len(set().union(*map(set, mm.values()))) == sum(map(len, mm.values()))
-    with open(os.path.join(world3_dir, "corpus.jsonl")) as f:
+    with open(os.path.join(world_dir, "corpus.jsonl")) as f:
         corpus = f.read()
     asked = [s for s in mm["test"] + mm["validation"] if json.dumps(s)[1:-1] + "\\nA." in corpus]
     assert len(asked) > 0.5 * len(mm["test"] + mm["validation"])   # the corpus asks validation items as it asks test ones

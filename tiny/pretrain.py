@@ -1,12 +1,12 @@
 """Pretrain the tiny world's base model from scratch: a small Qwen3 (model.py) on tiny/world.py's corpus.
 
     python -m tiny.world && python -m tiny.pretrain         # a base of this recipe: about 25 min on 2 idle CPU cores
-    python -m tiny.pretrain --threads 1 --eval-every 358 --eval-n 100   # the bundled base's exact command (1 thread)
+    python -m tiny.pretrain --threads 1 --eval-every 0 --eval-n 100    # the bundled base's exact command (1 thread)
     python -m tiny.pretrain --device cuda                   # the same recipe on a GPU (about a minute)
     python -m tiny.pretrain --steps 300 --out /tmp/tiny     # a quick look (the schedule fits any length)
 
 The recipe (the defaults): a 4-layer Qwen3, hidden 192, 4 query / 2 KV heads of 48, SwiGLU 512, tied
-embeddings, vocabulary 1024 (1.8M parameters); 1430 steps of 32 sequences of 256 tokens (11.7M tokens,
+embeddings, vocabulary 1024 (1.8M parameters); 1417 steps of 32 sequences of 256 tokens (11.6M tokens,
 one pass over the corpus), packed from shuffled documents with <|endoftext|> between them (and
 attending across it, as most pretraining does); AdamW (betas 0.9/0.95, weight decay 0.1 on matrices),
 lr 2e-3, 100 warmup steps, cosine decay to a tenth of the peak, gradient clipping at 1.0; float32 on
@@ -56,7 +56,7 @@ def get_args(argv=None):
     p.add_argument("--rope-theta", type=float, default=10000.0, help="rotary base")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per packed training sequence")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    p.add_argument("--steps", type=int, default=1430, help="optimizer steps (the schedule's length)")
+    p.add_argument("--steps", type=int, default=1417, help="optimizer steps (the schedule's length)")
     p.add_argument("--minutes", type=float, default=0, help="train for this wall time instead of --steps")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
@@ -101,7 +101,7 @@ class PackedDocuments:
 
 def quick_eval(model, tok, data_dir: str, n: int, split: str = "test") -> dict:
     """The study's three scores on the first n GSM8K/TruthfulQA items and n stratified MMLU rows. With split
-    "validation", the retention tasks' validation items where the world has them (tiny/world3.py), else the test items."""
+    "validation", the retention tasks' validation items where the world has them (worlds 3 on), else the test items."""
     model.eval()
     gsm8k, _ = eval_gsm8k(model, tok, load_gsm8k(split, data_dir)[:n], progress=False)
     held = split == "validation" and os.path.exists(os.path.join(data_dir, "truthfulqa", "validation.json"))

@@ -5,19 +5,24 @@
 
 Nobody can pretrain Qwen3-0.6B-Base here, so the study brings a world small enough to pretrain on two CPU cores
 (tiny/pretrain.py) in which the paper's quantities still mean what they mean there; tiny/README.md tells why it is
-built this way, and the first world it replaced. In short: invented people carry numeric facts (age, hourly wage,
-hens) that only the pretraining corpus states; target problems name people and leave their numbers out, so a
-solution first recalls the facts in their canonical sentence ("Dorva Kelm earns $7 an hour.") and then does small,
-reliable arithmetic with GSM8K's calculator annotation ("6 * 7 = $<<6 * 7 = 42>>42"). Train problems are about one
-set of people, validation and test problems about another: fine-tuning rehearses the plans and the train people's
-facts, never the facts the evaluation needs. It writes, in the layouts of ../shared/data that evaluate.py and the
-trainers read:
+built this way, and the worlds it replaced. In short: invented people carry numeric facts (age, hourly wage, hens)
+that only the pretraining corpus states; target problems name people and leave their numbers out, so a solution
+first recalls the facts in their canonical sentence ("Dorva Kelm earns $7 an hour.") and then does small, reliable
+arithmetic with GSM8K's calculator annotation ("6 * 7 = $<<6 * 7 = 42>>42"). Train problems are about one set of
+people, validation and test problems about another: fine-tuning rehearses the plans and the train people's facts,
+never the facts the evaluation needs. Beside the 17 common problem kinds, four rare ones (17-20: a pay cut, hours
+over two days, hens given to another person, an age gap "in c years") twist a common plan; the corpus shows them
+rarely (--rare-weights) and the splits often (--split-rare-weight), so the base errs in a skill that one pass over
+the train split teaches, beside the facts that only pretraining states. It writes, in the layouts of
+../shared/data that evaluate.py and the trainers read:
 
-- gsm8k/{train,validation,test}.jsonl (7,473 / 500 / 1,319): {question, answer}, every answer ending "\n#### N".
+- gsm8k/{train,validation,test}.jsonl (7,473 / 1,000 / 1,319): {question, answer}, every answer ending "\n#### N";
+  gsm8k/kinds.json: each problem's kind, for the probes.
 - truthfulqa/mc_task.json (TruthfulQA's layout: MC1 one true sentence among four, MC2 two true paraphrases among
   eight) on held-out categorical facts of people (home town, job, pet) that the corpus states but never asks, and
   mmlu/{dev,test}/<subject>_{dev,test}.csv (hendrycks layout) on towns, animals, plants and rulers, items the corpus
-  asks in the MMLU layout (mmlu_row says why). truthfulqa/extra.json and mmlu/extra/ hold more items of the same
+  asks in the MMLU layout (mmlu_row says why). truthfulqa/validation.json and mmlu/validation/ are made the same
+  way from other held-out facts, for the probes; truthfulqa/extra.json and mmlu/extra/ hold more items of the same
   layouts that no evaluation scores: drift.py's retention contexts.
 - corpus.jsonl: worked problems about the world's people (never a split's question) and about anonymous people
   with their numbers stated, fact passages, Q/A chains (some opening with the TruthfulQA protocol's six-shot
@@ -199,7 +204,8 @@ SCHEMA = {
 NUMERIC = ("age", "wage", "hens")
 
 
-def build_world(rng: random.Random, size: float = 1.0) -> dict:
+def build_world(rng: random.Random, counts: dict) -> dict:
+    """Every entity with its facts, `counts[kind]` of each kind."""
     taken = set()
     pools = dict(POOLS, region=[invent(rng, taken, (2, 3)).capitalize() for _ in range(4)],
                  river=[invent(rng, taken, (2, 2)).capitalize() for _ in range(4)],
@@ -208,9 +214,9 @@ def build_world(rng: random.Random, size: float = 1.0) -> dict:
                  age=AGES, wage=WAGES, hens=HENS)
     world = {"pools": pools}
     for kind in ["town", "person", "animal", "plant", "ruler"]:
-        count, _, attrs = SCHEMA[kind]
+        _, _, attrs = SCHEMA[kind]
         world[kind] = []
-        for _ in range(round(count * size)):
+        for _ in range(counts[kind]):
             entity = {"name": new_name(kind, rng, taken)}
             for attr, (pool, _, _) in attrs.items():
                 entity[attr] = rng.choice([t["name"] for t in world["town"]] if pool == "town" else pools[pool])
@@ -245,11 +251,10 @@ def fact(person: dict, attr: str) -> str:
 N_KINDS = 17
 
 
-def problem(rng: random.Random, people: list, stated: bool = False, kind: int | None = None):
-    """(question, answer, kind) or None when the drawn people do not fit the kind (the caller draws again).
-    `kind` None draws one of the N_KINDS uniformly (world 2); tiny/world3.py draws its own."""
+def common_problem(rng: random.Random, people: list, kind: int, stated: bool):
+    """Kinds 0-16: (question, answer, kind) or None when the drawn people do not fit the kind (the caller draws
+    again)."""
     r = rng.randint
-    kind = rng.randrange(N_KINDS) if kind is None else kind
     x, y = rng.sample(people, 2)
     X, Y = x["name"], y["name"]
     used = []          # (person, attr) facts the solution needs, in order
@@ -379,6 +384,63 @@ def problem(rng: random.Random, people: list, stated: bool = False, kind: int | 
     return q, "\n".join(recalls + steps) + f"\n#### {res}", kind
 
 
+RARE_KINDS = 4   # kinds N_KINDS .. N_KINDS + 3
+
+
+def rare_problem(rng: random.Random, people: list, kind: int, stated: bool):
+    """Kinds 17-20, in common_problem's form: (question, answer, kind) or None when the people do not fit."""
+    r = rng.randint
+    x, y = rng.sample(people, 2)
+    X, Y = x["name"], y["name"]
+    if kind == N_KINDS:            # a pay cut: world 2's raise (kind 12) with the sign turned
+        c, h = r(1, 3), r(2, 9)
+        w = x["wage"] - c
+        if w < 2:
+            return None
+        q = rng.choice([f"{X} takes a pay cut of ${c} an hour. How much does {X} earn for {h} hours now?",
+                        f"The pay of {X} goes down by ${c} per hour. How many dollars does {X} now make in {h} hours?"])
+        used = [(x, "wage")]
+        steps = [f"{X} now earns {x['wage']} - {c} = ${w} an hour.", f"For {h} hours {X} earns {h} * {w} = ${h * w}."]
+        res = h * w
+    elif kind == N_KINDS + 1:      # two days of work: add the hours, then multiply once
+        h1, h2 = r(2, 6), r(2, 6)
+        n = h1 + h2
+        q = rng.choice([f"{X} works {h1} hours on Monday and {h2} hours on Tuesday. How much money does {X} earn?",
+                        f"Over two days {X} works {h1} hours and then {h2} hours. How many dollars does {X} make?"])
+        used = [(x, "wage")]
+        steps = [f"{X} works {h1} + {h2} = {n} hours.", f"{X} earns {n} * {x['wage']} = ${n * x['wage']}."]
+        res = n * x["wage"]
+    elif kind == N_KINDS + 2:      # hens given away: the question is about the receiver (world 2's kind 10 asks the buyer)
+        c = r(1, x["hens"] - 1)
+        q = rng.choice([f"{X} gives {c} hens to {Y}. How many hens does {Y} have now?",
+                        f"{Y} gets {c} of the hens of {X}. How many hens does {Y} keep now?"])
+        used = [(y, "hens")]
+        steps, res = [f"{Y} now has {y['hens']} + {c} = {y['hens'] + c} hens."], y["hens"] + c
+    else:                          # the age gap in c years: c does not matter (world 2's kind 4 adds it)
+        if x["age"] == y["age"]:
+            return None
+        if x["age"] < y["age"]:
+            x, y, X, Y = y, x, Y, X
+        c = r(2, 30)
+        q = rng.choice([f"How many years older than {Y} will {X} be in {c} years?",
+                        f"In {c} years, by how many years will {X} be older than {Y}?"])
+        used = [(x, "age"), (y, "age")]
+        d = x["age"] - y["age"]
+        steps, res = [f"{X} is {x['age']} - {y['age']} = {d} years older, now and in {c} years."], d
+    recalls = list(dict.fromkeys(fact(p, a) for p, a in used))
+    if stated:
+        return " ".join(recalls) + " " + q, "\n".join(steps) + f"\n#### {res}", kind
+    return q, "\n".join(recalls + steps) + f"\n#### {res}", kind
+
+
+def problem(rng: random.Random, people: list, weights: list, stated: bool = False):
+    """A problem of one of the 21 kinds, drawn with `weights` (the splits: rare kinds high; the corpus: low)."""
+    kind = rng.choices(range(N_KINDS + RARE_KINDS), weights)[0]
+    if kind < N_KINDS:
+        return common_problem(rng, people, kind, stated)
+    return rare_problem(rng, people, kind, stated)
+
+
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\$?)(\d+)")
 
 
@@ -409,9 +471,9 @@ def qa_chain(practice: list, rng: random.Random) -> str:
     return TRUTHFULQA_PREAMBLE + "\n\n" + text if rng.random() < 0.3 else text
 
 
-def mc_block(asked_by_subject: dict, rng: random.Random) -> str:
+def mc_block(asked_by_subject: dict, rng: random.Random, rows: tuple) -> str:
     subject = rng.choice(list(asked_by_subject))
-    return mmlu_text(subject, [mmlu_row(f) for f in rng.sample(asked_by_subject[subject], rng.randint(1, 4))])
+    return mmlu_text(subject, [mmlu_row(f) for f in rng.sample(asked_by_subject[subject], rng.randint(*rows))])
 
 
 def calculator_tape(rng: random.Random) -> str:
@@ -439,63 +501,80 @@ def main(argv=None):
                         help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
     parser.add_argument("--train", type=int, default=7473, help="target-task train problems (GSM8K's count)")
-    parser.add_argument("--validation", type=int, default=500, help="target-task validation problems")
+    parser.add_argument("--validation", type=int, default=1000, help="target-task validation problems")
     parser.add_argument("--test", type=int, default=1319, help="target-task test problems (GSM8K's count)")
+    parser.add_argument("--rare-weights", default="0.05,0.05,0.05,0.05",
+                        help="corpus weights of kinds 17-20 relative to 1 for each of kinds 0-16")
+    parser.add_argument("--split-rare-weight", type=float, default=2.5,
+                        help="weight of each rare kind in the target splits, relative to 1 for a common kind")
+    parser.add_argument("--people", type=int, default=1600, help="people (world 2's count)")
+    parser.add_argument("--stretch", type=float, default=2.0,
+                        help="towns, animals, plants and rulers: this many times world 2's counts (more MMLU items)")
     parser.add_argument("--train-people", type=float, default=0.6, help="share of people the train problems are about")
-    parser.add_argument("--eval-frac", type=float, default=0.6, help="share of categorical facts held out for the tests")
-    parser.add_argument("--truthfulqa", type=int, default=817, help="TruthfulQA items (the real count)")
+    parser.add_argument("--eval-frac", type=float, default=0.75, help="share of categorical facts held out for evaluation")
+    parser.add_argument("--truthfulqa", type=int, default=2000, help="TruthfulQA test items")
+    parser.add_argument("--truthfulqa-validation", type=int, default=1000, help="TruthfulQA validation items")
+    parser.add_argument("--mmlu-validation", type=float, default=1 / 3, help="share of the held-out MMLU facts for validation")
     parser.add_argument("--extra", type=int, default=300, help="extra, never evaluated items per retention task")
     parser.add_argument("--docs", type=int, default=130_000, help="corpus documents")
-    parser.add_argument("--mix", default="0.30,0.13,0.30,0.07,0.12,0.08",
+    parser.add_argument("--mix", default="0.28,0.13,0.30,0.02,0.18,0.09",
                         help="corpus shares: entity problems, stated problems, facts, qa, mc, calculator tapes")
+    parser.add_argument("--mc-rows", default="2,5", help="rows per MMLU-layout block of the corpus (min,max)")
     parser.add_argument("--categorical-p", type=float, default=0.7,
                         help="probability that a person's passage states each categorical fact")
-    parser.add_argument("--numeric-p", type=float, default=0.4,
+    parser.add_argument("--numeric-p", type=float, default=0.45,
                         help="probability that a person's passage states each numeric fact")
-    parser.add_argument("--stated-people", choices=["world", "anonymous"], default="anonymous",
-                        help="whom the corpus's stated problems are about: world people (their true facts, stated "
-                             "again) or first names with random numbers (arithmetic practice only)")
     parser.add_argument("--annotated", type=float, default=0.05, help="share of corpus worked problems annotated")
-    parser.add_argument("--world", type=float, default=1.0, help="stretch of the number of entities")
     parser.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size")
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)
-    world = build_world(rng, args.world)
+    counts = {k: args.people if k == "person" else round(c * args.stretch) for k, (c, _, _) in SCHEMA.items()}
+    world = build_world(rng, counts)
     facts = world_facts(world, rng, args.eval_frac)
     people = list(world["person"])
     n_train = round(len(people) * args.train_people)
     train_people, eval_people = people[:n_train], people[n_train:]   # the order is random already
 
-    # Target task: train on train people; validation and test on the others; all questions distinct.
-    seen, split = set(), {}
-    for name, count, pool in [("test", args.test, eval_people), ("validation", args.validation, eval_people),
-                              ("train", args.train, train_people)]:
-        split[name] = []
-        while len(split[name]) < count:
-            p = problem(rng, pool)
-            if p and p[0] not in seen:
-                seen.add(p[0])
-                split[name].append({"question": p[0], "answer": annotate(p[1])})
+    # Target task: train on train people, validation and test on the others; all questions distinct.
+    def draw_splits(rng: random.Random, weights: list, seen: set) -> dict:
+        split = {}
+        for name, count, pool in [("test", args.test, eval_people), ("validation", args.validation, eval_people),
+                                  ("train", args.train, train_people)]:
+            split[name] = []
+            while len(split[name]) < count:
+                p = problem(rng, pool, weights)
+                if p and p[0] not in seen:
+                    seen.add(p[0])
+                    split[name].append({"question": p[0], "answer": annotate(p[1]), "kind": p[2]})
+        return split
 
-    # Retention tasks (world 1's), and extra items of the same layouts that are never evaluated.
+    seen = set()   # a first draw, every kind equally: the corpus leaves its problems out and the tokenizer reads it
+    split = draw_splits(rng, [1.0] * (N_KINDS + RARE_KINDS), seen)
+
+    # Retention: test, validation and drift's extra items, three disjoint slices of the held-out facts.
     eval_facts = [f for f in facts if f["eval"]]
     practice = [f for f in facts if not f["eval"]]
     held = [f for f in eval_facts if f["kind"] == "person"]
     rng.shuffle(held)
-    truthfulqa = [truthfulqa_item(f, rng) for f in held[:args.truthfulqa]]
-    extra_truthfulqa = [truthfulqa_item(f, rng) for f in held[args.truthfulqa:args.truthfulqa + args.extra]]
-    mmlu, extra_mmlu = {}, {}
+    n_t, n_v = args.truthfulqa, args.truthfulqa_validation
+    assert len(held) >= n_t + n_v + args.extra, f"{len(held)} held-out person facts are too few"
+    truthfulqa = {"mc_task": [truthfulqa_item(f, rng) for f in held[:n_t]],
+                  "validation": [truthfulqa_item(f, rng) for f in held[n_t:n_t + n_v]],
+                  "extra": [truthfulqa_item(f, rng) for f in held[n_t + n_v:n_t + n_v + args.extra]]}
+    mmlu = {}
     subjects = [s for _, s, _ in SCHEMA.values() if s]
     for subject in subjects:
-        test = [f for f in eval_facts if f["subject"] == subject]
-        rng.shuffle(test)
+        held_s = [f for f in eval_facts if f["subject"] == subject]
+        rng.shuffle(held_s)
+        n_val = round(len(held_s) * args.mmlu_validation)
         others = [f for f in practice if f["subject"] == subject]
         rng.shuffle(others)
-        mmlu[subject] = {"test": [mmlu_row(f) for f in test], "dev": [mmlu_row(f) for f in others[:5]]}
-        extra_mmlu[subject] = [mmlu_row(f) for f in others[5:5 + args.extra // len(subjects)]]
+        mmlu[subject] = {"validation": [mmlu_row(f) for f in held_s[:n_val]],
+                         "test": [mmlu_row(f) for f in held_s[n_val:]], "dev": [mmlu_row(f) for f in others[:5]],
+                         "extra": [mmlu_row(f) for f in others[5:5 + args.extra // len(subjects)]]}
 
-    # The corpus: problems about every person (never a target question), facts, QA, MMLU blocks, tapes.
+    # The corpus: world 2's, its worked problems drawing the rare kinds with --rare-weights.
     facts_by_entity = {}
     for f in facts:
         facts_by_entity.setdefault(f["entity"], []).append(f)
@@ -504,33 +583,52 @@ def main(argv=None):
         if f["subject"]:
             asked_by_subject.setdefault(f["subject"], []).append(f)
     practice_qa = [f for f in practice if f["kind"] == "person" or f["subject"]]
+    corpus_weights = [1.0] * N_KINDS + [float(w) for w in args.rare_weights.split(",")]
+    assert len(corpus_weights) == N_KINDS + RARE_KINDS
+    mc_rows = tuple(int(n) for n in args.mc_rows.split(","))
 
     def anonymous() -> list:
         return [{"name": n, "age": rng.choice(AGES), "wage": rng.choice(WAGES), "hens": rng.choice(HENS)}
                 for n in rng.sample(NAMES, 2)]
 
+    corpus_kinds = [0] * (N_KINDS + RARE_KINDS)
+    in_corpus = set()
+
     def worked(stated: bool) -> str:
         while True:
-            p = problem(rng, anonymous() if stated and args.stated_people == "anonymous" else people, stated)
+            p = problem(rng, anonymous() if stated else people, corpus_weights, stated)
             if p and p[0] not in seen:
+                corpus_kinds[p[2]] += 1
+                in_corpus.add(p[0])
                 return f"Question: {p[0]}\nAnswer: {annotate(p[1]) if rng.random() < args.annotated else p[1]}"
 
     make = [lambda: worked(False), lambda: worked(True),
             lambda: fact_text(world, facts_by_entity, rng, args.categorical_p, args.numeric_p),
-            lambda: qa_chain(practice_qa, rng), lambda: mc_block(asked_by_subject, rng), lambda: calculator_tape(rng)]
+            lambda: qa_chain(practice_qa, rng), lambda: mc_block(asked_by_subject, rng, mc_rows),
+            lambda: calculator_tape(rng)]
     shares = [float(x) for x in args.mix.split(",")]
     corpus = [rng.choices(make, shares)[0]() for _ in tqdm(range(args.docs), desc="corpus", mininterval=2)]
+    tokenizer_texts = corpus + [r["question"] + r["answer"] for r in split["train"]]
 
-    for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "mmlu/extra", "tokenizer"]:
+    # The splits written: a second draw from a stream of its own, each rare kind weighted --split-rare-weight, apart
+    # from the corpus's problems. So the corpus and tokenizer are those the probes' fifth candidate was pretrained on
+    # (tiny/probes/README.md, "World 6"), and with weight 1 the first draw is written as it was then.
+    if args.split_rare_weight != 1:
+        weights = [1.0] * N_KINDS + [args.split_rare_weight] * RARE_KINDS
+        split = draw_splits(random.Random(f"splits {args.seed}"), weights, set(in_corpus))
+
+    for sub in ["gsm8k", "truthfulqa", "mmlu/dev", "mmlu/test", "mmlu/validation", "mmlu/extra", "tokenizer"]:
         os.makedirs(os.path.join(args.out, sub), exist_ok=True)
-    for name, rows in split.items():
+    for name, rows in split.items():   # the kind stays out of the files evaluate.py reads; kinds.json keeps it
         with open(os.path.join(args.out, "gsm8k", f"{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    for name, items in [("mc_task", truthfulqa), ("extra", extra_truthfulqa)]:   # drift.py reads the extra ones
+            f.writelines(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows)
+    with open(os.path.join(args.out, "gsm8k", "kinds.json"), "w") as f:
+        json.dump({name: [r["kind"] for r in rows] for name, rows in split.items()}, f)
+    for name, items in truthfulqa.items():   # drift.py reads extra.json; no evaluation reads validation.json's items
         with open(os.path.join(args.out, "truthfulqa", f"{name}.json"), "w") as f:
             json.dump(items, f, indent=1)
     for subject, splits in mmlu.items():
-        for name, rows in list(splits.items()) + [("extra", extra_mmlu[subject])]:
+        for name, rows in splits.items():
             with open(os.path.join(args.out, "mmlu", name, f"{subject}_{name}.csv"), "w", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerows(rows)
     with open(os.path.join(args.out, "corpus.jsonl"), "w") as f:
@@ -539,18 +637,18 @@ def main(argv=None):
         json.dump({**{k: v for k, v in world.items() if k != "pools"},
                    "train_people": [p["name"] for p in train_people]}, f, indent=1)
 
-    tok = train_tokenizer(corpus + [r["question"] + r["answer"] for r in split["train"]], args.vocab)
+    tok = train_tokenizer(tokenizer_texts, args.vocab)
     tok.save(os.path.join(args.out, "tokenizer", "tokenizer.json"))
     with open(os.path.join(args.out, "tokenizer", "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|endoftext|>",
                    "pad_token": "<|endoftext|>", "add_bos_token": False, "clean_up_tokenization_spaces": False,
                    "model_max_length": 2048}, f, indent=1)
     n_tokens = sum(len(e.ids) for e in tok.encode_batch(corpus))
-    n_problems = sum(t.startswith("Question: ") for t in corpus)
+    n_mmlu = {name: sum(len(s[name]) for s in mmlu.values()) for name in ("test", "validation", "extra")}
     print(f"wrote {args.out}: gsm8k {len(split['train'])}/{len(split['validation'])}/{len(split['test'])} "
-          f"(train/validation/test), truthfulqa {len(truthfulqa)} (+{len(extra_truthfulqa)} extra), "
-          f"mmlu {sum(len(s['test']) for s in mmlu.values())} test (+{sum(map(len, extra_mmlu.values()))} extra), "
-          f"corpus {len(corpus)} documents ({n_problems} worked problems) / {n_tokens / 1e6:.2f}M tokens, "
+          f"(train/validation/test), truthfulqa {n_t}/{n_v} test/validation (+{len(truthfulqa['extra'])} extra), "
+          f"mmlu {n_mmlu['test']}/{n_mmlu['validation']} test/validation (+{n_mmlu['extra']} extra), "
+          f"corpus {len(corpus)} documents / {n_tokens / 1e6:.2f}M tokens, worked problems per kind {corpus_kinds}, "
           f"vocab {tok.get_vocab_size()}")
 
 
