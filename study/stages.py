@@ -368,8 +368,8 @@ def schedule(tasks: dict, jobs: int) -> dict:
 def run_stages(args, costs: dict) -> dict:
     """The base's evaluations, then every trained run of seeds --first-seed.. (the paper's five, the variants beside
     them with --variants, or --only's) with its evaluations, drift and snapshots: each stage a task that starts once
-    the checkpoints and evaluations it reads are there, --jobs at a time, trainings first (an OPD run after its
-    teacher). Returns {run: [status per seed]}."""
+    the checkpoints and evaluations it reads are there, --jobs at a time, trainings first (the teachers' first, an OPD
+    run after its teacher). Returns {run: [status per seed]}."""
     names = args.only.split(",") if args.only else [s.name for s in stages() if args.variants or s.name in CORE]
     check_only(args, set(names))
     statuses, first, later = {}, {}, {}    # the base's evaluations and the trainings first
@@ -381,8 +381,9 @@ def run_stages(args, costs: dict) -> dict:
     first["eval", "base"] = [], partial(evaluate_model, args, "base", None, costs)
     if args.variants:
         first["passk", "base"] = [], partial(evaluate_model, args, "base", None, costs, "passk")
-    for seed in range(args.first_seed, args.seeds):
-        for s in (s for s in stages() if s.name in names):
+    students = [s.teacher for s in stages() if s.name in names]
+    for seed in range(args.first_seed, args.seeds):   # a teacher's training first: its students wait for it
+        for s in sorted((s for s in stages() if s.name in names), key=lambda s: -students.count(s.name)):
             model, ckpt = f"{s.name}_s{seed}", ckpt_path(args, s.name, seed)
             teacher = [("train", f"{s.teacher}_s{seed}")] if s.teacher in names else []
             first["train", model] = teacher, partial(trained, s, seed)
