@@ -283,7 +283,8 @@ def predictions(scores: dict, measures: dict) -> dict:
         return decided(text, interval(scores, [a, b], lambda m: eq12(m, a)[1] - eq12(m, b)[1], RETENTION_TASKS))
 
     claims = {"P1": "stress SFT forgets, mild SFT does not", "P2": "the on-policy runs retain more than stress SFT",
-              "P3": "the OPD student beats its degraded teacher and the base", "P4": "similar drift can come with different retention"}
+              "P3": "the OPD student beats its degraded teacher and the base",
+              "P4": "similar drift can come with different retention"}
     out = {}
     if {"sft_mild", "sft_stress"} <= set(scores):
         out["P1"] = [decided("F(SFT stress)", interval(scores, ["sft_stress"], lambda m: eq12(m, "sft_stress")[0],

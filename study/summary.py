@@ -54,10 +54,9 @@ def pass_scores(paths: list[str]) -> dict:
                                if k.startswith("gsm8k_pass@")])
 
 
-def pass_at_k(paths: list[str]) -> dict:
-    """{k: mean ± std over seeds} of GSM8K pass@k from pass@k evaluations."""
-    runs = [read_json(p)["tasks"]["gsm8k"]["pass_at_k"] for p in paths]
-    return {k: mean_std([r[k]["score"] for r in runs]) for k in runs[0]}
+def pass_at_k(scores: dict) -> dict:
+    """{k: mean ± std over seeds} of GSM8K pass@k from its per-item scores (pass_scores)."""
+    return {key.split("@")[1]: mean_std([float(x) for x in v.mean(1)]) for key, v in scores.items()}
 
 
 def drift_measures(drift_paths: list[dict]) -> dict:
@@ -93,7 +92,7 @@ def summarize(args, runs: dict, costs: dict) -> dict:
     base_pass = os.path.join(args.out, "eval", "base_passk.json")
     passes = {"base": pass_scores([base_pass])} if args.variants else {}     # pass@k: reproduce.py --variants
     if passes:
-        summary["models"]["base"]["pass_at_k"] = pass_at_k([base_pass])
+        summary["models"]["base"]["pass_at_k"] = pass_at_k(passes["base"])
         gsm8k = read_json(base_pass)["tasks"]["gsm8k"]
         summary["pass_protocol"] = {**gsm8k["protocol"]["pass_at_k"], "problems": gsm8k["n"]}
     for stage in (s for s in stages() if s.name in runs):   # the runs this study did (reproduce.py --variants, --only)
@@ -122,8 +121,8 @@ def summarize(args, runs: dict, costs: dict) -> dict:
                 if all(str(f) in r.get("snapshots", {}) for r in per_seed):
                     scores[f"{stage.name}@{f}"] = seed_scores([r["snapshots"][str(f)] for r in per_seed])
             if passes and all("passk" in r for r in per_seed):
-                row["pass_at_k"] = pass_at_k([r["passk"] for r in per_seed])
                 passes[stage.name] = pass_scores([r["passk"] for r in per_seed])
+                row["pass_at_k"] = pass_at_k(passes[stage.name])
                 row["pass_intervals"] = {k: interval(passes, [stage.name], lambda m, k=k: m[stage.name][k] - m["base"][k],
                                                      [k]) for k in passes["base"]}
             measures[stage.name] = drift_measures([r.get("drift", {}) for r in per_seed])
