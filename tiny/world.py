@@ -611,8 +611,8 @@ def main(argv=None):
     tokenizer_texts = corpus + [r["question"] + r["answer"] for r in split["train"]]
 
     # The splits written: a second draw from a stream of its own, each rare kind weighted --split-rare-weight, apart
-    # from the corpus's problems. So the corpus and tokenizer are those the probes' fifth candidate was pretrained on
-    # (tiny/probes/README.md, "World 6"), and with weight 1 the first draw is written as it was then.
+    # from the corpus's problems. So the corpus and tokenizer are those world 5's base was pretrained on, the base
+    # world 6 kept (tiny/probes/README.md, "World 6"), and with weight 1 the first draw is written: world 5's splits.
     if args.split_rare_weight != 1:
         weights = [1.0] * N_KINDS + [args.split_rare_weight] * RARE_KINDS
         split = draw_splits(random.Random(f"splits {args.seed}"), weights, set(in_corpus))
