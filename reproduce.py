@@ -34,15 +34,18 @@ run, and results.md gives each method's retention at the target gains the method
 from another method's at the same gain (retention at matched gain).
 
 Side by side. A stage starts once what it reads is there: a training at once (an OPD run once its teacher is
-trained), an evaluation, drift or snapshots once its run is trained, trainings first (a teacher before the
-others). With --jobs N (on the CPU, by default one per core) N stages run at a time, each in a worker process on
-one CPU thread; on a GPU (and under torchrun) they run one after another in this process, as --jobs 1 does
-anywhere. The numbers do not depend on N.
+trained), an evaluation, drift or snapshots once its run is trained, a run's own stages before the next run's
+training (a teacher before the others). With --jobs N (on the CPU, by default one per core) N stages run at a
+time, each in a worker process on one CPU thread; on a GPU (and under torchrun) they run one after another in this
+process, as --jobs 1 does anywhere. The numbers do not depend on N.
 
 Everything goes under --out: ckpt/, eval/, drift/, rollouts/ and the report. Rerunning is resumable: a stage's
 output is reused when the same command made it from the same inputs (each stage records both beside its output),
 an interrupted training run continues from its last checkpoint (train_*.py --resume); a changed command or input
-(another --extra, profile or teacher) runs the stage again.
+(another --extra, profile or teacher) runs the stage again. A finished run leaves a receipt beside its checkpoint
+(ckpt/<run>.receipt.json: the sha256 of its checkpoint and snapshots), so that a study directory without its
+checkpoints and rollouts (the committed tiny/results, or a study carried to another machine) still reuses every
+stage they fed and reports again; only a stage still to run needs the checkpoint it reads.
 
 Where it lives: study/stages.py (the runs, their settings and running them), study/summary.py (results.json),
 study/stats.py (the intervals, conditions, predictions, correlations, frontier) and study/report.py

@@ -14,12 +14,14 @@ import glob
 import json
 import multiprocessing
 import os
+import re
 import shlex
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -108,9 +110,10 @@ PROFILES = {
         # the policy KLs' retention contexts are only the data dir's extra ones
         "drift": ["--batch-size", "128", "--prompts", "64", "--evaluated", "all"],
         "passk": ["--batch-size", "256", "--limit", "200", "--samples", "8"],   # the first 200 problems x 8 samples
-        # --frontier's six snapshots a run: every retention item and the first 300 GSM8K problems (the matched-gain
-        # curves cut the base and the final adapter to the same 300), so that the snapshots cost less than the runs
-        "frontier": ["--batch-size", "128", "--limit", "0", "--limit-gsm8k", "300"],
+        # --frontier's six snapshots a run: every MMLU item, the first 1,000 TruthfulQA questions and the first 300
+        # GSM8K problems (the matched-gain curves cut the base and the final adapter to the same items), so that the
+        # snapshots cost less than the runs (TruthfulQA's 2,000 questions are most of an evaluation's time)
+        "frontier": ["--batch-size", "128", "--limit", "0", "--limit-gsm8k", "300", "--limit-truthfulqa", "1000"],
     },
     "quick": {
         "settings": "a smoke run: a few steps and examples per stage",
@@ -135,27 +138,18 @@ PROFILES = {
 # A stage's command, recorded beside its output: what decides whether the output is reused
 
 
-def sha256(path: str) -> str:
-    """evaluate.file_sha256, once per version of a file: a study reads every checkpoint several times."""
-    st = os.stat(path)
-    return _sha256(path, st.st_mtime_ns, st.st_size)
-
-
-@lru_cache(maxsize=None)
-def _sha256(path: str, mtime_ns: int, size: int) -> str:
+def sha256(path: str) -> str | None:
+    """evaluate.file_sha256 of a checkpoint; one that is gone has the hash its run's receipt keeps, if any."""
+    if not os.path.exists(path):
+        return receipt(re.sub(r"_at\d+(?=\.pt$)", "", path)).get("sha256", {}).get(os.path.basename(path))
     return evaluate.file_sha256(path)
 
 
 def command(script: str, argv: list, inputs: list) -> dict:
     """The script, its flags but --stop-after N, and the sha256 of each checkpoint in `inputs` (None for one that is
     missing: the script says so)."""
-    flags, it = [], iter(argv)
-    for a in it:
-        if a == "--stop-after":
-            next(it, None)
-        elif not a.startswith("--stop-after="):
-            flags.append(a)
-    return {"script": script, "argv": flags, "inputs": {p: sha256(p) if os.path.exists(p) else None for p in inputs}}
+    flags = [a for i, a in enumerate(argv) if not a.startswith("--stop-after") and argv[i - 1:i] != ["--stop-after"]]
+    return {"script": script, "argv": flags, "inputs": {p: sha256(p) for p in inputs}}
 
 
 def _beside(out: str, what: str) -> str:
@@ -165,15 +159,12 @@ def _beside(out: str, what: str) -> str:
 
 def read_json(path: str, missing=None):
     """The JSON file at `path`; `missing` where there is none."""
-    if not os.path.exists(path):
-        return missing
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(Path(path).read_text()) if os.path.exists(path) else missing
 
 
 def same_command(out: str, cmd: dict) -> bool:
     """Whether `out` exists and was written by command `cmd` (its record says so)."""
-    return os.path.exists(out) and read_json(_beside(out, "command")) == cmd
+    return bool(os.path.exists(out) or receipt(out)) and read_json(_beside(out, "command")) == cmd
 
 
 def record(out: str, cmd: dict):
@@ -237,8 +228,22 @@ def ckpt_path(args, name: str, seed: int) -> str:
     return os.path.join(args.out, "ckpt", f"{name}_s{seed}.pt")
 
 
-def _finished(ckpt: str) -> bool:
-    return os.path.exists(ckpt) and finished(load_checkpoint(ckpt))   # read onto the CPU, wherever it was trained
+def receipt(ckpt: str) -> dict:
+    """A finished run's receipt (<ckpt>.receipt.json): its steps and the sha256 of its checkpoint and snapshots. A
+    study carried to another machine without its checkpoints (the committed study's stage outputs, README) reuses
+    through it every stage they fed; a stage still to run needs the checkpoint itself."""
+    return read_json(_beside(ckpt, "receipt"), {})
+
+
+def write_receipt(ckpt: str):
+    if distributed.main_rank() and os.path.exists(ckpt):
+        files = [ckpt] + glob.glob(glob.escape(os.path.splitext(ckpt)[0]) + "_at*.pt")
+        write_text(_beside(ckpt, "receipt"), json.dumps({"total_steps": load_checkpoint(ckpt)["train_state"][
+            "total_steps"], "sha256": {os.path.basename(p): sha256(p) for p in files}}))
+
+
+def _finished(ckpt: str) -> bool:   # read onto the CPU, wherever it was trained
+    return finished(load_checkpoint(ckpt)) if os.path.exists(ckpt) else bool(receipt(ckpt))
 
 
 def train(args, stage: Stage, seed: int, costs: dict) -> dict:
@@ -259,12 +264,13 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
     if same and _finished(out):
         print(f"reused train/{stage.name}_s{seed}: {out} (the same command and inputs)", flush=True)
         _cost(costs, f"train/{stage.name}_s{seed}", out)
+        write_receipt(out)
         return status
     if same:
         status["argv"] = argv = argv + ["--resume"]
     else:   # another command's run, finished or not, and its snapshots make way for this one
-        stale = [p for p in [out, _beside(out, "cost")] + glob.glob(glob.escape(os.path.splitext(out)[0]) + "_at*.pt")
-                 if os.path.exists(p)]
+        stale = [p for p in [out, _beside(out, "cost"), _beside(out, "receipt")] +
+                 glob.glob(glob.escape(os.path.splitext(out)[0]) + "_at*.pt") if os.path.exists(p)]
         if stale:
             print(f"{out}: trained by another command or from other inputs; training it anew", flush=True)
         distributed.barrier()      # every rank has looked at it before rank 0 removes it
@@ -285,6 +291,8 @@ def train(args, stage: Stage, seed: int, costs: dict) -> dict:
         raise
     if "failed" not in status and not _finished(out):  # e.g. --stop-after in the extra flags: nothing to evaluate yet
         status["failed"] = "stopped before its last step; rerun reproduce.py to resume it"
+    elif "failed" not in status:
+        write_receipt(out)
     return status
 
 
@@ -306,12 +314,11 @@ def evaluate_model(args, name: str, checkpoint: str | None, costs: dict, kind: s
 def snapshots(args, name: str, checkpoint: str, costs: dict) -> dict:
     """--frontier: {fraction: evaluation} of the run's snapshots (a run trained without --frontier has none, and
     is trained anew with them: its command differs)."""
-    total = load_checkpoint(checkpoint)["train_state"]["total_steps"]
     out = {}
     for f in FRONTIER:
-        step = snapshot_steps([f], total)[0]
+        step = snapshot_steps([f], receipt(checkpoint)["total_steps"])[0]
         path = snapshot_path(checkpoint, step)
-        if os.path.exists(path):
+        if sha256(path):
             out[str(f)] = evaluate_model(args, f"{name}_at{step}", path, costs, "frontier")
         else:
             print(f"--frontier: {path} is missing: no point at {f} of {name}", file=sys.stderr)
@@ -368,36 +375,37 @@ def schedule(tasks: dict, jobs: int) -> dict:
 def run_stages(args, costs: dict) -> dict:
     """The base's evaluations, then every trained run of seeds --first-seed.. (the paper's five, the variants beside
     them with --variants, or --only's) with its evaluations, drift and snapshots: each stage a task that starts once
-    the checkpoints and evaluations it reads are there, --jobs at a time, trainings first (the teachers' first, an OPD
-    run after its teacher). Returns {run: [status per seed]}."""
+    the checkpoints and evaluations it reads are there, --jobs at a time, seed by seed, a run's own stages before the
+    next run's training (the teachers' first, an OPD run after its teacher), so that a study cut short leaves whole
+    runs. Returns {run: [status per seed]}."""
     names = args.only.split(",") if args.only else [s.name for s in stages() if args.variants or s.name in CORE]
     check_only(args, set(names))
-    statuses, first, later = {}, {}, {}    # the base's evaluations and the trainings first
+    statuses, tasks = {}, {}
 
     def trained(s, seed):   # train() as a task: its status kept; the checkpoint, or None when it did not train
         status = statuses[s.name, seed] = {**train(args, s, seed, costs), "seed": seed}
         return None if "failed" in status else status["checkpoint"]
 
-    first["eval", "base"] = [], partial(evaluate_model, args, "base", None, costs)
+    tasks["eval", "base"] = [], partial(evaluate_model, args, "base", None, costs)
     if args.variants:
-        first["passk", "base"] = [], partial(evaluate_model, args, "base", None, costs, "passk")
+        tasks["passk", "base"] = [], partial(evaluate_model, args, "base", None, costs, "passk")
     students = [s.teacher for s in stages() if s.name in names]
     for seed in range(args.first_seed, args.seeds):   # a teacher's training first: its students wait for it
         for s in sorted((s for s in stages() if s.name in names), key=lambda s: -students.count(s.name)):
             model, ckpt = f"{s.name}_s{seed}", ckpt_path(args, s.name, seed)
             teacher = [("train", f"{s.teacher}_s{seed}")] if s.teacher in names else []
-            first["train", model] = teacher, partial(trained, s, seed)
+            tasks["train", model] = teacher, partial(trained, s, seed)
             reads = [("train", model)]        # its evaluations, drift and snapshots wait for its training
-            later["eval", model] = reads + [("eval", "base")], partial(evaluate_model, args, model, ckpt, costs)
+            tasks["eval", model] = reads + [("eval", "base")], partial(evaluate_model, args, model, ckpt, costs)
             if args.variants:
-                later["passk", model] = reads, partial(evaluate_model, args, model, ckpt, costs, "passk")
-            later["drift", model] = reads, partial(measure_drift, args, model, ckpt, costs)
+                tasks["passk", model] = reads, partial(evaluate_model, args, model, ckpt, costs, "passk")
+            tasks["drift", model] = reads, partial(measure_drift, args, model, ckpt, costs)
             if args.frontier:
-                later["snapshots", model] = reads, partial(snapshots, args, model, ckpt, costs)
+                tasks["snapshots", model] = reads, partial(snapshots, args, model, ckpt, costs)
     # --jobs > 1: the scripts run in --jobs worker processes on one CPU thread each, one stage at a time (_timed)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, spawn, initializer=torch.set_num_threads, initargs=(1,)) as args.workers:
-        done = schedule({**first, **later}, args.jobs)
+        done = schedule(tasks, args.jobs)
     runs = {name: [] for name in names}
     for (name, seed), status in sorted(statuses.items(), key=lambda item: item[0][1]):   # seed by seed
         model = f"{name}_s{seed}"

@@ -416,10 +416,10 @@ def frontier(scores: dict, names: list[str]) -> dict:
     it ("seeds_defined": the others are left out of the seeds' spread; one of several gives no interval), and whether
     the mean curve first reaches it between the base and the run's first snapshot ("from_base": R there is one
     straight segment). Every point is scored on the items all points share: the profile's snapshot evaluations may
-    take GSM8K's first items only (evaluate.py --limit-gsm8k: a prefix of the test split), and the base and final
-    adapter are cut to them."""
+    take GSM8K's and TruthfulQA's first items only (evaluate.py --limit-gsm8k, --limit-truthfulqa: a prefix of
+    each split), and the base and final adapter are cut to them."""
     on = ["base"] + [k for k in scores if k.split("@")[0] in names]
-    first = {t: min(scores[n][t].shape[1] for n in on) for t in TASK_KEYS}    # snapshots may score GSM8K's first items
+    first = {t: min(scores[n][t].shape[1] for n in on) for t in TASK_KEYS}    # snapshots may score a task's first items
     scores = {n: {t: scores[n][t][:, :first[t]] for t in TASK_KEYS} for n in on}
     curves = {}
     for name in names:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import statistics
+from pathlib import Path
 
 import numpy as np
 
@@ -17,10 +18,8 @@ from study.stats import (MEASURES, TASK_KEYS, conditions, correlation, differenc
 
 
 def read_log(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = Path(path).read_text().splitlines() if os.path.exists(path) else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def mean_std(values: list) -> dict | None:

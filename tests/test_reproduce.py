@@ -2,8 +2,10 @@
 variants and pass@k with --variants), gives the same numbers with its stages side by side (--jobs), reuses finished
 stages and resumes an interrupted run (the statistics it reports: tests/test_study.py)."""
 import argparse
+import glob
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -105,6 +107,23 @@ def test_a_second_invocation_reuses_every_finished_stage(quick_study):
     again = reproduce.main(WHOLE + ["--out", out])
     assert again["costs"] == first["costs"] and os.path.getmtime(ckpt) == mtime   # nothing ran; costs as measured
     assert again["models"]["grpo"]["gsm8k"] == first["models"]["grpo"]["gsm8k"]
+
+
+def test_a_study_without_its_checkpoints_reuses_its_stages_by_their_receipts(tmp_path, capsys):
+    """What a committed study keeps (stage outputs, logs, records; no checkpoints, no rollouts) reports again, on
+    another machine, without training anything; a stage still to run asks for the checkpoint it reads."""
+    base = QUICK + ["--jobs", "1", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical", "--frontier"]
+    first = reproduce.main(base)
+    for p in glob.glob(os.path.join(tmp_path, "ckpt", "*.pt")):
+        os.remove(p)
+    shutil.rmtree(os.path.join(tmp_path, "rollouts"))
+    capsys.readouterr()
+    again = reproduce.main(base)
+    assert "\n== " not in capsys.readouterr().out and again["costs"] == first["costs"]    # every stage reused
+    assert again["models"]["sft_mild"]["gsm8k"] == first["models"]["sft_mild"]["gsm8k"]
+    assert again["frontier"] == first["frontier"]
+    with pytest.raises(LoadError, match="sft_mild_s0.pt"):    # pass@k was never run: it needs the checkpoint
+        reproduce.main(base + ["--variants"])
 
 
 def test_an_interrupted_run_is_resumed_not_restarted(tmp_path):
