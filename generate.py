@@ -21,8 +21,7 @@ Left out: beam search, repetition penalties, speculative decoding (the study sam
 """
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from tqdm import tqdm
@@ -32,8 +31,7 @@ from cli import COUNT, NONNEGATIVE, SIZE, FlagParser, device, number, run
 from model import KVCache, load_model, upcast
 
 
-@dataclass
-class Rollout:
+class Rollout(NamedTuple):
     prompt_ids: list
     tokens: list      # new tokens, including the EOS or the token that completed a stop string
     text: str         # decoded new text, cut before the stop string; the EOS is not part of it
