@@ -78,7 +78,6 @@ import argparse
 import math
 import random
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -279,13 +278,12 @@ def divergence_figures(args, model, teacher, micro: list) -> dict:
 
 def by_position(micro: list, width: int = 32) -> list:
     """The step's sampled reverse KL per token, averaged in bins of `width` response positions (0-31, 32-63, ..)."""
-    sums, counts = defaultdict(float), defaultdict(int)
+    bins = {}
     for sup in micro:
         position = (sup.rows.target.cumsum(1) - 1)[sup.rows.target] // width
         for b, v in zip(position.tolist(), sup.reverse_kl.tolist()):
-            sums[b] += v
-            counts[b] += 1
-    return [round(sums[b] / counts[b], 5) if counts[b] else None for b in range(max(counts, default=-1) + 1)]
+            bins.setdefault(b, []).append(v)
+    return [round(sum(bins[b]) / len(bins[b]), 5) if b in bins else None for b in range(max(bins, default=-1) + 1)]
 
 
 def main(argv=None):
@@ -324,8 +322,7 @@ def main(argv=None):
                 elif args.signal == "kl":
                     loss = kl_loss(model, teacher, sup.rows, normalizer, args.kl, args.logit_chunk)   # Σ_t KL, exact
                 else:   # sampled-kl: GRPO's clipped loss (Eq. 6), A_t = -(log π_S - log π_T), one update per batch
-                    rows = sup.rows
-                    new = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)
+                    new = training.token_logprobs(model, sup.rows.ids, sup.rows.attn, sup.rows.target, args.temperature)
                     loss = clipped_loss(new, sup.logprobs, sup.advantage, 1.0 / normalizer, args.clip_eps)
                     ratio_figures(figures, new, sup.logprobs, sup.advantage, args.clip_eps, first=True)
                 loss.backward()
@@ -334,8 +331,7 @@ def main(argv=None):
             stats = run.all_reduce(loss_sum, figures, extremes=("sampling/importance_sampling_ratio",))
             grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip or math.inf).item()
             lr = training.lr_at(run.step, run.total, args.lr, args.warmup)     # warmup, then cosine decay
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.param_groups[0]["lr"] = lr                               # one group: the adapter
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.step += 1
