@@ -162,7 +162,6 @@ class Supervision:
     """A micro-batch of rows prompt + state tokens + supervised tokens (training.pad_rows: the masks `target`, the
     supervised tokens, each predicted from the state just before it, and `state`, the state-source tokens)."""
     rows: training.Rows
-    sampled: int                             # tokens the sampler produced for it (rollouts + continuations)
     logprobs: torch.Tensor | None = None     # sampled-kl: the sampler's log π_S(y_t | s_t), per target
     reverse_kl: torch.Tensor | None = None   # sampled-kl: log π_S(y_t | s_t) - log π_T(y_t | s_t), per target
     advantage: torch.Tensor | None = None    # sampled-kl: A_t, per target
@@ -179,7 +178,7 @@ def continuation_signal(args, model, teacher, trajectories, seed: int) -> Superv
                                    distributed.seed(seed, "continuations"), args.sample_batch_size)
     rows = training.pad_rows([(tr.prompt, tr.response[:t], c.tokens) for (tr, t), c in zip(cuts, continuations)],
                              args.device)
-    return Supervision(rows, sampled_tokens(args, trajectories) + sum(len(c.tokens) for c in continuations))
+    return Supervision(rows)
 
 
 def continuation_loss(model, rows, normalizer: float):
@@ -191,8 +190,7 @@ def continuation_loss(model, rows, normalizer: float):
 def kl_signal(args, model, teacher, trajectories, seed: int) -> Supervision:
     """Every state (x, y_<t) supervises the distribution of position t: the targets are all of y, and the states
     are their own prefixes (the last token of y ends the trajectory without forming a state)."""
-    rows = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
-    return Supervision(rows, sampled_tokens(args, trajectories))
+    return Supervision(training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device))
 
 
 def _kl(h_student, h_teacher, head_student, head_teacher):
@@ -242,8 +240,7 @@ def sampled_kl_signal(args, model, teacher, trajectories, seed: int) -> Supervis
     grid = torch.zeros(rows.target.shape, dtype=student.dtype, device=student.device)
     grid[rows.target] = reverse_kl
     sampler = torch.tensor([lp for tr in trajectories for lp in tr.logprobs], device=student.device)
-    return Supervision(rows, sampled_tokens(args, trajectories), sampler, reverse_kl,
-                       sampled_kl_advantage(grid, args.discount)[rows.target])
+    return Supervision(rows, sampler, reverse_kl, sampled_kl_advantage(grid, args.discount)[rows.target])
 
 
 def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Tensor:
@@ -258,11 +255,6 @@ def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Ten
 
 
 SIGNALS = {"continuation": continuation_signal, "kl": kl_signal, "sampled-kl": sampled_kl_signal}
-
-
-def sampled_tokens(args, trajectories) -> int:
-    """The tokens the sampler wrote for the states (none for the gold solutions)."""
-    return 0 if args.states == "data" else sum(len(tr.response) for tr in trajectories)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,9 +297,11 @@ def main(argv=None):
                 responses += [len(tr.response) for tr in trajectories]
                 micro.append(SIGNALS[args.signal](args, model, teacher, trajectories, seed))   # the teacher's signal
             sampled = time.perf_counter()
-            supervised, response_tokens, n_responses, tokens = distributed.total(
+            supervised, response_tokens, n_responses, read = distributed.total(
                 [sum(int(s.rows.target.sum()) for s in micro), sum(responses), len(responses),
-                 sum(s.sampled + int(s.rows.attn.sum()) for s in micro)])          # the step's, over all ranks
+                 sum(int(s.rows.attn.sum()) for s in micro)])                      # the step's, over all ranks
+            # tokens/s: read by the learner, written by the sampler (rollouts; continuations, which are the targets)
+            tokens = read + response_tokens * (args.states != "data") + supervised * (args.signal == "continuation")
             normalizer = max(1, supervised)
             figures = run.locality([s.rows for s in micro])
             if figures:   # at the same steps: how far the student is from its teacher where it is trained
