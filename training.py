@@ -416,12 +416,12 @@ class Run:
         self.model.train(was_training)
         return figures
 
-    def log(self, record: dict, tokens: float | None = None):
-        """After the step: --eval-every's val_accuracy, then the step's record, with its wall time (and tokens/s from
-        the tokens the step processed on all ranks), appended to the JSONL log (rank 0), and the progress bar."""
+    def log(self, record: dict, tokens: float):
+        """After the step: --eval-every's val_accuracy, then the step's record, with its wall time and tokens/s (of
+        `tokens`, what the step processed on all ranks), appended to the JSONL log (rank 0), and the progress bar."""
         record = {"step": self.step, **record, **self.validate()}
         dt = time.perf_counter() - self.started
-        record.update(step_s=dt, **({"tokens_per_s": tokens / max(dt, 1e-9)} if tokens is not None else {}))
+        record.update(step_s=dt, tokens_per_s=tokens / max(dt, 1e-9))
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         if distributed.main_rank():
             append_line(self.args.log, json.dumps(record))
