@@ -49,8 +49,7 @@ class LoraLinear(nn.Module):
         self.base = base
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()   # adapter name -> A [r, in], B [out, r]
         self.scale, self.dropout = {}, {}
-        self.active = None
-        self.merged_weight = None
+        self.active, self.merged_weight = None, None   # the adapter in use; W + (alpha / r) B A while merged
 
     def add(self, name: str, cfg: LoraConfig, dtype=None, A=None, B=None):
         """Adapter `name`: the given A [r, in] and B [out, r] (a checkpoint's: nothing is drawn), or A random and

@@ -109,15 +109,11 @@ def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
     return torch.cat([cos, cos], dim=-1).to(dtype)[:, None], torch.cat([sin, sin], dim=-1).to(dtype)[:, None]
 
 
-def rotate_half(x):
-    """[x1, x2] -> [-x2, x1] over the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x [B, heads, T, head_dim], with rope_cos_sin()'s tables."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate-half RoPE on x [B, heads, T, head_dim], with rope_cos_sin()'s tables: x cos + rotate_half(x) sin, where
+    rotate_half([x1, x2]) = [-x2, x1] over the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 @dataclass
@@ -141,18 +137,10 @@ class KVCache:
 
     def select(self, index, slots: int | None = None) -> "KVCache":
         """A new cache holding rows `index` of this one (for example one context row per choice), with
-        room for `slots` slots in total."""
-        slots = slots or self.valid.shape[1]
-        n = self.length
-
-        def take(t):
-            out = t.new_zeros((len(index),) + t.shape[1:2] + (slots,) + t.shape[3:])
-            out[:, :, :n] = t[index, :, :n]
-            return out
-
-        valid = self.valid.new_zeros(len(index), slots)
-        valid[:, :n] = self.valid[index, :n]
-        return KVCache([take(t) for t in self.k], [take(t) for t in self.v], valid, n)
+        room for `slots` slots in total: its `length` written slots, then empty ones (zeros)."""
+        n, empty = self.length, (slots or self.valid.shape[1]) - self.length
+        k, v = ([F.pad(t[index, :, :n], (0, 0, 0, empty)) for t in layers] for layers in (self.k, self.v))
+        return KVCache(k, v, F.pad(self.valid[index, :n], (0, empty)), n)
 
 
 class Attention(nn.Module):

@@ -71,8 +71,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.mu > 1 and (args.save_every % args.mu or args.stop_after % args.mu):
         p.error("--save-every and --stop-after must be multiples of --mu (checkpoints fall between batches)")
-    if args.out is None:
-        args.out = "ckpt/grpo.pt"
     return args
 
 
@@ -126,12 +124,11 @@ def ratio_figures(figures: dict, new, old, adv, clip_eps: float, first: bool):
         figures.setdefault("kl_sample_train", []).append((old - new).detach())
 
 
-def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int, tokens: int | None = None):
+def token_weights(lengths, agg: str, max_new_tokens: int, n_total: int, tokens: int):
     """Per-token loss weight of each completion so that the step's loss is the chosen aggregate; n_total and
-    tokens: the step's completions and completion tokens (over all ranks; tokens defaults to sum(lengths))."""
+    tokens: the step's completions and completion tokens (over all ranks)."""
     if agg == "token-mean":
-        total = sum(lengths) if tokens is None else tokens
-        return [1.0 / max(total, 1)] * len(lengths)
+        return [1.0 / max(tokens, 1)] * len(lengths)
     if agg == "seq-mean":
         return [1.0 / (max(n, 1) * n_total) for n in lengths]
     return [1.0 / (n_total * max_new_tokens)] * len(lengths)
@@ -202,12 +199,11 @@ def main(argv=None, reward_fn=exact_answer_reward):
             model.train()
             loss_sum = 0.0
             for m in micro:
-                rows = m.rows
-                new = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)
+                new = training.token_logprobs(model, m.rows.ids, m.rows.attn, m.rows.target, args.temperature)
                 ref = None
                 if args.beta > 0 or locality:   # kl: k3 to the base, in the loss (β > 0) or logged beside it
                     with torch.no_grad():   # π_ref: the base policy, the same weights with the adapter off
-                        ref = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature,
+                        ref = training.token_logprobs(model, m.rows.ids, m.rows.attn, m.rows.target, args.temperature,
                                                       policy=None)
                     figures.setdefault("kl", []).append(k3(new.detach(), ref))
                 loss = clipped_loss(new, m.old, m.adv, m.weights, args.clip_eps, args.beta, ref)        # Eq. 6
@@ -218,8 +214,7 @@ def main(argv=None, reward_fn=exact_answer_reward):
             stats = run.all_reduce(loss_sum, figures, extremes=("sampling/importance_sampling_ratio",))
             grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip or math.inf).item()
             lr = training.lr_at(run.step, run.total, args.lr, args.warmup)     # warmup, then cosine decay
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.param_groups[0]["lr"] = lr                               # one group: the adapter
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.step += 1

@@ -78,7 +78,6 @@ import argparse
 import math
 import random
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -163,7 +162,6 @@ class Supervision:
     """A micro-batch of rows prompt + state tokens + supervised tokens (training.pad_rows: the masks `target`, the
     supervised tokens, each predicted from the state just before it, and `state`, the state-source tokens)."""
     rows: training.Rows
-    sampled: int                             # tokens the sampler produced for it (rollouts + continuations)
     logprobs: torch.Tensor | None = None     # sampled-kl: the sampler's log π_S(y_t | s_t), per target
     reverse_kl: torch.Tensor | None = None   # sampled-kl: log π_S(y_t | s_t) - log π_T(y_t | s_t), per target
     advantage: torch.Tensor | None = None    # sampled-kl: A_t, per target
@@ -180,7 +178,7 @@ def continuation_signal(args, model, teacher, trajectories, seed: int) -> Superv
                                    distributed.seed(seed, "continuations"), args.sample_batch_size)
     rows = training.pad_rows([(tr.prompt, tr.response[:t], c.tokens) for (tr, t), c in zip(cuts, continuations)],
                              args.device)
-    return Supervision(rows, sampled_tokens(args, trajectories) + sum(len(c.tokens) for c in continuations))
+    return Supervision(rows)
 
 
 def continuation_loss(model, rows, normalizer: float):
@@ -192,8 +190,7 @@ def continuation_loss(model, rows, normalizer: float):
 def kl_signal(args, model, teacher, trajectories, seed: int) -> Supervision:
     """Every state (x, y_<t) supervises the distribution of position t: the targets are all of y, and the states
     are their own prefixes (the last token of y ends the trajectory without forming a state)."""
-    rows = training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device)
-    return Supervision(rows, sampled_tokens(args, trajectories))
+    return Supervision(training.pad_rows([(tr.prompt, None, tr.response) for tr in trajectories], args.device))
 
 
 def _kl(h_student, h_teacher, head_student, head_teacher):
@@ -243,8 +240,7 @@ def sampled_kl_signal(args, model, teacher, trajectories, seed: int) -> Supervis
     grid = torch.zeros(rows.target.shape, dtype=student.dtype, device=student.device)
     grid[rows.target] = reverse_kl
     sampler = torch.tensor([lp for tr in trajectories for lp in tr.logprobs], device=student.device)
-    return Supervision(rows, sampled_tokens(args, trajectories), sampler, reverse_kl,
-                       sampled_kl_advantage(grid, args.discount)[rows.target])
+    return Supervision(rows, sampler, reverse_kl, sampled_kl_advantage(grid, args.discount)[rows.target])
 
 
 def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Tensor:
@@ -261,11 +257,6 @@ def sampled_kl_advantage(reverse_kl: torch.Tensor, discount: float) -> torch.Ten
 SIGNALS = {"continuation": continuation_signal, "kl": kl_signal, "sampled-kl": sampled_kl_signal}
 
 
-def sampled_tokens(args, trajectories) -> int:
-    """The tokens the sampler wrote for the states (none for the gold solutions)."""
-    return 0 if args.states == "data" else sum(len(tr.response) for tr in trajectories)
-
-
 # ----------------------------------------------------------------------------------------------
 # What is logged beside the loss
 
@@ -279,13 +270,12 @@ def divergence_figures(args, model, teacher, micro: list) -> dict:
 
 def by_position(micro: list, width: int = 32) -> list:
     """The step's sampled reverse KL per token, averaged in bins of `width` response positions (0-31, 32-63, ..)."""
-    sums, counts = defaultdict(float), defaultdict(int)
+    bins = {}
     for sup in micro:
         position = (sup.rows.target.cumsum(1) - 1)[sup.rows.target] // width
         for b, v in zip(position.tolist(), sup.reverse_kl.tolist()):
-            sums[b] += v
-            counts[b] += 1
-    return [round(sums[b] / counts[b], 5) if counts[b] else None for b in range(max(counts, default=-1) + 1)]
+            bins.setdefault(b, []).append(v)
+    return [round(sum(bins[b]) / len(bins[b]), 5) if b in bins else None for b in range(max(bins, default=-1) + 1)]
 
 
 def main(argv=None):
@@ -307,9 +297,11 @@ def main(argv=None):
                 responses += [len(tr.response) for tr in trajectories]
                 micro.append(SIGNALS[args.signal](args, model, teacher, trajectories, seed))   # the teacher's signal
             sampled = time.perf_counter()
-            supervised, response_tokens, n_responses, tokens = distributed.total(
+            supervised, response_tokens, n_responses, read = distributed.total(
                 [sum(int(s.rows.target.sum()) for s in micro), sum(responses), len(responses),
-                 sum(s.sampled + int(s.rows.attn.sum()) for s in micro)])          # the step's, over all ranks
+                 sum(int(s.rows.attn.sum()) for s in micro)])                      # the step's, over all ranks
+            # tokens/s: read by the learner, written by the sampler (rollouts; continuations, which are the targets)
+            tokens = read + response_tokens * (args.states != "data") + supervised * (args.signal == "continuation")
             normalizer = max(1, supervised)
             figures = run.locality([s.rows for s in micro])
             if figures:   # at the same steps: how far the student is from its teacher where it is trained
@@ -324,8 +316,7 @@ def main(argv=None):
                 elif args.signal == "kl":
                     loss = kl_loss(model, teacher, sup.rows, normalizer, args.kl, args.logit_chunk)   # Σ_t KL, exact
                 else:   # sampled-kl: GRPO's clipped loss (Eq. 6), A_t = -(log π_S - log π_T), one update per batch
-                    rows = sup.rows
-                    new = training.token_logprobs(model, rows.ids, rows.attn, rows.target, args.temperature)
+                    new = training.token_logprobs(model, sup.rows.ids, sup.rows.attn, sup.rows.target, args.temperature)
                     loss = clipped_loss(new, sup.logprobs, sup.advantage, 1.0 / normalizer, args.clip_eps)
                     ratio_figures(figures, new, sup.logprobs, sup.advantage, args.clip_eps, first=True)
                 loss.backward()
@@ -334,8 +325,7 @@ def main(argv=None):
             stats = run.all_reduce(loss_sum, figures, extremes=("sampling/importance_sampling_ratio",))
             grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip or math.inf).item()
             lr = training.lr_at(run.step, run.total, args.lr, args.warmup)     # warmup, then cosine decay
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.param_groups[0]["lr"] = lr                               # one group: the adapter
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.step += 1

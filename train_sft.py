@@ -101,8 +101,7 @@ def main(argv=None):
     args = parse_args(argv)
     run = training.Run(args, {"method": "sft", "preset": args.preset, "states": args.states})
     model, tok, optimizer = run.model, run.tok, run.optimizer
-    if args.states == "data":
-        gold = training.gold_solutions(tok, run.examples, args.max_len)
+    gold = training.gold_solutions(tok, run.examples, args.max_len) if args.states == "data" else None
     lengths = [len(p) for p in run.prompts] if args.states == "learner" else [len(p) + len(a) for p, a in gold]
     with run.start(lengths):   # inside, Ctrl-C and SIGTERM end the step, then the run
         while run.going():
@@ -133,8 +132,7 @@ def main(argv=None):
             stats = run.all_reduce(loss_sum, figures)          # gradients and figures of every rank; a NaN stops here
             grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.clip or math.inf).item()
             lr = training.lr_at(run.step, run.total, args.lr, args.warmup)     # warmup, then cosine decay
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.param_groups[0]["lr"] = lr                               # one group: the adapter
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.step += 1

@@ -275,9 +275,8 @@ class Run:
             self.teacher = Policy(model, teacher_tok, None)
         self.model.gradient_checkpointing = args.grad_checkpointing
         self.params = lora_parameters(self.model)
-        cuda = args.device.startswith("cuda")
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay,
-                                           **({"fused": True} if cuda else {}))
+                                           fused=args.device.startswith("cuda") or None)   # None: torch's default
         digest = hashlib.sha256(json.dumps(self.examples, sort_keys=True).encode()).hexdigest()[:16]
         if self.resumed and self.resumed["meta"].get("data_sha256") != digest:
             raise LoadError(f"--resume: the training examples are not those of the run in {args.out} "
@@ -302,9 +301,8 @@ class Run:
                             "this one cannot continue to the bit; start the run anew")
         if ckpt["meta"].get("teacher") != self.meta.get("teacher"):
             raise LoadError(f"--resume: the teacher is not the run's ({ckpt['meta'].get('teacher')}); resume with it")
-        changed = [k for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and k in before and before[k] != v]
-        if changed:
-            k = changed[0]
+        changed = (k for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and k in before and before[k] != v)
+        if k := next(changed, None):
             raise LoadError(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} here but {before[k]!r} in the "
                             f"run of {args.out}; resume with the run's flags, or drop --resume to start a new run")
         return ckpt
@@ -395,12 +393,11 @@ class Run:
         distributed.sum_gradients(self.params)
         stats = {"loss": sum(loss for loss, _, _ in ranks)}
         for k in sorted(figures):
-            total, count = (sum(figs[k][i] for _, _, figs in ranks) for i in (0, 1))
-            if count and k in extremes:
-                stats.update({f"{k}/mean": total / count, f"{k}/min": min(figs[k][2] for _, _, figs in ranks),
-                              f"{k}/max": max(figs[k][3] for _, _, figs in ranks)})
-            elif count:
-                stats[k] = total / count
+            totals, counts, lows, highs = zip(*(figs[k] for _, _, figs in ranks))   # each over the ranks
+            if sum(counts) and k in extremes:
+                stats.update({f"{k}/mean": sum(totals) / sum(counts), f"{k}/min": min(lows), f"{k}/max": max(highs)})
+            elif sum(counts):
+                stats[k] = sum(totals) / sum(counts)
         return stats
 
     @torch.no_grad()
@@ -419,12 +416,12 @@ class Run:
         self.model.train(was_training)
         return figures
 
-    def log(self, record: dict, tokens: float | None = None):
-        """After the step: --eval-every's val_accuracy, then the step's record, with its wall time (and tokens/s from
-        the tokens the step processed on all ranks), appended to the JSONL log (rank 0), and the progress bar."""
+    def log(self, record: dict, tokens: float):
+        """After the step: --eval-every's val_accuracy, then the step's record, with its wall time and tokens/s (of
+        `tokens`, what the step processed on all ranks), appended to the JSONL log (rank 0), and the progress bar."""
         record = {"step": self.step, **record, **self.validate()}
         dt = time.perf_counter() - self.started
-        record.update(step_s=dt, **({"tokens_per_s": tokens / max(dt, 1e-9)} if tokens is not None else {}))
+        record.update(step_s=dt, tokens_per_s=tokens / max(dt, 1e-9))
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         if distributed.main_rank():
             append_line(self.args.log, json.dumps(record))
@@ -582,8 +579,7 @@ def token_logprobs(model, input_ids, attention_mask, mask, temperature: float = 
 
 def _logprobs(lm_head, h, targets, temperature: float):
     with autocast(lm_head):
-        logits = lm_head(h)
-    logits = upcast(logits)   # bf16 -> float32; float64 stays
+        logits = upcast(lm_head(h))   # bf16 -> float32; float64 stays
     if temperature not in (0, 1):
         logits = logits / temperature
     return -F.cross_entropy(logits, targets, reduction="none")

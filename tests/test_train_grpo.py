@@ -72,7 +72,7 @@ def test_every_completion_token_is_a_target_with_its_advantage_weight_and_sample
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "constant"])
 def test_loss_aggregation_weights(agg):
     lengths = [2, 6]
-    w = train_grpo.token_weights(lengths, agg, max_new_tokens=10, n_total=2)
+    w = train_grpo.token_weights(lengths, agg, max_new_tokens=10, n_total=2, tokens=8)
     per_sequence = [wi * n for wi, n in zip(w, lengths)]
     expected = {"token-mean": [2 / 8, 6 / 8], "seq-mean": [0.5, 0.5], "constant": [2 / 20, 6 / 20]}[agg]
     assert per_sequence == pytest.approx(expected)
