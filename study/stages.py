@@ -236,7 +236,7 @@ def receipt(ckpt: str) -> dict:
 
 
 def write_receipt(ckpt: str):
-    if distributed.main_rank() and os.path.exists(ckpt):
+    if distributed.main_rank() and os.path.exists(ckpt) and not receipt(ckpt):   # the first, with every snapshot
         files = [ckpt] + glob.glob(glob.escape(os.path.splitext(ckpt)[0]) + "_at*.pt")
         write_text(_beside(ckpt, "receipt"), json.dumps({"total_steps": load_checkpoint(ckpt)["train_state"][
             "total_steps"], "sha256": {os.path.basename(p): sha256(p) for p in files}}))

@@ -114,6 +114,9 @@ def test_a_study_without_its_checkpoints_reuses_its_stages_by_their_receipts(tmp
     another machine, without training anything; a stage still to run asks for the checkpoint it reads."""
     base = QUICK + ["--jobs", "1", "--out", str(tmp_path), "--only", "sft_mild", "--features", "lexical", "--frontier"]
     first = reproduce.main(base)
+    for p in glob.glob(os.path.join(tmp_path, "ckpt", "*_at*.pt")):   # the snapshots gone, the final adapter kept
+        os.remove(p)
+    assert reproduce.main(base)["frontier"] == first["frontier"]
     for p in glob.glob(os.path.join(tmp_path, "ckpt", "*.pt")):
         os.remove(p)
     shutil.rmtree(os.path.join(tmp_path, "rollouts"))
