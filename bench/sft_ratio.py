@@ -54,7 +54,8 @@ def old_side(mods: dict, total: int):
     training, train_sft, lora, model_mod = (mods[k] for k in ("training", "train_sft", "lora", "model"))
     args = train_sft.parse_args(["--model", "tiny", "--preset", "stress", "--dtype", "float32"])
     torch.manual_seed(args.seed)
-    model, tok = model_mod.load_model("tiny", dtype=torch.float32)
+    model, tok = model_mod.load_model(os.path.join(ROOT, "tiny", "model"), dtype=torch.float32)   # this checkout's
+    # tiny world (e989b11's own tiny/model is an earlier world's), so both sides train the same weights on the same data
     lora.add_lora(model, lora.LoraConfig(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets)),
                   dtype=torch.float32)
     params = lora.lora_parameters(model)
