@@ -84,12 +84,13 @@ def old_side(mods: dict, total: int):
     return step
 
 
-def new_side(total: int):
-    """This checkout's stress-SFT step (train_sft.main's loop body) as step(batch) -> loss."""
+def new_side(total: int, flags: list[str] = ()):
+    """This checkout's stress-SFT step (train_sft.main's loop body) as step(batch) -> loss; `flags`: more of
+    train_sft.py's flags for this side only (e.g. --lora-dropout 0, which changes the losses)."""
     import train_sft
     import training
     args = train_sft.parse_args(["--model", "tiny", "--preset", "stress", "--dtype", "float32", "--save-every", "0",
-                                 "--out", os.path.join(ROOT, "runs", "bench_sft_ratio.pt")])
+                                 "--out", os.path.join(ROOT, "runs", "bench_sft_ratio.pt"), *flags])
     run = training.Run(args, {"method": "sft"})
     run.step = 0
 
@@ -121,6 +122,8 @@ def main():
     p.add_argument("--old", required=True, help="a checkout of the baseline commit (git worktree add ../wold e989b11)")
     p.add_argument("--steps", type=int, default=20, help="steps each side takes, in turn")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--this-flags", default="", help="train_sft.py flags for this checkout's side only, e.g. "
+                   "--this-flags='--lora-dropout 0' (its losses then differ from e989b11's)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -129,7 +132,7 @@ def main():
     import distributed
     import training
     total = 2336   # the stress preset's steps (the learning-rate schedule's): 5 epochs of 7,473 examples by 16
-    new_step, run = new_side(total)
+    new_step, run = new_side(total, a.this_flags.split())
     old_step = old_side(old_mods, total)
     gold = training.gold_solutions(run.tok, run.examples, run.args.max_len)
     order = training.length_grouped_batches([len(p) + len(a) for p, a in gold], 16,
