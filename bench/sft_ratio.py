@@ -124,6 +124,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--this-flags", default="", help="train_sft.py flags for this checkout's side only, e.g. "
                    "--this-flags='--lora-dropout 0' (its losses then differ from e989b11's)")
+    p.add_argument("--profile", type=int, default=0, help="then N more of this side's steps under torch.profiler "
+                   "(state locality off), its table of operators, and one dropout mask's draw at 1 and 2 threads")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -158,6 +160,31 @@ def main():
               + " ".join(f"{x:.6f}" for x in losses[k][:10]))
     print(f"ratio e989b11 / this: {med['e989b11'] / med['this']:.2f}x; largest relative loss difference over the "
           f"first ten steps {max(rel[:10]):.2e}, over all {max(rel):.2e}")
+    if a.profile:
+        profile(new_step, run, [[(gold[j][0], None, gold[j][1]) for j in order[a.steps + i]] for i in range(a.profile)])
+
+
+def profile(step, run, batches: list):
+    """This side's steps under torch.profiler, state locality off (run.step is held at 1), then how long one
+    dropout mask of the step's largest input ([1376, 512], bernoulli_ as F.dropout draws it) takes at 1 and 2 threads."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+    with profiler(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for rows in batches:
+            run.step = 1
+            step(rows)
+        dt = (time.perf_counter() - t0) / len(batches)
+    print(f"# profiled: {len(batches)} steps, {dt:.4f} s a step under the profiler")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    threads, mask = torch.get_num_threads(), torch.empty(1376, 512)
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        mask.bernoulli_(0.95)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            mask.bernoulli_(0.95)
+        print(f"dropout mask [1376, 512], {n} thread(s): {(time.perf_counter() - t0) / 50 * 1e3:.2f} ms")
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
