@@ -165,8 +165,8 @@ def main():
 
 
 def profile(step, run, batches: list):
-    """This side's steps under torch.profiler, state locality off (run.step is held at 1), then how long one
-    dropout mask of the step's largest input ([1376, 512], bernoulli_ as F.dropout draws it) takes at 1 and 2 threads."""
+    """This side's steps under torch.profiler, state locality off (run.step is held at 1), then how long one dropout
+    mask of the step's largest input ([1376, 512], bernoulli_ as F.dropout draws it) takes at 1 and 2 threads."""
     from torch.profiler import ProfilerActivity, profile as profiler
     with profiler(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
