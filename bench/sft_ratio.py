@@ -139,10 +139,13 @@ def main():
     gold = training.gold_solutions(run.tok, run.examples, run.args.max_len)
     order = training.length_grouped_batches([len(p) + len(a) for p, a in gold], 16,
                                             distributed.seed(0, "data", 0, rank_=0))
+
+    def batch(i):   # the i-th batch of the order as train_sft.py's rows: (prompt, states None, gold answer)
+        return [(gold[j][0], None, gold[j][1]) for j in order[i]]
     sides = {"e989b11": old_step, "this": new_step}
     times, losses = {k: [] for k in sides}, {k: [] for k in sides}
     for i in range(a.steps):
-        rows = [(gold[j][0], None, gold[j][1]) for j in order[i]]
+        rows = batch(i)
         names = list(sides) if i % 2 == 0 else list(sides)[::-1]
         for name in names:
             torch.manual_seed(1000 + i)   # the same dropout masks for both sides
@@ -161,17 +164,17 @@ def main():
     print(f"ratio e989b11 / this: {med['e989b11'] / med['this']:.2f}x; largest relative loss difference over the "
           f"first ten steps {max(rel[:10]):.2e}, over all {max(rel):.2e}")
     if a.profile:
-        profile(new_step, run, [[(gold[j][0], None, gold[j][1]) for j in order[a.steps + i]] for i in range(a.profile)])
+        profile(new_step, run, [batch(a.steps + i) for i in range(a.profile)])
 
 
 def profile(step, run, batches: list):
-    """This side's steps under torch.profiler, state locality off (run.step is held at 1), then how long one dropout
-    mask of the step's largest input ([1376, 512], bernoulli_ as F.dropout draws it) takes at 1 and 2 threads."""
+    """This side's steps under torch.profiler, state locality off, then how long one dropout mask of the median
+    batch's largest input ([1376, 512], bernoulli_ as F.dropout draws it) takes at 1 and 2 threads."""
     from torch.profiler import ProfilerActivity, profile as profiler
+    run.args.locality_every = 0
     with profiler(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for rows in batches:
-            run.step = 1
             step(rows)
         dt = (time.perf_counter() - t0) / len(batches)
     print(f"# profiled: {len(batches)} steps, {dt:.4f} s a step under the profiler")
